@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make serve` runs the sidecar on the embedded default,
+# `make test` runs the checks CI runs. Each installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTO := protos/solaris/v1/embedding_store.proto
+
+.PHONY: install serve test lint protos check-protos bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+serve: install
+	$(BIN)/solaris serve
+
+GENERATE = $(BIN)/python -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) \
+	--grpc_python_out=$(1) $(PROTO)
+
+protos: install
+	$(call GENERATE,protos)
+
+# Regenerates into build/ and compares, so CI fails when the bindings lag the .proto.
+check-protos: install
+	rm -rf build/protos && mkdir -p build/protos
+	$(call GENERATE,build/protos)
+	for f in build/protos/solaris/v1/*_pb2*; do \
+		cmp -s "$$f" "protos/solaris/v1/$$(basename $$f)" || { \
+			echo "$$f differs: run 'make protos' and commit the result"; exit 1; }; \
+	done
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install check-protos lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/batch_get.py

@@ -1,0 +1,1 @@
+"""What a ranking service imports to read embeddings from the sidecar."""

@@ -1,0 +1,1 @@
+"""The solaris sidecar: serves precomputed embeddings over gRPC from a bounded store."""

@@ -1,0 +1,87 @@
+"""The sidecar assembled: store, request log, Prefetch queue, core, and a grpc.aio server
+that also serves standard health checking and reflection."""
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from solaris.server.core import EmbeddingService
+from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
+from solaris.server.l1 import L1Cache
+from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.request_log import RequestLog
+from solaris.server.settings import ServeSettings
+from solaris.v1 import embedding_store_pb2
+
+SERVICE_NAME = embedding_store_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+logger = logging.getLogger("solaris.server")
+
+
+class Sidecar:
+    """One sidecar: build it, `await start()`, and `await stop()` to drain and close."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.store = L1Cache(settings.cache_bytes)
+        self.request_log = RequestLog(settings.request_log_rows)
+        self.prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
+        self.service = EmbeddingService(settings, self.store, self.request_log, self.prefetch_queue)
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        add_to_server(EmbeddingStoreServicer(self.service), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        await server.start()
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, refuses new calls, lets in-flight ones finish within `grace`."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        self._server = None
+        logger.info("stopped")
+
+
+async def serve_until_signalled(settings: ServeSettings) -> None:
+    """Runs a sidecar until SIGTERM or SIGINT, then drains it."""
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    logger.info("signal received: draining for up to %.1fs", settings.grace_seconds)
+    await sidecar.stop()

@@ -1,0 +1,70 @@
+"""The EmbeddingStore servicer: unpacks each request, calls the core, packs the answer."""
+
+import time
+
+import grpc
+
+from solaris.server.core import EmbeddingService
+from solaris.server.grpc_api import converters
+from solaris.server.grpc_api.errors import grpc_errors
+from solaris.v1 import embedding_store_pb2 as pb
+
+
+class EmbeddingStoreServicer:
+    """gRPC handlers for solaris.v1.EmbeddingStore."""
+
+    def __init__(self, service: EmbeddingService) -> None:
+        self.service = service
+
+    @grpc_errors
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetResponse:
+        converters.wire_dtype(request.dtype)
+        result = await self.service.get(request.user_id, request.item_id, _deadline(context))
+        return converters.get_response(result, request.dtype)
+
+    @grpc_errors
+    async def BatchGet(
+        self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchGetResponse:
+        converters.wire_dtype(request.dtype)
+        result = await self.service.batch_get(request.user_id, request.item_ids, _deadline(context))
+        return converters.batch_get_response(result, request.dtype)
+
+    @grpc_errors
+    async def Prefetch(
+        self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefetchResponse:
+        result = await self.service.prefetch(
+            request.user_id,
+            request.item_ids,
+            request.history,
+            request.priority,
+            _deadline(context),
+        )
+        return converters.prefetch_response(result.queued, result.already_fresh)
+
+
+def add_to_server(servicer: EmbeddingStoreServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer with request parsing that names a field holding bad UTF-8."""
+    service = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=converters.lenient_deserializer(
+                getattr(pb, method.input_type.name)
+            ),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as a time.monotonic() instant, or None if it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

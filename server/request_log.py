@@ -1,0 +1,55 @@
+"""The request log: every read the sidecar answered, kept for the speculator and for joins
+with training data. Bounded in rows (requested pairs); the oldest requests go first.
+"""
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRequest:
+    """One answered read. `statuses` holds a RowStatus value per item, in request order."""
+
+    user_id: str
+    item_ids: tuple[str, ...]
+    statuses: np.ndarray
+    time: float
+
+
+class RequestLog:
+    """A thread-safe, row-capped log of answered reads."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.dropped_requests = 0
+        self._requests: deque[LoggedRequest] = deque()
+        self._rows = 0
+        self._lock = threading.Lock()
+
+    def append(self, request: LoggedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+            self._rows += len(request.item_ids)
+            while self._rows > self.max_rows:
+                oldest = self._requests.popleft()
+                self._rows -= len(oldest.item_ids)
+                self.dropped_requests += 1
+
+    def snapshot(self) -> list[LoggedRequest]:
+        """The requests now held, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __iter__(self) -> Iterator[LoggedRequest]:
+        return iter(self.snapshot())

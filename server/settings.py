@@ -1,0 +1,126 @@
+"""The sidecar's settings: one typed object, filled from defaults, then `SOLARIS_*`
+environment variables, then command-line flags (later wins). A bad value fails at start with
+a message that names the setting.
+"""
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SOLARIS_"
+_SIZE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value it cannot take."""
+
+
+def _setting(default: Any, help: str, minimum: float | None = None, kind: str = "") -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum, "kind": kind})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `solaris serve` can be told. Field names map to `--flag-name` and
+    `SOLARIS_FIELD_NAME`."""
+
+    host: str = _setting("127.0.0.1", "Address to listen on; loopback, as befits a sidecar.")
+    port: int = _setting(50051, "gRPC port; 0 picks a free one.", minimum=0)
+    cache_bytes: int = _setting(
+        256 * 1024**2, "L1 cap in bytes (suffixes K, M, G, Ki, Mi, Gi).", minimum=1, kind="size"
+    )
+    dim: int = _setting(128, "Values per embedding.", minimum=1)
+    ttl_seconds: float = _setting(3600.0, "How long a computed embedding is a HIT.", minimum=0)
+    stale_seconds: float = _setting(
+        600.0, "After the TTL, how long it is still served as STALE.", minimum=0
+    )
+    max_items: int = _setting(4096, "Most items in one BatchGet or Prefetch.", minimum=1)
+    max_id_bytes: int = _setting(256, "Longest user or item id, in UTF-8 bytes.", minimum=1)
+    max_history: int = _setting(256, "Most history items in one Prefetch.", minimum=0)
+    prefetch_queue_pairs: int = _setting(
+        100_000, "Pairs the Prefetch queue holds before RESOURCE_EXHAUSTED.", minimum=1
+    )
+    request_log_rows: int = _setting(
+        1_000_000, "Rows (requested pairs) the request log keeps, oldest dropped.", minimum=1
+    )
+    grace_seconds: float = _setting(
+        10.0, "On SIGTERM, how long in-flight calls may take to finish.", minimum=0
+    )
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            minimum = spec.metadata["minimum"]
+            value = getattr(self, spec.name)
+            if minimum is not None and value < minimum:
+                raise SettingsError(f"{spec.name}: must be at least {minimum}, got {value}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest gRPC message either way: a full-size request or answer, with room to spare."""
+        request = (self.max_items + self.max_history + 1) * (self.max_id_bytes + 8)
+        answer = self.max_items * (self.dim * 4 + 16)
+        return max(request, answer) + 64 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_type: type = ServeSettings) -> None:
+    """Adds one flag per setting. Flags default to None so that unset ones fall through."""
+    for spec in dataclasses.fields(settings_type):
+        env = ENV_PREFIX + spec.name.upper()
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            default=None,
+            help=f"{spec.metadata['help']} [env {env}; default {spec.default}]",
+        )
+
+
+def from_sources(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] = os.environ,
+    settings_type: type = ServeSettings,
+) -> Any:
+    """Builds the settings: defaults, overridden by environment, overridden by flags."""
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(settings_type):
+        env = ENV_PREFIX + spec.name.upper()
+        flag_value = getattr(args, spec.name, None)
+        if flag_value is not None:
+            values[spec.name] = _parse(spec, flag_value, "--" + spec.name.replace("_", "-"))
+        elif env in environ:
+            values[spec.name] = _parse(spec, environ[env], env)
+    try:
+        return settings_type(**values)
+    except SettingsError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise SettingsError(str(error)) from error
+
+
+def _parse(spec: dataclasses.Field, text: str, source: str) -> Any:
+    try:
+        if spec.metadata["kind"] == "size":
+            return parse_size(text)
+        return spec.type(text) if isinstance(spec.type, type) else text
+    except ValueError:
+        raise SettingsError(
+            f"{spec.name} ({source}): cannot read {text!r} as {spec.type}"
+        ) from None
+
+
+def parse_size(text: str) -> int:
+    """Reads a byte count such as `268435456`, `256Mi` or `1G`."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?)?[bB]?\s*", text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
