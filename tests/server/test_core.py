@@ -1,0 +1,70 @@
+"""The core without a transport: expiry, staleness and deadlines."""
+
+import time
+
+import numpy as np
+import pytest
+
+from solaris.server.core import EmbeddingService
+from solaris.server.embedding import Embedding, RowStatus
+from solaris.server.errors import DeadlineExceeded
+from solaris.server.l1 import L1Cache
+from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.request_log import RequestLog
+from solaris.server.settings import ServeSettings
+
+DIM = 4
+
+
+@pytest.fixture
+def service() -> EmbeddingService:
+    settings = ServeSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
+    return EmbeddingService(settings, L1Cache(1024**2), RequestLog(1000), PrefetchQueue(100))
+
+
+def stored_at(computed_at: float, ttl: float = 60.0, stale: float = 30.0) -> Embedding:
+    return Embedding.fresh(np.ones(DIM, np.float32), "v1", ttl, stale, now=computed_at)
+
+
+async def test_expiry_turns_a_hit_into_a_miss(service: EmbeddingService) -> None:
+    now = time.time()
+    await service.store.multi_set(
+        [
+            (("u", "fresh"), stored_at(now)),
+            (("u", "stale"), stored_at(now - 70)),
+            (("u", "expired"), stored_at(now - 100)),
+        ]
+    )
+
+    result = await service.batch_get("u", ["fresh", "stale", "expired"])
+
+    assert result.statuses.tolist() == [RowStatus.HIT, RowStatus.STALE, RowStatus.MISS]
+    assert result.values[:2].tolist() == [[1.0] * DIM] * 2
+    assert result.values[2].tolist() == [0.0] * DIM
+    assert result.ages_ms[1] >= 70_000
+
+
+async def test_a_stale_pair_is_prefetched_again(service: EmbeddingService) -> None:
+    now = time.time()
+    await service.store.multi_set(
+        [(("u", "fresh"), stored_at(now)), (("u", "stale"), stored_at(now - 70))]
+    )
+
+    result = await service.prefetch("u", ["fresh", "stale"])
+
+    assert (result.queued, result.already_fresh) == (1, 1)
+
+
+async def test_a_passed_deadline_does_no_work(service: EmbeddingService) -> None:
+    with pytest.raises(DeadlineExceeded):
+        await service.batch_get("u", ["a"], deadline=time.monotonic() - 0.001)
+    with pytest.raises(DeadlineExceeded):
+        await service.prefetch("u", ["a"], deadline=time.monotonic() - 0.001)
+
+    assert len(service.request_log) == 0
+    assert service.prefetch_queue.pairs == 0
+
+
+async def test_put_refuses_vectors_of_the_wrong_shape(service: EmbeddingService) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        await service.put("u", ["a", "b"], np.zeros((2, DIM + 1), np.float32), "v1")
