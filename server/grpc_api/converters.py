@@ -7,17 +7,17 @@ import numpy as np
 from google.protobuf import empty_pb2, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
-from solaris.server.core import BatchResult
+from solaris.server.core import FLOAT16, FLOAT32, BatchResult
 from solaris.server.errors import InvalidArgument
 from solaris.v1.embedding_store_pb2 import BatchGetResponse as BatchGetResponseProto
 from solaris.v1.embedding_store_pb2 import Dtype as DtypeProto
 from solaris.v1.embedding_store_pb2 import GetResponse as GetResponseProto
 from solaris.v1.embedding_store_pb2 import PrefetchResponse as PrefetchResponseProto
 
-_WIRE_DTYPES = {
-    DtypeProto.DTYPE_UNSPECIFIED: (DtypeProto.FLOAT32, np.dtype("<f4")),
-    DtypeProto.FLOAT32: (DtypeProto.FLOAT32, np.dtype("<f4")),
-    DtypeProto.FLOAT16: (DtypeProto.FLOAT16, np.dtype("<f2")),
+_DTYPES = {
+    DtypeProto.DTYPE_UNSPECIFIED: FLOAT32,
+    DtypeProto.FLOAT32: FLOAT32,
+    DtypeProto.FLOAT16: FLOAT16,
 }
 _LENGTH_DELIMITED = 2
 
@@ -29,32 +29,33 @@ class MalformedRequest:
     error: InvalidArgument
 
 
-def wire_dtype(dtype: int) -> tuple[int, np.dtype]:
-    """The answer's Dtype value and numpy dtype for a requested Dtype value."""
+def dtype_from_proto(dtype: int) -> np.dtype:
     try:
-        return _WIRE_DTYPES[dtype]
+        return _DTYPES[dtype]
     except KeyError:
         raise InvalidArgument("dtype", f"unknown value {dtype}; use FLOAT16 or FLOAT32") from None
 
 
-def batch_get_response(result: BatchResult, dtype: int) -> BatchGetResponseProto:
-    wire_enum, wire = wire_dtype(dtype)
+def _dtype_to_proto(dtype: np.dtype) -> int:
+    return DtypeProto.FLOAT16 if dtype == FLOAT16 else DtypeProto.FLOAT32
+
+
+def batch_get_response(result: BatchResult) -> BatchGetResponseProto:
     return BatchGetResponseProto(
         dim=result.values.shape[1],
-        dtype=wire_enum,
-        embeddings=result.values.astype(wire, copy=False).tobytes(),
+        dtype=_dtype_to_proto(result.values.dtype),
+        embeddings=result.values.tobytes(),
         statuses=result.statuses.tolist(),
         model_version=result.model_version,
         ages_ms=result.ages_ms.tolist(),
     )
 
 
-def get_response(result: BatchResult, dtype: int) -> GetResponseProto:
-    wire_enum, wire = wire_dtype(dtype)
+def get_response(result: BatchResult) -> GetResponseProto:
     return GetResponseProto(
         dim=result.values.shape[1],
-        dtype=wire_enum,
-        embedding=result.values[0].astype(wire, copy=False).tobytes(),
+        dtype=_dtype_to_proto(result.values.dtype),
+        embedding=result.values[0].tobytes(),
         status=int(result.statuses[0]),
         model_version=result.model_version,
         age_ms=int(result.ages_ms[0]),

@@ -20,17 +20,19 @@ class EmbeddingStoreServicer:
     async def Get(
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetResponse:
-        converters.wire_dtype(request.dtype)
-        result = await self.service.get(request.user_id, request.item_id, _deadline(context))
-        return converters.get_response(result, request.dtype)
+        dtype = converters.dtype_from_proto(request.dtype)
+        result = await self.service.get(request.user_id, request.item_id, dtype, _deadline(context))
+        return converters.get_response(result)
 
     @grpc_errors
     async def BatchGet(
         self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchGetResponse:
-        converters.wire_dtype(request.dtype)
-        result = await self.service.batch_get(request.user_id, request.item_ids, _deadline(context))
-        return converters.batch_get_response(result, request.dtype)
+        dtype = converters.dtype_from_proto(request.dtype)
+        result = await self.service.batch_get(
+            request.user_id, request.item_ids, dtype, _deadline(context)
+        )
+        return converters.batch_get_response(result)
 
     @grpc_errors
     async def Prefetch(

@@ -16,7 +16,7 @@ def embedding(value: float = 1.0, ttl: float = 60.0, stale: float = 0.0) -> Embe
 
 
 def entry_size(user: str, item: str) -> int:
-    return DIM * 4 + len(user) + len(item) + ENTRY_OVERHEAD_BYTES
+    return DIM * (4 + 2) + len(user) + len(item) + ENTRY_OVERHEAD_BYTES
 
 
 def test_eviction_keeps_bytes_under_the_cap_and_drops_the_least_recently_used() -> None:
