@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from solaris.server.core import EmbeddingService
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
-from solaris.server.l1 import L1Cache
+from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.request_log import RequestLog
 from solaris.server.settings import ServeSettings
@@ -27,7 +27,7 @@ class Sidecar:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.store = L1Cache(settings.cache_bytes)
+        self.store = MemoryStore(settings.cache_bytes, settings.dim)
         self.request_log = RequestLog(settings.request_log_rows)
         self.prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
         self.service = EmbeddingService(settings, self.store, self.request_log, self.prefetch_queue)

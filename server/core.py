@@ -10,19 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from aiocache.base import BaseCache
 
-from solaris.server.embedding import Embedding, RowStatus
 from solaris.server.errors import DeadlineExceeded
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
 from solaris.server.request_log import LoggedRequest, RequestLog
 from solaris.server.settings import ServeSettings
+from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
 from solaris.server.validation import check_id, check_id_list, check_priority
-
-FLOAT32 = np.dtype("<f4")
-FLOAT16 = np.dtype("<f2")
-# (computed_at, stale_at, expires_at) for a pair the store does not hold: always a MISS.
-_NEVER_STORED = (0.0, -np.inf, -np.inf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +36,12 @@ class PrefetchResult:
 
 
 class EmbeddingService:
-    """BatchGet and Prefetch over a store (aiocache interface, keys (user_id, item_id))."""
+    """BatchGet and Prefetch over a store keyed by (user_id, item_id)."""
 
     def __init__(
         self,
         settings: ServeSettings,
-        store: BaseCache,
+        store: Store,
         request_log: RequestLog,
         prefetch_queue: PrefetchQueue,
     ) -> None:
@@ -88,31 +82,20 @@ class EmbeddingService:
     async def put(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, model_version: str
     ) -> None:
-        """Stores freshly computed embeddings, one row of `vectors` per item."""
-        expected = (len(item_ids), self.settings.dim)
-        if vectors.shape != expected:
-            raise ValueError(f"vectors: shape {vectors.shape}, expected {expected}")
-        now = time.time()
+        """Stores freshly computed embeddings, one row of `vectors` per item, fresh from now."""
         settings = self.settings
-        await self.store.multi_set(
-            [
-                (
-                    (user_id, item),
-                    Embedding.fresh(
-                        row, model_version, settings.ttl_seconds, settings.stale_seconds, now
-                    ),
-                )
-                for item, row in zip(item_ids, vectors, strict=True)
-            ]
+        freshness = Freshness.starting(
+            model_version, time.time(), settings.ttl_seconds, settings.stale_seconds
         )
+        await self.store.write(user_id, item_ids, vectors, freshness)
 
     async def _read(
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, deadline: float | None
     ) -> BatchResult:
         _check_deadline(deadline)
-        found = await self.store.multi_get([(user_id, item) for item in item_ids])
+        rows = await self.store.read(user_id, item_ids, dtype)
         now = time.time()
-        result = self._assemble(found, now, dtype)
+        result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
         self.request_log.append(LoggedRequest(user_id, tuple(item_ids), result.statuses, now))
         return result
 
@@ -134,43 +117,14 @@ class EmbeddingService:
         check_priority(priority)
         _check_deadline(deadline)
         unique_items = list(dict.fromkeys(item_ids))
-        found = await self.store.multi_get([(user_id, item) for item in unique_items])
-        now = time.time()
+        rows = await self.store.read(user_id, unique_items, FLOAT32)
+        fresh = rows.statuses(time.time()) == RowStatus.HIT
         wanted = tuple(
-            item
-            for item, embedding in zip(unique_items, found, strict=True)
-            if embedding is None or embedding.status(now) is not RowStatus.HIT
+            item for item, is_fresh in zip(unique_items, fresh, strict=True) if not is_fresh
         )
         if wanted:
             self.prefetch_queue.put(PrefetchTask(user_id, wanted, tuple(history), priority))
         return PrefetchResult(queued=len(wanted), already_fresh=len(unique_items) - len(wanted))
-
-    def _assemble(self, found: list[Embedding | None], now: float, dtype: np.dtype) -> BatchResult:
-        """Packs the store's answers into arrays.
-
-        This is the serving path, so it makes two list passes in C-speed comprehensions and
-        does the rest with numpy, rather than one Python loop doing work per row.
-        """
-        zero_row = bytes(dtype.itemsize * self.settings.dim)
-        field = "float16" if dtype == FLOAT16 else "float32"
-        packed = bytearray(b"".join([zero_row if e is None else getattr(e, field) for e in found]))
-        values = np.frombuffer(packed, dtype=dtype).reshape(len(found), self.settings.dim)
-        times = np.array(
-            [
-                _NEVER_STORED if e is None else (e.computed_at, e.stale_at, e.expires_at)
-                for e in found
-            ],
-            dtype=np.float64,
-        ).reshape(len(found), 3)
-        live = now < times[:, 2]
-        values[~live] = 0.0
-        statuses = np.where(
-            now < times[:, 1], RowStatus.HIT, np.where(live, RowStatus.STALE, RowStatus.MISS)
-        ).astype(np.uint8)
-        ages_ms = np.where(live, np.maximum(0.0, now - times[:, 0]) * 1000.0, 0.0).astype(np.uint32)
-        first_live = np.flatnonzero(live)
-        model_version = found[first_live[0]].model_version if first_live.size else ""
-        return BatchResult(values, statuses, ages_ms, model_version)
 
 
 def _check_deadline(deadline: float | None) -> None:

@@ -1,152 +1,154 @@
 """L1: the sidecar's in-process store, capped in bytes, least recently used evicted first.
 
-aiocache gives the async cache interface the rest of the sidecar talks to (`multi_get`,
-`multi_set`, ...), but its memory backend has no size cap and keeps a timer per key. The
-cap and the expiry are enforced here instead: expiry lazily on read (each Embedding carries
-its own times), the cap on every write. The structure is guarded by a lock so that the
-precompute worker threads and the event loop can share it.
+Embeddings live in preallocated numpy tables (float32 and float16 copies, cast once on
+write), and an OrderedDict maps each (user_id, item_id) to its row and keeps the recency
+order. A read gathers all of a BatchGet's rows with one fancy index. There is no per-entry
+Python object: with a million entries as objects, one full garbage collection paused the
+process for 375 ms (measured here); with tables, the collector has nothing to walk but the
+index's keys, which it stops tracking.
+
+Why not aiocache: its interface is one object per key, which is exactly what this layout
+avoids. The lock lets the precompute worker threads and the event loop share the store.
 """
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from aiocache.base import BaseCache
-from aiocache.serializers import NullSerializer
+import numpy as np
 
-from solaris.server.embedding import Embedding
+from solaris.server.store import FLOAT16, FLOAT32, Freshness, Rows
 
 PairKey = tuple[str, str]
+# What a row costs beyond its vectors and times: the index's dict entry, the key tuple, and
+# the two id strings' object headers. Id lengths are added per entry.
+INDEX_OVERHEAD_BYTES = 250
+_NEVER_STORED = (0.0, -np.inf, -np.inf)
 
 
-class ByteCappedLRU:
-    """A thread-safe map from (user_id, item_id) to Embedding holding at most `max_bytes`."""
+class MemoryStore:
+    """A thread-safe, byte-capped LRU store of embeddings of one `dim`."""
 
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    def __init__(self, max_bytes: int, dim: int) -> None:
+        self.dim = dim
         self.max_bytes = max_bytes
+        self.row_bytes = dim * (FLOAT32.itemsize + FLOAT16.itemsize) + 3 * 8 + 4
+        capacity = max_bytes // (self.row_bytes + INDEX_OVERHEAD_BYTES)
+        if capacity < 1:
+            raise ValueError(f"cache_bytes: {max_bytes} cannot hold one {dim}-dim embedding")
         self.evictions = 0
-        self._entries: OrderedDict[PairKey, tuple[Embedding, int]] = OrderedDict()
+        # np.zeros maps pages lazily: memory in use grows with the entries, up to the cap.
+        self._float32 = np.zeros((capacity, dim), FLOAT32)
+        self._float16 = np.zeros((capacity, dim), FLOAT16)
+        self._times = np.zeros((capacity, 3), np.float64)
+        self._version_of_row = np.zeros(capacity, np.int32)
+        self._versions: list[str] = []
+        self._slots: OrderedDict[PairKey, int] = OrderedDict()
+        self._free = list(range(capacity - 1, -1, -1))
         self._bytes = 0
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
+        """Bytes held, by the same reckoning as the cap."""
         return self._bytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._slots)
 
-    def get_many(self, keys: Sequence[PairKey], now: float | None = None) -> list[Embedding | None]:
-        """The live embedding for each key, or None; an expired entry is dropped on sight."""
+    def entry_bytes(self, key: PairKey) -> int:
+        return self.row_bytes + INDEX_OVERHEAD_BYTES + len(key[0]) + len(key[1])
+
+    async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
+        return self.read_now(user_id, item_ids, dtype)
+
+    async def write(
+        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
+    ) -> None:
+        self.write_now(user_id, item_ids, vectors, freshness)
+
+    def read_now(
+        self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, now: float | None = None
+    ) -> Rows:
+        """The rows for `item_ids`; reading a row makes it the most recently used."""
         now = time.time() if now is None else now
-        found: list[Embedding | None] = []
+        keys = [(user_id, item) for item in item_ids]
         with self._lock:
-            for key in keys:
-                slot = self._entries.get(key)
-                if slot is None:
-                    found.append(None)
-                elif now >= slot[0].expires_at:
-                    self._remove(key)
-                    found.append(None)
-                else:
-                    self._entries.move_to_end(key)
-                    found.append(slot[0])
-        return found
+            slots = np.array(self._touch(keys), dtype=np.int64)
+            found = slots >= 0
+            rows = np.where(found, slots, 0)
+            table = self._float16 if dtype == FLOAT16 else self._float32
+            values = table[rows]
+            times = self._times[rows]
+            times[~found] = _NEVER_STORED
+            live = now < times[:, 2]
+            self._drop_expired(keys, found & ~live)
+            version = self._newest_version(rows, times, live)
+        values[~live] = 0
+        return Rows(values, times, version)
 
-    def put_many(self, items: Iterable[tuple[PairKey, Embedding]]) -> None:
-        """Stores each item, evicting the least recently used entries to stay under the cap.
-
-        An entry larger than the whole cap is not stored: keeping it would evict everything.
-        """
+    def write_now(
+        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
+    ) -> None:
+        """Stores row i of `vectors` for the i-th item, evicting least recently used rows."""
+        vectors = np.asarray(vectors, dtype=FLOAT32)
+        if vectors.shape != (len(item_ids), self.dim):
+            raise ValueError(
+                f"vectors: shape {vectors.shape}, expected {(len(item_ids), self.dim)}"
+            )
         with self._lock:
-            for key, embedding in items:
-                size = embedding.size_bytes(*key)
-                if size > self.max_bytes:
-                    continue
-                self._remove(key)
-                self._entries[key] = (embedding, size)
-                self._bytes += size
-                self._evict_to_cap()
+            rows = np.array([self._claim((user_id, item)) for item in item_ids], dtype=np.int64)
+            self._float32[rows] = vectors
+            self._float16[rows] = vectors.astype(FLOAT16)
+            self._times[rows] = freshness[1:]
+            self._version_of_row[rows] = self._version_id(freshness.model_version)
 
-    def delete(self, key: PairKey) -> bool:
-        with self._lock:
-            return self._remove(key)
+    def _touch(self, keys: list[PairKey]) -> list[int]:
+        get = self._slots.get
+        slots = [get(key, -1) for key in keys]
+        move_to_end = self._slots.move_to_end
+        for key, slot in zip(keys, slots, strict=True):
+            if slot >= 0:
+                move_to_end(key)
+        return slots
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+    def _drop_expired(self, keys: list[PairKey], expired: np.ndarray) -> None:
+        for index in np.flatnonzero(expired):
+            key = keys[index]
+            slot = self._slots.pop(key, None)
+            if slot is not None:
+                self._free.append(slot)
+                self._bytes -= self.entry_bytes(key)
 
-    def _remove(self, key: PairKey) -> bool:
-        slot = self._entries.pop(key, None)
-        if slot is None:
-            return False
-        self._bytes -= slot[1]
-        return True
+    def _newest_version(self, rows: np.ndarray, times: np.ndarray, live: np.ndarray) -> str:
+        if not live.any():
+            return ""
+        newest = np.flatnonzero(live)[np.argmax(times[live, 0])]
+        return self._versions[self._version_of_row[rows[newest]]]
 
-    def _evict_to_cap(self) -> None:
-        while self._bytes > self.max_bytes:
-            _, (_, size) = self._entries.popitem(last=False)
-            self._bytes -= size
-            self.evictions += 1
+    def _claim(self, key: PairKey) -> int:
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+            return slot
+        size = self.entry_bytes(key)
+        while not self._free or self._bytes + size > self.max_bytes:
+            self._evict_oldest()
+        slot = self._free.pop()
+        self._slots[key] = slot
+        self._bytes += size
+        return slot
 
+    def _evict_oldest(self) -> None:
+        key, slot = self._slots.popitem(last=False)
+        self._free.append(slot)
+        self._bytes -= self.entry_bytes(key)
+        self.evictions += 1
 
-class L1Cache(BaseCache):
-    """aiocache's interface over a ByteCappedLRU. Keys are (user_id, item_id) tuples.
-
-    Expiry lives in each Embedding, so the `ttl` of aiocache's `set` is refused rather than
-    silently ignored.
-    """
-
-    NAME = "solaris-l1"
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(serializer=NullSerializer(), timeout=None)
-        self.lru = ByteCappedLRU(max_bytes)
-
-    async def _get(
-        self, key: PairKey, encoding: str | None, _conn: object = None
-    ) -> Embedding | None:
-        return self.lru.get_many([key])[0]
-
-    async def _multi_get(
-        self, keys: Sequence[PairKey], encoding: str | None, _conn: object = None
-    ) -> list[Embedding | None]:
-        return self.lru.get_many(keys)
-
-    async def _set(
-        self,
-        key: PairKey,
-        value: Embedding,
-        ttl: float | None,
-        _cas_token: object = None,
-        _conn: object = None,
-    ) -> bool:
-        _refuse_ttl(ttl)
-        self.lru.put_many([(key, value)])
-        return True
-
-    async def _multi_set(
-        self, pairs: Iterable[tuple[PairKey, Embedding]], ttl: float | None, _conn: object = None
-    ) -> bool:
-        _refuse_ttl(ttl)
-        self.lru.put_many(pairs)
-        return True
-
-    async def _exists(self, key: PairKey, _conn: object = None) -> bool:
-        return self.lru.get_many([key])[0] is not None
-
-    async def _delete(self, key: PairKey, _conn: object = None) -> int:
-        return int(self.lru.delete(key))
-
-    async def _clear(self, namespace: str | None, _conn: object = None) -> bool:
-        self.lru.clear()
-        return True
-
-
-def _refuse_ttl(ttl: float | None) -> None:
-    if ttl is not None:
-        raise ValueError("L1Cache takes no ttl: expiry is carried by each Embedding")
+    def _version_id(self, model_version: str) -> int:
+        try:
+            return self._versions.index(model_version)
+        except ValueError:
+            self._versions.append(model_version)
+            return len(self._versions) - 1

@@ -7,8 +7,9 @@ import numpy as np
 from google.protobuf import empty_pb2, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
-from solaris.server.core import FLOAT16, FLOAT32, BatchResult
+from solaris.server.core import BatchResult
 from solaris.server.errors import InvalidArgument
+from solaris.server.store import FLOAT16, FLOAT32
 from solaris.v1.embedding_store_pb2 import BatchGetResponse as BatchGetResponseProto
 from solaris.v1.embedding_store_pb2 import Dtype as DtypeProto
 from solaris.v1.embedding_store_pb2 import GetResponse as GetResponseProto

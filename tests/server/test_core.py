@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from solaris.server.core import EmbeddingService
-from solaris.server.embedding import Embedding, RowStatus
 from solaris.server.errors import DeadlineExceeded
-from solaris.server.l1 import L1Cache
+from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.request_log import RequestLog
 from solaris.server.settings import ServeSettings
+from solaris.server.store import Freshness, RowStatus
 
 DIM = 4
 
@@ -19,22 +19,21 @@ DIM = 4
 @pytest.fixture
 def service() -> EmbeddingService:
     settings = ServeSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
-    return EmbeddingService(settings, L1Cache(1024**2), RequestLog(1000), PrefetchQueue(100))
+    return EmbeddingService(
+        settings, MemoryStore(1024**2, DIM), RequestLog(1000), PrefetchQueue(100)
+    )
 
 
-def stored_at(computed_at: float, ttl: float = 60.0, stale: float = 30.0) -> Embedding:
-    return Embedding.fresh(np.ones(DIM, np.float32), "v1", ttl, stale, now=computed_at)
+async def store_at(service: EmbeddingService, item: str, computed_at: float) -> None:
+    freshness = Freshness.starting("v1", computed_at, ttl_seconds=60, stale_seconds=30)
+    await service.store.write("u", [item], np.ones((1, DIM), np.float32), freshness)
 
 
 async def test_expiry_turns_a_hit_into_a_miss(service: EmbeddingService) -> None:
     now = time.time()
-    await service.store.multi_set(
-        [
-            (("u", "fresh"), stored_at(now)),
-            (("u", "stale"), stored_at(now - 70)),
-            (("u", "expired"), stored_at(now - 100)),
-        ]
-    )
+    await store_at(service, "fresh", now)
+    await store_at(service, "stale", now - 70)
+    await store_at(service, "expired", now - 100)
 
     result = await service.batch_get("u", ["fresh", "stale", "expired"])
 
@@ -46,9 +45,8 @@ async def test_expiry_turns_a_hit_into_a_miss(service: EmbeddingService) -> None
 
 async def test_a_stale_pair_is_prefetched_again(service: EmbeddingService) -> None:
     now = time.time()
-    await service.store.multi_set(
-        [(("u", "fresh"), stored_at(now)), (("u", "stale"), stored_at(now - 70))]
-    )
+    await store_at(service, "fresh", now)
+    await store_at(service, "stale", now - 70)
 
     result = await service.prefetch("u", ["fresh", "stale"])
 

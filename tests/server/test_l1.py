@@ -1,80 +1,114 @@
-"""The L1 store: byte cap with least-recently-used eviction, and expiry carried per entry."""
+"""The L1 store: byte cap with least-recently-used eviction, expiry, and both dtypes."""
 
+import gc
 import time
 
 import numpy as np
 import pytest
 
-from solaris.server.embedding import ENTRY_OVERHEAD_BYTES, Embedding, RowStatus
-from solaris.server.l1 import ByteCappedLRU, L1Cache
+from solaris.server.l1 import MemoryStore
+from solaris.server.store import FLOAT16, FLOAT32, Freshness, RowStatus
 
 DIM = 16
 
 
-def embedding(value: float = 1.0, ttl: float = 60.0, stale: float = 0.0) -> Embedding:
-    return Embedding.fresh(np.full(DIM, value, np.float32), "v1", ttl, stale)
+def fresh(ttl: float = 60.0, stale: float = 0.0, version: str = "v1") -> Freshness:
+    return Freshness.starting(version, time.time(), ttl, stale)
 
 
-def entry_size(user: str, item: str) -> int:
-    return DIM * (4 + 2) + len(user) + len(item) + ENTRY_OVERHEAD_BYTES
+def rows_of(*values: float) -> np.ndarray:
+    return np.array([np.full(DIM, value) for value in values], np.float32)
+
+
+def held(store: MemoryStore, user: str, items: list[str]) -> list[bool]:
+    return (store.read_now(user, items, FLOAT32).statuses(time.time()) != RowStatus.MISS).tolist()
 
 
 def test_eviction_keeps_bytes_under_the_cap_and_drops_the_least_recently_used() -> None:
-    one = entry_size("u", "i0")
-    lru = ByteCappedLRU(max_bytes=3 * one)
-    lru.put_many([(("u", f"i{n}"), embedding(n)) for n in range(3)])
-    lru.get_many([("u", "i0")])
+    one = MemoryStore(max_bytes=10**6, dim=DIM).entry_bytes(("u", "i0"))
+    store = MemoryStore(max_bytes=3 * one, dim=DIM)
+    store.write_now("u", ["i0", "i1", "i2"], rows_of(0, 1, 2), fresh())
+    store.read_now("u", ["i0"], FLOAT32)
 
-    lru.put_many([(("u", "i3"), embedding(3))])
+    store.write_now("u", ["i3"], rows_of(3), fresh())
 
-    assert lru.nbytes <= lru.max_bytes
-    assert lru.evictions == 1
-    present = lru.get_many([("u", f"i{n}") for n in range(4)])
-    assert [entry is not None for entry in present] == [True, False, True, True]
+    assert store.nbytes <= store.max_bytes
+    assert store.evictions == 1
+    assert held(store, "u", ["i0", "i1", "i2", "i3"]) == [True, False, True, True]
 
 
 def test_many_writes_never_exceed_the_cap() -> None:
-    lru = ByteCappedLRU(max_bytes=50_000)
+    store = MemoryStore(max_bytes=50_000, dim=DIM)
 
     for n in range(2_000):
-        lru.put_many([(("user", f"item{n}"), embedding(n))])
-        assert lru.nbytes <= lru.max_bytes
+        store.write_now("user", [f"item{n}"], rows_of(n), fresh())
+        assert store.nbytes <= store.max_bytes
 
-    assert len(lru) == 50_000 // entry_size("user", "item1000")
-
-
-def test_overwrite_replaces_the_entry_and_its_bytes() -> None:
-    lru = ByteCappedLRU(max_bytes=10_000)
-    lru.put_many([(("u", "i"), embedding(1.0))])
-    lru.put_many([(("u", "i"), embedding(2.0))])
-
-    assert len(lru) == 1
-    assert lru.nbytes == entry_size("u", "i")
-    assert lru.get_many([("u", "i")])[0].vector[0] == 2.0
+    assert len(store) == 50_000 // store.entry_bytes(("user", "item1000"))
+    assert store.evictions == 2_000 - len(store)
 
 
-def test_an_entry_larger_than_the_cap_is_not_stored_and_evicts_nothing() -> None:
-    lru = ByteCappedLRU(max_bytes=entry_size("u", "i"))
-    lru.put_many([(("u", "i"), embedding())])
+def test_reads_return_what_was_written_in_request_order_in_both_dtypes() -> None:
+    store = MemoryStore(max_bytes=10**6, dim=DIM)
+    stored = np.random.default_rng(0).normal(size=(3, DIM)).astype(np.float32)
+    store.write_now("u", ["a", "b", "c"], stored, fresh(version="v9"))
 
-    lru.put_many([(("u", "huge"), Embedding.fresh(np.zeros(4096, np.float32), "v1", 60))])
+    as_float32 = store.read_now("u", ["c", "missing", "a"], FLOAT32)
+    as_float16 = store.read_now("u", ["b"], FLOAT16)
 
-    assert lru.get_many([("u", "i"), ("u", "huge")])[0] is not None
-    assert len(lru) == 1
+    assert np.array_equal(as_float32.values, np.stack([stored[2], np.zeros(DIM), stored[0]]))
+    assert as_float32.model_version == "v9"
+    assert as_float16.values.dtype == FLOAT16
+    assert np.array_equal(as_float16.values[0], stored[1].astype(np.float16))
 
 
-def test_expired_entries_read_as_missing_and_free_their_bytes() -> None:
-    lru = ByteCappedLRU(max_bytes=10_000)
-    lru.put_many([(("u", "i"), embedding(ttl=10.0))])
+def test_overwrite_replaces_the_row_and_keeps_its_bytes() -> None:
+    store = MemoryStore(max_bytes=10_000, dim=DIM)
+    store.write_now("u", ["i"], rows_of(1.0), fresh())
+    store.write_now("u", ["i"], rows_of(2.0), fresh(version="v2"))
 
-    assert lru.get_many([("u", "i")], now=time.time() + 11.0) == [None]
-    assert lru.nbytes == 0
+    rows = store.read_now("u", ["i"], FLOAT32)
+    assert len(store) == 1
+    assert store.nbytes == store.entry_bytes(("u", "i"))
+    assert rows.values[0, 0] == 2.0
+    assert rows.model_version == "v2"
+
+
+def test_a_cap_too_small_for_one_row_is_refused() -> None:
+    with pytest.raises(ValueError, match="cache_bytes"):
+        MemoryStore(max_bytes=100, dim=DIM)
+
+
+def test_wrongly_shaped_vectors_are_refused_and_store_nothing() -> None:
+    store = MemoryStore(max_bytes=10_000, dim=DIM)
+
+    with pytest.raises(ValueError, match="shape"):
+        store.write_now("u", ["a", "b"], np.zeros((2, DIM + 1), np.float32), fresh())
+
+    assert len(store) == 0
+
+
+def test_expired_rows_read_as_zero_misses_and_free_their_bytes() -> None:
+    store = MemoryStore(max_bytes=10_000, dim=DIM)
+    store.write_now("u", ["i"], rows_of(5.0), fresh(ttl=10.0))
+
+    later = time.time() + 11.0
+    rows = store.read_now("u", ["i"], FLOAT32, now=later)
+
+    assert rows.statuses(later).tolist() == [RowStatus.MISS]
+    assert not rows.values.any()
+    assert store.nbytes == 0
+    assert len(store) == 0
 
 
 def test_status_is_hit_then_stale_then_miss() -> None:
-    entry = Embedding.fresh(np.zeros(DIM, np.float32), "v1", 10.0, 5.0, now=100.0)
+    store = MemoryStore(max_bytes=10_000, dim=DIM)
+    store.write_now("u", ["i"], rows_of(1.0), Freshness.starting("v1", 100.0, 10.0, 5.0))
+    times = (100.0, 109.9, 110.0, 114.9, 115.0)
 
-    assert [entry.status(t) for t in (100.0, 109.9, 110.0, 114.9, 115.0)] == [
+    statuses = [store.read_now("u", ["i"], FLOAT32, now=t).statuses(t)[0] for t in times]
+
+    assert statuses == [
         RowStatus.HIT,
         RowStatus.HIT,
         RowStatus.STALE,
@@ -83,20 +117,22 @@ def test_status_is_hit_then_stale_then_miss() -> None:
     ]
 
 
-async def test_aiocache_interface_reads_and_writes_the_lru() -> None:
-    cache = L1Cache(max_bytes=10_000)
-    first, second = embedding(1.0), embedding(2.0)
+async def test_the_async_interface_reads_and_writes_the_same_rows() -> None:
+    store = MemoryStore(max_bytes=10_000, dim=DIM)
 
-    await cache.multi_set([(("u", "a"), first), (("u", "b"), second)])
+    await store.write("u", ["a"], rows_of(7.0), fresh())
 
-    assert await cache.multi_get([("u", "b"), ("u", "x"), ("u", "a")]) == [second, None, first]
-    assert await cache.exists(("u", "a"))
-    assert await cache.delete(("u", "a")) == 1
-    assert await cache.get(("u", "a")) is None
+    assert (await store.read("u", ["a"], FLOAT32)).values[0, 0] == 7.0
 
 
-async def test_aiocache_ttl_is_refused_because_expiry_lives_in_the_embedding() -> None:
-    cache = L1Cache(max_bytes=10_000)
+def test_the_garbage_collector_has_no_entries_to_walk() -> None:
+    store = MemoryStore(max_bytes=10**6, dim=DIM)
+    items = [f"i{n}" for n in range(1_000)]
+    store.write_now("u", items, np.zeros((1_000, DIM), np.float32), fresh())
+    gc.collect()
 
-    with pytest.raises(ValueError, match="ttl"):
-        await cache.set(("u", "a"), embedding(), ttl=5)
+    tracked_before = len(gc.get_objects())
+    store.write_now("v", items, np.zeros((1_000, DIM), np.float32), fresh())
+    gc.collect()
+
+    assert len(gc.get_objects()) - tracked_before < 100

@@ -1,0 +1,85 @@
+"""The store interface every tier implements (L1 in memory; L2 on Redis later), and the
+batch types that cross it. A read answers a whole BatchGet as arrays, never as per-row
+objects: the serving path stays vectorised and the garbage collector has nothing to track.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+FLOAT32 = np.dtype("<f4")
+FLOAT16 = np.dtype("<f2")
+
+
+class RowStatus(IntEnum):
+    """What the store held for one requested pair; values match the proto's RowStatus."""
+
+    HIT = 1
+    MISS = 2
+    STALE = 3
+
+
+class Freshness(NamedTuple):
+    """When a batch of embeddings was computed and how long it is served.
+
+    Times are wall-clock seconds (time.time()) so that they mean the same in every process
+    sharing a store. Until `stale_at` a row is a HIT; until `expires_at`, STALE; then gone.
+    """
+
+    model_version: str
+    computed_at: float
+    stale_at: float
+    expires_at: float
+
+    @classmethod
+    def starting(
+        cls, model_version: str, computed_at: float, ttl_seconds: float, stale_seconds: float
+    ) -> "Freshness":
+        stale_at = computed_at + ttl_seconds
+        return cls(model_version, computed_at, stale_at, stale_at + stale_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A batch read: row i answers the i-th requested item.
+
+    Rows the store does not hold are zero in `values` and have `expires_at` of -inf.
+    `times` is (n, 3): computed_at, stale_at, expires_at.
+    """
+
+    values: np.ndarray
+    times: np.ndarray
+    model_version: str
+
+    def statuses(self, now: float) -> np.ndarray:
+        """HIT while fresh, STALE in the grace window, MISS once expired or never stored."""
+        hit = now < self.times[:, 1]
+        live = now < self.times[:, 2]
+        status = np.where(hit, RowStatus.HIT, np.where(live, RowStatus.STALE, RowStatus.MISS))
+        return status.astype(np.uint8)
+
+    def ages_ms(self, now: float) -> np.ndarray:
+        """Milliseconds since each live row was computed; 0 for a MISS."""
+        live = now < self.times[:, 2]
+        return np.where(live, np.maximum(0.0, now - self.times[:, 0]) * 1000.0, 0.0).astype(
+            np.uint32
+        )
+
+
+class Store(Protocol):
+    """A tier of the embedding store, keyed by (user_id, item_id)."""
+
+    dim: int
+
+    async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
+        """The stored rows for `item_ids`, in order, as `dtype` (FLOAT32 or FLOAT16)."""
+        ...
+
+    async def write(
+        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
+    ) -> None:
+        """Stores row i of `vectors` (n x dim float32) for the i-th item."""
+        ...
