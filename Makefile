@@ -11,7 +11,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# torch is pinned here, not in pyproject: our machines hold a CPU build of 2.13.0 in their local
+# wheel store, and an open range would fetch a newer CUDA build of several GB.
 install: $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 
 serve: install

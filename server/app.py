@@ -1,5 +1,6 @@
-"""The sidecar assembled: store, request log, Prefetch queue, core, and a grpc.aio server
-that also serves standard health checking and reflection."""
+"""The sidecar assembled: store, request log, Prefetch queue, core, a grpc.aio server that
+also serves standard health checking and reflection, and (embedded mode, the default) the
+precompute daemon on its own thread."""
 
 import asyncio
 import logging
@@ -10,12 +11,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.runner import open_runner
+from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.core import EmbeddingService
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.request_log import RequestLog
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import ServeSettings, SettingsError
 from solaris.v1 import embedding_store_pb2
 
 SERVICE_NAME = embedding_store_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
@@ -25,8 +29,12 @@ logger = logging.getLogger("solaris.server")
 class Sidecar:
     """One sidecar: build it, `await start()`, and `await stop()` to drain and close."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(
+        self, settings: ServeSettings, precompute: PrecomputeSettings | None = None
+    ) -> None:
         self.settings = settings
+        self.precompute_settings = precompute
+        self.daemon: PrecomputeDaemon | None = None
         self.store = MemoryStore(settings.cache_bytes, settings.dim)
         self.request_log = RequestLog(settings.request_log_rows)
         self.prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
@@ -40,6 +48,9 @@ class Sidecar:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
+        if self.precompute_settings is not None and self.precompute_settings.precompute:
+            self.daemon = await asyncio.to_thread(self._build_daemon, self.precompute_settings)
+            self.daemon.start()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -71,12 +82,32 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
         self._server = None
+        if self.daemon is not None:
+            await asyncio.to_thread(self.daemon.stop)
         logger.info("stopped")
 
+    def _build_daemon(self, precompute: PrecomputeSettings) -> PrecomputeDaemon:
+        runner = open_runner(precompute)
+        if runner.dim != self.settings.dim:
+            raise SettingsError(
+                f"dim: the model {runner.path} makes {runner.dim}-wide embeddings, "
+                f"but dim is {self.settings.dim}"
+            )
+        return PrecomputeDaemon(
+            runner,
+            self.store,
+            self.prefetch_queue,
+            precompute,
+            self.settings.ttl_seconds,
+            self.settings.stale_seconds,
+        )
 
-async def serve_until_signalled(settings: ServeSettings) -> None:
+
+async def serve_until_signalled(
+    settings: ServeSettings, precompute: PrecomputeSettings | None = None
+) -> None:
     """Runs a sidecar until SIGTERM or SIGINT, then drains it."""
-    sidecar = Sidecar(settings)
+    sidecar = Sidecar(settings, precompute)
     await sidecar.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

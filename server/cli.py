@@ -1,20 +1,29 @@
-"""The `solaris` command."""
+"""The `solaris` command: `serve` runs the sidecar (with the precompute daemon embedded by
+default); `export-model` writes the reference model to ONNX and checks it."""
 
 import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
+from solaris.precompute.settings import PrecomputeSettings
 from solaris.server import settings as settings_module
 from solaris.server.app import serve_until_signalled
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solaris", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="Python logging level.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Run the sidecar.")
     settings_module.add_arguments(serve)
-    parser.add_argument("--log-level", default="INFO", help="Python logging level.")
+    settings_module.add_arguments(serve, PrecomputeSettings)
+    export = commands.add_parser("export-model", help="Export the reference model to ONNX.")
+    export.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
+    export.add_argument("--checkpoint", help="A state_dict file; default: weights from --seed.")
+    export.add_argument("--seed", type=int, default=0, help="Seed for the weights.")
+    export.add_argument("--dim", type=int, default=128, help="Width of the embeddings.")
     return parser
 
 
@@ -24,11 +33,41 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "export-model":
+        return export_model(args)
+    return serve(parser, args)
+
+
+def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from solaris.precompute.runner import ModelContractError
+
     try:
         settings = settings_module.from_sources(args)
-    except settings_module.SettingsError as error:
+        precompute = settings_module.from_sources(args, settings_type=PrecomputeSettings)
+        asyncio.run(serve_until_signalled(settings, precompute))
+    except (settings_module.SettingsError, ModelContractError) as error:
         parser.error(str(error))
-    asyncio.run(serve_until_signalled(settings))
+    return 0
+
+
+def export_model(args: argparse.Namespace) -> int:
+    from solaris.precompute.export import ExportCheckError
+    from solaris.precompute.export import export_model as export
+    from solaris.precompute.model import ModelConfig, build_model, flops, parameter_count
+
+    config = ModelConfig(dim=args.dim, seed=args.seed)
+    try:
+        report = export(config, args.out, args.checkpoint)
+    except ExportCheckError as error:
+        print(f"export failed: {error}", file=sys.stderr)
+        return 1
+    model = build_model(config, args.checkpoint)
+    user_flops, pair_flops = flops(model)
+    print(f"wrote {report.path} (model version {report.model_version})")
+    print(f"max abs error against PyTorch: {report.max_abs_error:.3g}")
+    print(f"parameters: {parameter_count(model):,}")
+    print(f"MFLOP per user (history of {config.history_cap}): {user_flops / 1e6:.1f}")
+    print(f"MFLOP per candidate pair: {pair_flops / 1e6:.1f}")
     return 0
 
 

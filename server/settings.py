@@ -27,7 +27,7 @@ class SettingsError(ValueError):
     """A setting has a value it cannot take."""
 
 
-def _setting(default: Any, help: str, minimum: float | None = None, kind: str = "") -> Any:
+def setting(default: Any, help: str, minimum: float | None = None, kind: str = "") -> Any:
     return field(default=default, metadata={"help": help, "minimum": minimum, "kind": kind})
 
 
@@ -36,35 +36,31 @@ class ServeSettings:
     """Everything `solaris serve` can be told. Field names map to `--flag-name` and
     `SOLARIS_FIELD_NAME`."""
 
-    host: str = _setting("127.0.0.1", "Address to listen on; loopback, as befits a sidecar.")
-    port: int = _setting(50051, "gRPC port; 0 picks a free one.", minimum=0)
-    cache_bytes: int = _setting(
+    host: str = setting("127.0.0.1", "Address to listen on; loopback, as befits a sidecar.")
+    port: int = setting(50051, "gRPC port; 0 picks a free one.", minimum=0)
+    cache_bytes: int = setting(
         256 * 1024**2, "L1 cap in bytes (suffixes K, M, G, Ki, Mi, Gi).", minimum=1, kind="size"
     )
-    dim: int = _setting(128, "Values per embedding.", minimum=1)
-    ttl_seconds: float = _setting(3600.0, "How long a computed embedding is a HIT.", minimum=0)
-    stale_seconds: float = _setting(
+    dim: int = setting(128, "Values per embedding.", minimum=1)
+    ttl_seconds: float = setting(3600.0, "How long a computed embedding is a HIT.", minimum=0)
+    stale_seconds: float = setting(
         600.0, "After the TTL, how long it is still served as STALE.", minimum=0
     )
-    max_items: int = _setting(4096, "Most items in one BatchGet or Prefetch.", minimum=1)
-    max_id_bytes: int = _setting(256, "Longest user or item id, in UTF-8 bytes.", minimum=1)
-    max_history: int = _setting(256, "Most history items in one Prefetch.", minimum=0)
-    prefetch_queue_pairs: int = _setting(
+    max_items: int = setting(4096, "Most items in one BatchGet or Prefetch.", minimum=1)
+    max_id_bytes: int = setting(256, "Longest user or item id, in UTF-8 bytes.", minimum=1)
+    max_history: int = setting(256, "Most history items in one Prefetch.", minimum=0)
+    prefetch_queue_pairs: int = setting(
         100_000, "Pairs the Prefetch queue holds before RESOURCE_EXHAUSTED.", minimum=1
     )
-    request_log_rows: int = _setting(
+    request_log_rows: int = setting(
         1_000_000, "Rows (requested pairs) the request log keeps, oldest dropped.", minimum=1
     )
-    grace_seconds: float = _setting(
+    grace_seconds: float = setting(
         10.0, "On SIGTERM, how long in-flight calls may take to finish.", minimum=0
     )
 
     def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            minimum = spec.metadata["minimum"]
-            value = getattr(self, spec.name)
-            if minimum is not None and value < minimum:
-                raise SettingsError(f"{spec.name}: must be at least {minimum}, got {value}")
+        check_minimums(self)
 
     @property
     def max_message_bytes(self) -> int:
@@ -72,6 +68,15 @@ class ServeSettings:
         request = (self.max_items + self.max_history + 1) * (self.max_id_bytes + 8)
         answer = self.max_items * (self.dim * 4 + 16)
         return max(request, answer) + 64 * 1024
+
+
+def check_minimums(settings: Any) -> None:
+    """Raises SettingsError, naming the field, for a value under its declared minimum."""
+    for spec in dataclasses.fields(settings):
+        minimum = spec.metadata["minimum"]
+        value = getattr(settings, spec.name)
+        if minimum is not None and value < minimum:
+            raise SettingsError(f"{spec.name}: must be at least {minimum}, got {value}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings_type: type = ServeSettings) -> None:
@@ -111,11 +116,23 @@ def _parse(spec: dataclasses.Field, text: str, source: str) -> Any:
     try:
         if spec.metadata["kind"] == "size":
             return parse_size(text)
+        if spec.type is bool or spec.type == "bool":
+            return parse_bool(text)
         return spec.type(text) if isinstance(spec.type, type) else text
     except ValueError:
         raise SettingsError(
             f"{spec.name} ({source}): cannot read {text!r} as {spec.type}"
         ) from None
+
+
+def parse_bool(text: str) -> bool:
+    """Reads `true`/`false` (also 1/0, yes/no, on/off)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
 
 
 def parse_size(text: str) -> int:

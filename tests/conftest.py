@@ -1,15 +1,34 @@
-"""Shared fixtures: a real sidecar on a real loopback socket, and a stub talking to it."""
+"""Shared fixtures: a real sidecar on a real loopback socket, a stub talking to it, and a tiny
+reference model exported once per test session."""
 
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from solaris.precompute.export import ExportReport, export_model
+from solaris.precompute.model import ModelConfig
 from solaris.server.app import Sidecar
 from solaris.server.settings import ServeSettings
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
 DIM = 8
+TINY = ModelConfig(
+    dim=DIM,
+    model_width=16,
+    heads=2,
+    layers=1,
+    feedforward_width=32,
+    mlp_width=32,
+    history_cap=8,
+    item_buckets=1000,
+    user_buckets=100,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ExportReport:
+    return export_model(TINY, tmp_path_factory.mktemp("model") / "tiny.onnx")
 
 
 @pytest.fixture

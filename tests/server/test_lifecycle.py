@@ -12,6 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from solaris.precompute.export import ExportReport
+from tests.conftest import DIM
+
 SERVICE = "solaris.v1.EmbeddingStore"
 
 
@@ -34,7 +37,7 @@ def wait_until_serving(stub: health_pb2_grpc.HealthStub, timeout: float = 30.0) 
 
 
 @pytest.fixture
-def sidecar_process() -> Iterator[tuple[subprocess.Popen[str], int]]:
+def sidecar_process(tiny_model: ExportReport) -> Iterator[tuple[subprocess.Popen[str], int]]:
     port = free_port()
     process = subprocess.Popen(
         [
@@ -46,6 +49,10 @@ def sidecar_process() -> Iterator[tuple[subprocess.Popen[str], int]]:
             str(port),
             "--grace-seconds",
             "1",
+            "--dim",
+            str(DIM),
+            "--model",
+            str(tiny_model.path),
         ],
         stderr=subprocess.PIPE,
         text=True,

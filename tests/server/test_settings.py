@@ -2,11 +2,14 @@
 setting."""
 
 import argparse
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.settings import ServeSettings, SettingsError, add_arguments, from_sources
 
 
@@ -50,3 +53,26 @@ def test_the_command_refuses_a_bad_setting_at_start() -> None:
 
     assert finished.returncode == 2
     assert "cache_bytes" in finished.stderr
+
+
+def test_the_readme_table_lists_every_setting() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+
+    for settings_type in (ServeSettings, PrecomputeSettings):
+        for spec in dataclasses.fields(settings_type):
+            flag = "--" + spec.name.replace("_", "-")
+            assert f"| `{flag}` | `SOLARIS_{spec.name.upper()}` |" in readme, flag
+
+
+def test_precompute_settings_read_booleans_and_check_the_device() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, PrecomputeSettings)
+
+    args = parser.parse_args(["--precompute", "false"])
+    settings = from_sources(args, {"SOLARIS_DEVICE": "cpu"}, PrecomputeSettings)
+
+    assert (settings.precompute, settings.device) == (False, "cpu")
+    with pytest.raises(SettingsError, match="device"):
+        from_sources(args, {"SOLARIS_DEVICE": "tpu"}, PrecomputeSettings)
+    with pytest.raises(SettingsError, match="precompute"):
+        from_sources(parser.parse_args(["--precompute", "maybe"]), {}, PrecomputeSettings)

@@ -1,0 +1,189 @@
+"""The precompute daemon: takes pairs from a work source, runs the model on them in batches,
+and writes the embeddings to the store.
+
+It runs on its own thread, never on the serving event loop. Per batch it drops pairs already
+fresh in the store, groups the rest by user (so the model encodes each user's history once),
+and writes the results with the model version and expiry. A batch that raises is split in
+halves and each half tried again, down to single pairs; a pair that fails alone is a poison
+pair: dropped and counted, never retried, and its batch-mates are still computed.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from solaris.precompute.features import UserWork
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
+
+Pair = tuple[str, str]
+_POLL_SECONDS = 0.2
+logger = logging.getLogger("solaris.precompute")
+
+
+class WorkSource(Protocol):
+    """Where pairs to compute come from: the Prefetch queue, later the speculator."""
+
+    def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]: ...
+
+
+class Model(Protocol):
+    model_version: str
+
+    def compute(self, work: Sequence[UserWork]) -> np.ndarray: ...
+
+
+@dataclass
+class DaemonStats:
+    """Counters since start; read them for metrics."""
+
+    pairs_computed: int = 0
+    pairs_already_fresh: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    poison_pairs_dropped: int = 0
+
+
+class HistoryBook:
+    """Each user's latest known history, for the users seen most recently (capped in users)."""
+
+    def __init__(self, max_users: int) -> None:
+        self.max_users = max_users
+        self._histories: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+
+    def update(self, user_id: str, history: tuple[str, ...]) -> None:
+        """Remembers `history`; an empty one keeps what was known."""
+        if history:
+            self._histories[user_id] = history
+        if user_id in self._histories:
+            self._histories.move_to_end(user_id)
+            if len(self._histories) > self.max_users:
+                self._histories.popitem(last=False)
+
+    def get(self, user_id: str) -> tuple[str, ...]:
+        return self._histories.get(user_id, ())
+
+
+class PrecomputeDaemon:
+    """Start it, and it fills the store from the work source until it is stopped."""
+
+    def __init__(
+        self,
+        model: Model,
+        store: Store,
+        source: WorkSource,
+        settings: PrecomputeSettings,
+        ttl_seconds: float,
+        stale_seconds: float,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.source = source
+        self.settings = settings
+        self.ttl_seconds = ttl_seconds
+        self.stale_seconds = stale_seconds
+        self.histories = HistoryBook(settings.history_users)
+        self.stats = DaemonStats()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="solaris-precompute", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finishes the batch in hand, then returns."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        with asyncio.Runner() as loop:
+            while not self._stopping.is_set():
+                tasks = self._gather()
+                if tasks:
+                    loop.run(self.process(tasks))
+
+    def _gather(self) -> list[PrefetchTask]:
+        """Tasks for one batch: up to batch_pairs pairs, waiting at most batch_wait_ms."""
+        tasks = self.source.take(self.settings.batch_pairs, timeout=_POLL_SECONDS)
+        end = time.monotonic() + self.settings.batch_wait_ms / 1000
+        pairs = sum(len(t.item_ids) for t in tasks)
+        while tasks and pairs < self.settings.batch_pairs and (left := end - time.monotonic()) > 0:
+            more = self.source.take(self.settings.batch_pairs, timeout=left)
+            tasks.extend(more)
+            pairs += sum(len(t.item_ids) for t in more)
+        return tasks
+
+    async def process(self, tasks: Sequence[PrefetchTask]) -> None:
+        """Computes and stores every pair in `tasks` not already fresh, batch by batch."""
+        for task in tasks:
+            self.histories.update(task.user_id, task.history)
+        pairs = await self._stale_pairs(tasks)
+        size = self.settings.batch_pairs
+        for start in range(0, len(pairs), size):
+            await self._compute_and_store(pairs[start : start + size])
+
+    async def _stale_pairs(self, tasks: Sequence[PrefetchTask]) -> list[Pair]:
+        items_by_user: dict[str, dict[str, None]] = {}
+        for task in tasks:
+            items_by_user.setdefault(task.user_id, {}).update(dict.fromkeys(task.item_ids))
+        now = time.time()
+        pairs: list[Pair] = []
+        for user_id, items in items_by_user.items():
+            wanted = list(items)
+            fresh = (await self.store.read(user_id, wanted, FLOAT32)).statuses(now) == RowStatus.HIT
+            self.stats.pairs_already_fresh += int(fresh.sum())
+            pairs.extend(
+                (user_id, item) for item, done in zip(wanted, fresh, strict=True) if not done
+            )
+        return pairs
+
+    async def _compute_and_store(self, pairs: list[Pair]) -> None:
+        work = self._group_by_user(pairs)
+        try:
+            vectors = self.model.compute(work)
+        except Exception:
+            await self._retry_in_halves(pairs)
+            return
+        self.stats.batches += 1
+        self.stats.pairs_computed += len(pairs)
+        freshness = Freshness.starting(
+            self.model.model_version, time.time(), self.ttl_seconds, self.stale_seconds
+        )
+        start = 0
+        for user_work in work:
+            end = start + len(user_work.item_ids)
+            await self.store.write(
+                user_work.user_id, user_work.item_ids, vectors[start:end], freshness
+            )
+            start = end
+
+    async def _retry_in_halves(self, pairs: list[Pair]) -> None:
+        self.stats.failed_batches += 1
+        if len(pairs) == 1:
+            self.stats.poison_pairs_dropped += 1
+            logger.exception("dropping poison pair %s: the model fails on it alone", pairs[0])
+            return
+        logger.warning("a batch of %d pairs failed; retrying it in halves", len(pairs))
+        middle = len(pairs) // 2
+        await self._compute_and_store(pairs[:middle])
+        await self._compute_and_store(pairs[middle:])
+
+    def _group_by_user(self, pairs: list[Pair]) -> list[UserWork]:
+        items_by_user: dict[str, list[str]] = {}
+        for user_id, item_id in pairs:
+            items_by_user.setdefault(user_id, []).append(item_id)
+        return [
+            UserWork(user_id, self.histories.get(user_id), tuple(items))
+            for user_id, items in items_by_user.items()
+        ]

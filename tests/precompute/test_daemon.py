@@ -1,0 +1,151 @@
+"""The daemon fills the store from Prefetch hints: over gRPC against the embedded sidecar,
+and, for failures, with a model that fails on chosen pairs."""
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.export import ExportReport
+from solaris.precompute.features import UserWork
+from solaris.precompute.runner import OnnxRunner
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.app import Sidecar
+from solaris.server.l1 import MemoryStore
+from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
+from solaris.server.settings import ServeSettings
+from solaris.server.store import FLOAT32, RowStatus
+from solaris.v1 import embedding_store_pb2 as pb
+from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
+from tests.conftest import DIM
+from tests.precompute.test_runner import pytorch_embedding
+
+
+async def batch_get_when_all_hit(
+    stub: EmbeddingStoreStub, user: str, items: list[str]
+) -> pb.BatchGetResponse:
+    """The first answer with every row a HIT, or the last one after ten seconds."""
+    end = time.monotonic() + 10.0
+    while True:
+        answer = await stub.BatchGet(pb.BatchGetRequest(user_id=user, item_ids=items))
+        if all(status == pb.HIT for status in answer.statuses) or time.monotonic() > end:
+            return answer
+        await asyncio.sleep(0.01)
+
+
+def values_of(answer: pb.BatchGetResponse) -> np.ndarray:
+    return np.frombuffer(answer.embeddings, "<f4").reshape(-1, answer.dim)
+
+
+async def test_prefetched_pairs_are_served_as_the_model_computes_them(
+    stub: EmbeddingStoreStub, tiny_model: ExportReport
+) -> None:
+    history = ["h1", "h2", "h3"]
+
+    queued = await stub.Prefetch(
+        pb.PrefetchRequest(user_id="u", item_ids=["a", "b"], history=history)
+    )
+    answer = await batch_get_when_all_hit(stub, "u", ["b", "a"])
+
+    assert queued.queued == 2
+    assert list(answer.statuses) == [pb.HIT, pb.HIT]
+    assert answer.model_version == tiny_model.model_version
+    expected = [pytorch_embedding("u", tuple(history), item) for item in ("b", "a")]
+    np.testing.assert_allclose(values_of(answer), np.stack(expected), atol=1e-5)
+
+
+async def test_fresh_pairs_are_not_computed_again(
+    embedded: Sidecar, stub: EmbeddingStoreStub
+) -> None:
+    await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a", "b"]))
+    await batch_get_when_all_hit(stub, "u", ["a", "b"])
+    computed = embedded.daemon.model.pairs_computed
+
+    again = await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a", "b", "c"]))
+    await batch_get_when_all_hit(stub, "u", ["a", "b", "c"])
+
+    assert (again.queued, again.already_fresh) == (1, 2)
+    assert embedded.daemon.model.pairs_computed == computed + 1
+
+
+async def test_the_daemon_itself_skips_pairs_made_fresh_after_they_were_queued(
+    tiny_model: ExportReport,
+) -> None:
+    daemon = daemon_over(OnnxRunner(tiny_model.path))
+    await daemon.process([PrefetchTask("u", ("a", "b"))])
+
+    await daemon.process([PrefetchTask("u", ("a", "b", "c"))])
+
+    assert daemon.model.pairs_computed == 3
+    assert daemon.stats.pairs_already_fresh == 2
+
+
+@pytest.fixture
+def stub(embedded_stub: EmbeddingStoreStub) -> EmbeddingStoreStub:
+    return embedded_stub
+
+
+@pytest.fixture
+def settings(settings: ServeSettings) -> ServeSettings:
+    return dataclasses.replace(settings, ttl_seconds=0.5, stale_seconds=0)
+
+
+async def test_an_expired_pair_is_a_miss_and_is_computed_again(
+    embedded: Sidecar, stub: EmbeddingStoreStub
+) -> None:
+    await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a"]))
+    await batch_get_when_all_hit(stub, "u", ["a"])
+    await asyncio.sleep(0.6)
+
+    expired = await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["a"]))
+    again = await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a"]))
+    refreshed = await batch_get_when_all_hit(stub, "u", ["a"])
+
+    assert list(expired.statuses) == [pb.MISS]
+    assert again.queued == 1
+    assert list(refreshed.statuses) == [pb.HIT]
+    assert embedded.daemon.model.pairs_computed == 2
+
+
+class FailsOnItem:
+    """The real runner, except that any batch holding `poison` raises, as a bad row would."""
+
+    def __init__(self, runner: OnnxRunner, poison: str) -> None:
+        self.runner = runner
+        self.poison = poison
+        self.model_version = runner.model_version
+        self.calls = 0
+
+    def compute(self, work: Sequence[UserWork]) -> np.ndarray:
+        self.calls += 1
+        if any(self.poison in w.item_ids for w in work):
+            raise ValueError("index out of range")
+        return self.runner.compute(work)
+
+
+def daemon_over(model: OnnxRunner | FailsOnItem) -> PrecomputeDaemon:
+    store = MemoryStore(1024**2, DIM)
+    settings = PrecomputeSettings(batch_pairs=64)
+    return PrecomputeDaemon(model, store, PrefetchQueue(100), settings, 60.0, 0.0)
+
+
+async def test_a_poison_pair_is_dropped_and_its_batch_mates_are_stored(
+    tiny_model: ExportReport,
+) -> None:
+    model = FailsOnItem(OnnxRunner(tiny_model.path), poison="bad")
+    daemon = daemon_over(model)
+    items = ("a", "b", "bad", "c", "d")
+
+    await daemon.process([PrefetchTask("u", items), PrefetchTask("v", ("e",))])
+
+    rows = await daemon.store.read("u", list(items), FLOAT32)
+    statuses = rows.statuses(time.time()).tolist()
+    assert statuses == [RowStatus.HIT, RowStatus.HIT, RowStatus.MISS, RowStatus.HIT, RowStatus.HIT]
+    assert daemon.stats.poison_pairs_dropped == 1
+    assert daemon.stats.pairs_computed == 5
+    halvings_of_six_pairs = 3
+    assert model.calls <= 1 + 2 * halvings_of_six_pairs
