@@ -44,3 +44,4 @@ test: install check-protos lint
 
 bench: install
 	$(BIN)/python bench/batch_get.py
+	$(BIN)/python bench/precompute.py

@@ -10,6 +10,7 @@ pair: dropped and counted, never retried, and its batch-mates are still computed
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,16 @@ from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
 Pair = tuple[str, str]
 _POLL_SECONDS = 0.2
 logger = logging.getLogger("solaris.precompute")
+
+
+def _yield_cpu_to_serving() -> None:
+    """Lowers this thread's CPU priority, so that when cores are short the serving threads
+    in the same process run first. ONNX Runtime runs single-threaded batches on the calling
+    thread, so the model's work is lowered with it. Linux only; elsewhere a no-op."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        logger.info("could not lower the runner thread's priority")
 
 
 class WorkSource(Protocol):
@@ -107,6 +118,7 @@ class PrecomputeDaemon:
             self._thread = None
 
     def _run(self) -> None:
+        _yield_cpu_to_serving()
         with asyncio.Runner() as loop:
             while not self._stopping.is_set():
                 tasks = self._gather()
