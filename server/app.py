@@ -57,6 +57,9 @@ class Sidecar:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # Clients keep idle connections alive with pings; allow them every 10 s.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
         add_to_server(EmbeddingStoreServicer(self.service), server)

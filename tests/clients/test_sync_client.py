@@ -1,0 +1,258 @@
+"""The blocking client against a real sidecar, a slow one, a dead port and a killed process."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+
+from solaris.clients import (
+    ClientOptions,
+    EmbeddingClient,
+    Embeddings,
+    FallbackError,
+    FallbackReason,
+    RowStatus,
+)
+from solaris.server.settings import ServeSettings
+from tests.clients.conftest import (
+    MODEL_VERSION,
+    ThreadedSidecar,
+    free_port,
+    vectors,
+    wait_for,
+)
+from tests.clients.faulty_sidecar import start_slow_sidecar
+from tests.conftest import DIM
+
+SLACK = 0.25
+"""What a call may take past its deadline: scheduling on a busy shared machine."""
+
+
+def timed(call: Callable[[], Embeddings]) -> tuple[Embeddings, float]:
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def item_ids(count: int) -> list[str]:
+    return [f"item-{n}" for n in range(count)]
+
+
+def row_per_item(user_id: str, items: Sequence[str]) -> np.ndarray:
+    """A fallback whose rows say which item they are for."""
+    return np.array([[float(item.split("-")[1])] * DIM for item in items], np.float32)
+
+
+def test_hits_come_back_exactly_as_stored(threaded_sidecar: ThreadedSidecar) -> None:
+    stored = vectors(5)
+    threaded_sidecar.put("user", item_ids(5), stored)
+    with EmbeddingClient(threaded_sidecar.address, DIM, deadline=2) as client:
+        answer = client.batch_get("user", item_ids(5))
+    assert np.array_equal(answer.values, stored)
+    assert answer.values.dtype == np.float32
+    assert list(answer.status) == [RowStatus.HIT] * 5
+    assert answer.model_version == MODEL_VERSION
+    assert answer.fallback_reason is None
+
+
+def test_float16_on_the_wire_comes_back_as_float32(threaded_sidecar: ThreadedSidecar) -> None:
+    stored = vectors(3)
+    threaded_sidecar.put("user", item_ids(3), stored)
+    options = ClientOptions(wire_dtype="float16")
+    with EmbeddingClient(threaded_sidecar.address, DIM, deadline=2, options=options) as client:
+        answer = client.batch_get("user", item_ids(3))
+    assert answer.values.dtype == np.float32
+    assert np.array_equal(answer.values, stored.astype(np.float16).astype(np.float32))
+
+
+def test_partial_misses_are_filled_from_the_fallback_and_flagged(
+    threaded_sidecar: ThreadedSidecar,
+) -> None:
+    stored = vectors(2)
+    threaded_sidecar.put("user", ["item-0", "item-2"], stored)
+    asked: list[list[str]] = []
+
+    def fallback(user_id: str, items: Sequence[str]) -> np.ndarray:
+        asked.append(list(items))
+        return row_per_item(user_id, items)
+
+    with EmbeddingClient(threaded_sidecar.address, DIM, fallback=fallback, deadline=2) as client:
+        answer = client.batch_get("user", item_ids(4))
+    assert asked == [["item-1", "item-3"]]
+    assert list(answer.status) == [RowStatus.HIT, RowStatus.MISS, RowStatus.HIT, RowStatus.MISS]
+    assert np.array_equal(answer.values[[0, 2]], stored)
+    assert np.array_equal(answer.values[[1, 3]], row_per_item("user", ["item-1", "item-3"]))
+    assert list(answer.served) == [True, False, True, False]
+    assert answer.fallback_reason is FallbackReason.MISS
+
+
+def test_get_answers_one_pair(threaded_sidecar: ThreadedSidecar) -> None:
+    stored = vectors(1)
+    threaded_sidecar.put("user", ["item-0"], stored)
+    with EmbeddingClient(threaded_sidecar.address, DIM, deadline=2) as client:
+        hit = client.get("user", "item-0")
+        miss = client.get("user", "item-9")
+    assert np.array_equal(hit.vector, stored[0])
+    assert hit.status is RowStatus.HIT
+    assert miss.status is RowStatus.MISS
+    assert not miss.vector.any()
+
+
+def test_misses_are_prefetched_when_asked(threaded_sidecar: ThreadedSidecar) -> None:
+    threaded_sidecar.put("user", ["item-0"], vectors(1))
+    with EmbeddingClient(threaded_sidecar.address, DIM, deadline=2) as client:
+        client.batch_get("user", item_ids(3))
+        assert threaded_sidecar.queued_pairs() == 0
+        client.batch_get("user", item_ids(3), prefetch_misses=True)
+        assert wait_for(lambda: threaded_sidecar.queued_pairs() == 2)
+        assert wait_for(lambda: client.stats.prefetches_sent == 1)
+
+
+def test_a_sidecar_sleeping_past_the_deadline_yields_fallback_in_time(
+    slow_sidecar: str,
+) -> None:
+    fixed = np.arange(DIM, dtype=np.float32)
+    with EmbeddingClient(slow_sidecar, DIM, fallback=fixed) as client:
+        answer, took = timed(lambda: client.batch_get("user", item_ids(4), deadline=0.2))
+    assert took < 0.2 + SLACK
+    assert answer.fallback_reason is FallbackReason.DEADLINE
+    assert list(answer.status) == [RowStatus.FALLBACK] * 4
+    assert np.array_equal(answer.values, np.tile(fixed, (4, 1)))
+
+
+def test_a_sidecar_not_listening_yields_fallback_in_time(dead_address: str) -> None:
+    with EmbeddingClient(dead_address, DIM) as client:
+        answer, took = timed(lambda: client.batch_get("user", item_ids(4), deadline=0.5))
+    assert took < 0.5 + SLACK
+    assert answer.fallback_reason is FallbackReason.UNAVAILABLE
+    assert not answer.values.any()
+    assert answer.values.shape == (4, DIM)
+
+
+def test_a_sidecar_killed_mid_call_yields_fallback_before_the_deadline(
+    killable_sidecar: tuple[subprocess.Popen[str], str],
+) -> None:
+    process, address = killable_sidecar
+    with EmbeddingClient(address, DIM) as client:
+        client.batch_get("user", ["warm-up"], deadline=0.2)
+        killer = threading.Timer(0.3, os.kill, (process.pid, signal.SIGKILL))
+        killer.start()
+        answer, took = timed(lambda: client.batch_get("user", item_ids(4), deadline=5))
+        killer.join()
+    assert answer.fallback_reason is FallbackReason.UNAVAILABLE
+    assert took < 5
+    assert list(answer.status) == [RowStatus.FALLBACK] * 4
+
+
+def test_the_breaker_opens_after_failures_and_closes_once_the_sidecar_is_back(
+    settings: ServeSettings,
+) -> None:
+    port = free_port()
+    options = ClientOptions(failures_to_open=3, open_seconds=0.2)
+    with EmbeddingClient(f"127.0.0.1:{port}", DIM, deadline=0.5, options=options) as client:
+        reasons = [client.batch_get("user", ["item-0"]).fallback_reason for _ in range(3)]
+        assert reasons == [FallbackReason.UNAVAILABLE] * 3
+        assert client.breaker_state == "open"
+        skipped = client.batch_get("user", ["item-0"])
+        assert skipped.fallback_reason is FallbackReason.BREAKER_OPEN
+
+        sidecar = ThreadedSidecar(ServeSettings(**{**vars(settings), "port": port}))
+        try:
+            sidecar.put("user", ["item-0"], vectors(1))
+            assert wait_for(
+                lambda: client.batch_get("user", ["item-0"]).fallback_reason is None, timeout=10
+            )
+            assert client.breaker_state == "closed"
+        finally:
+            sidecar.stop()
+    assert client.stats.fallbacks_by_reason[FallbackReason.BREAKER_OPEN] >= 1
+
+
+def test_calls_are_skipped_when_the_budget_is_below_recent_latency() -> None:
+    server, port = start_slow_sidecar(delay=0.05, dim=DIM)
+    try:
+        with EmbeddingClient(f"127.0.0.1:{port}", DIM, deadline=2) as client:
+            for _ in range(8):
+                assert client.batch_get("user", ["item-0"]).fallback_reason is FallbackReason.MISS
+            answer = client.batch_get("user", ["item-0"], deadline=0.01)
+    finally:
+        server.stop(grace=0)
+    assert answer.fallback_reason is FallbackReason.BUDGET
+
+
+def test_stats_count_what_was_served(threaded_sidecar: ThreadedSidecar, dead_address: str) -> None:
+    threaded_sidecar.put("user", ["item-0"], vectors(1))
+    with EmbeddingClient(threaded_sidecar.address, DIM, deadline=2) as client:
+        client.batch_get("user", item_ids(4))
+        client.batch_get("user", ["item-0"])
+        stats = client.stats
+    assert stats.calls == 2
+    assert stats.rows == 5
+    assert stats.rows_by_status[RowStatus.HIT] == 2
+    assert stats.rows_by_status[RowStatus.MISS] == 3
+    assert stats.hit_rate == pytest.approx(2 / 5)
+    assert stats.fallback_rate(FallbackReason.MISS) == pytest.approx(1 / 2)
+    assert sum(stats.latency_buckets) == 2
+    with EmbeddingClient(dead_address, DIM) as down:
+        down.batch_get("user", item_ids(2))
+        assert down.stats.rows_by_status[RowStatus.FALLBACK] == 2
+        assert down.stats.fallback_rate(FallbackReason.UNAVAILABLE) == 1.0
+
+
+def test_prefetch_to_a_dead_sidecar_returns_at_once_and_is_counted(dead_address: str) -> None:
+    with EmbeddingClient(dead_address, DIM) as client:
+        client.prefetch("user", item_ids(3), history=["seen-1"])
+        assert wait_for(lambda: client.stats.prefetches_failed == 1)
+
+
+@pytest.mark.parametrize(
+    ("user_id", "items", "named"),
+    [
+        ("", ["item-0"], "user_id"),
+        ("user", [], "item_ids"),
+        ("user", ["item-0", ""], "item_ids[1]"),
+        ("user", item_ids(4097), "item_ids"),
+    ],
+)
+def test_bad_arguments_raise_at_once_naming_the_argument(
+    dead_address: str, user_id: str, items: list[str], named: str
+) -> None:
+    with (
+        EmbeddingClient(dead_address, DIM) as client,
+        pytest.raises(ValueError, match=re.escape(named)),
+    ):
+        client.batch_get(user_id, items)
+    assert client.stats.calls == 0
+
+
+def test_a_fixed_fallback_of_the_wrong_shape_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="fallback"):
+        EmbeddingClient("127.0.0.1:1", DIM, fallback=np.zeros(DIM + 1))
+
+
+def test_a_fallback_returning_the_wrong_shape_raises(dead_address: str) -> None:
+    def short(user_id: str, items: Sequence[str]) -> np.ndarray:
+        return np.zeros((len(items), DIM - 1))
+
+    with (
+        EmbeddingClient(dead_address, DIM, fallback=short) as client,
+        pytest.raises(FallbackError, match=rf"expected \(2, {DIM}\)"),
+    ):
+        client.batch_get("user", item_ids(2))
+
+
+def test_a_fallback_that_raises_is_not_swallowed(dead_address: str) -> None:
+    def broken(user_id: str, items: Sequence[str]) -> np.ndarray:
+        raise RuntimeError("distilled model not loaded")
+
+    with (
+        EmbeddingClient(dead_address, DIM, fallback=broken) as client,
+        pytest.raises(RuntimeError, match="distilled model"),
+    ):
+        client.batch_get("user", item_ids(2))
