@@ -44,4 +44,5 @@ test: install check-protos lint
 
 bench: install
 	$(BIN)/python bench/batch_get.py
+	$(BIN)/python bench/client.py
 	$(BIN)/python bench/precompute.py

@@ -21,7 +21,10 @@ from solaris.v1 import embedding_store_pb2 as pb
 
 logger = logging.getLogger("solaris.clients")
 
+MAX_PRIORITY = 1000
+"""The sidecar's limit on Prefetch priority."""
 _WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+_HIT, _MISS, _STALE = int(RowStatus.HIT), int(RowStatus.MISS), int(RowStatus.STALE)
 _FAILURES = {grpc.StatusCode.DEADLINE_EXCEEDED: FallbackReason.DEADLINE}
 _TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 
@@ -115,7 +118,11 @@ class Engine:
         _check_budget("deadline", budget)
         items = list(item_ids)
         self._check_ids(user_id, items)
-        request = pb.BatchGetRequest(user_id=user_id, item_ids=items, dtype=self._wire_dtype)
+        try:
+            request = pb.BatchGetRequest(user_id=user_id, item_ids=items, dtype=self._wire_dtype)
+        except TypeError:
+            _name_bad_id(items)
+            raise
         timeout = budget - self._fallback_reserve()
         return Attempt(user_id, items, started, request, timeout, self._skip_reason(timeout))
 
@@ -138,7 +145,7 @@ class Engine:
         if decoded is None:
             return self._all_fallback(attempt, FallbackReason.ERROR)
         values, status = decoded
-        missed = status == RowStatus.MISS
+        missed = status == _MISS
         reason = None
         if missed.any():
             reason = FallbackReason.MISS
@@ -155,9 +162,18 @@ class Engine:
         """The request to send, or None when it is dropped: breaker open, or too many unanswered."""
         items, history = list(item_ids), list(history)
         self._check_ids(user_id, items)
-        request = pb.PrefetchRequest(
-            user_id=user_id, item_ids=items, history=history, priority=priority
-        )
+        if not all(history):
+            _name_bad_id(history, "history")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority: must be 0 to {MAX_PRIORITY}, got {priority}")
+        try:
+            request = pb.PrefetchRequest(
+                user_id=user_id, item_ids=items, history=history, priority=priority
+            )
+        except TypeError:
+            _name_bad_id(items)
+            _name_bad_id(history, "history")
+            raise
         with self._prefetch_lock:
             full = self._prefetches_in_flight >= self.options.max_prefetches_in_flight
             if full or self.breaker.state == "open":
@@ -182,9 +198,8 @@ class Engine:
             raise ValueError(
                 f"item_ids: {len(item_ids)} ids, at most {self.options.max_items} allowed"
             )
-        for index, item_id in enumerate(item_ids):
-            if not isinstance(item_id, str) or not item_id:
-                raise ValueError(f"item_ids[{index}]: must be a non-empty string, got {item_id!r}")
+        if not all(item_ids):
+            _name_bad_id(item_ids)
 
     def _fallback_reserve(self) -> float:
         return max(self.options.fallback_reserve_seconds, self._fallback_durations.maximum())
@@ -203,20 +218,22 @@ class Engine:
     ) -> tuple[np.ndarray, np.ndarray] | None:
         rows, dim = len(attempt.item_ids), self.dim
         wire = _WIRE_DTYPES.get(response.dtype)
+        embeddings = response.embeddings  # each read of a bytes field copies it: read it once
+        statuses = response.statuses
         if (
             wire is None
             or response.dim != dim
-            or len(response.statuses) != rows
-            or len(response.embeddings) != rows * dim * wire.itemsize
+            or len(statuses) != rows
+            or len(embeddings) != rows * dim * wire.itemsize
         ):
             self._log_once(
                 f"the sidecar's answer does not fit: dim {response.dim} (expected {dim}), "
-                f"dtype {response.dtype}, {len(response.statuses)} statuses for {rows} items"
+                f"dtype {response.dtype}, {len(statuses)} statuses for {rows} items"
             )
             return None
-        values = np.frombuffer(response.embeddings, wire).reshape(rows, dim).astype(np.float32)
-        status = np.array(response.statuses, dtype=np.uint8)
-        status[(status != RowStatus.HIT) & (status != RowStatus.STALE)] = RowStatus.MISS
+        values = np.frombuffer(embeddings, wire).reshape(rows, dim).astype(np.float32)
+        status = np.fromiter(statuses, np.uint8, rows)
+        status[(status != _HIT) & (status != _STALE)] = _MISS
         return values, status
 
     def _all_fallback(self, attempt: Attempt, reason: FallbackReason) -> Embeddings:
@@ -245,6 +262,14 @@ class Engine:
         if message not in self._logged and len(self._logged) < 100:
             self._logged.add(message)
             logger.warning("%s (falling back; logged once)", message)
+
+
+def _name_bad_id(ids: list[str], field: str = "item_ids") -> None:
+    """Raises ValueError naming the first id that is not a non-empty string. The checks in C
+    (`all`, and protobuf's own type check) say only that one is bad; this says which."""
+    for index, value in enumerate(ids):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{field}[{index}]: must be a non-empty string, got {value!r}")
 
 
 def _check_budget(name: str, seconds: float) -> None:

@@ -218,6 +218,7 @@ def test_prefetch_to_a_dead_sidecar_returns_at_once_and_is_counted(dead_address:
         ("user", [], "item_ids"),
         ("user", ["item-0", ""], "item_ids[1]"),
         ("user", item_ids(4097), "item_ids"),
+        ("user", ["item-0", 7], "item_ids[1]"),
     ],
 )
 def test_bad_arguments_raise_at_once_naming_the_argument(
@@ -229,6 +230,21 @@ def test_bad_arguments_raise_at_once_naming_the_argument(
     ):
         client.batch_get(user_id, items)
     assert client.stats.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("history", "priority", "named"),
+    [(["seen", ""], 0, "history[1]"), ([], 1001, "priority"), ([7], 0, "history[0]")],
+)
+def test_bad_prefetch_arguments_raise_at_once(
+    dead_address: str, history: list[str], priority: int, named: str
+) -> None:
+    with (
+        EmbeddingClient(dead_address, DIM) as client,
+        pytest.raises(ValueError, match=re.escape(named)),
+    ):
+        client.prefetch("user", ["item-0"], history, priority)
+    assert client.stats.prefetches_sent == 0
 
 
 def test_a_fixed_fallback_of_the_wrong_shape_is_refused_at_construction() -> None:
