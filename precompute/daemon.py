@@ -22,11 +22,14 @@ import numpy as np
 
 from solaris.precompute.features import UserWork
 from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
+from solaris.server.tiered import REDIS_ERRORS
 
 Pair = tuple[str, str]
 _POLL_SECONDS = 0.2
+_PAUSE = 1.0
 logger = logging.getLogger("solaris.precompute")
 
 
@@ -45,6 +48,9 @@ class WorkSource(Protocol):
 
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]: ...
 
+    def ack(self, tasks: list[PrefetchTask]) -> None:
+        """Marks tasks done once their pairs are stored (or dropped as poison)."""
+
 
 class Model(Protocol):
     model_version: str
@@ -61,6 +67,8 @@ class DaemonStats:
     batches: int = 0
     failed_batches: int = 0
     poison_pairs_dropped: int = 0
+    write_failures: int = 0
+    source_errors: int = 0
 
 
 class HistoryBook:
@@ -121,9 +129,14 @@ class PrecomputeDaemon:
         _yield_cpu_to_serving()
         with asyncio.Runner() as loop:
             while not self._stopping.is_set():
-                tasks = self._gather()
-                if tasks:
-                    loop.run(self.process(tasks))
+                try:
+                    tasks = self._gather()
+                    if tasks and loop.run(self.process(tasks)):
+                        self.source.ack(tasks)
+                except REDIS_ERRORS as error:
+                    self.stats.source_errors += 1
+                    logger.warning("Redis unreachable (%r); retrying in %.0fs", error, _PAUSE)
+                    self._stopping.wait(_PAUSE)
 
     def _gather(self) -> list[PrefetchTask]:
         """Tasks for one batch: up to batch_pairs pairs, waiting at most batch_wait_ms."""
@@ -136,14 +149,17 @@ class PrecomputeDaemon:
             pairs += sum(len(t.item_ids) for t in more)
         return tasks
 
-    async def process(self, tasks: Sequence[PrefetchTask]) -> None:
-        """Computes and stores every pair in `tasks` not already fresh, batch by batch."""
+    async def process(self, tasks: Sequence[PrefetchTask]) -> bool:
+        """Computes and stores every pair in `tasks` not already fresh, batch by batch.
+        Returns whether all were stored: if not, the tasks stay unacknowledged for a retry."""
         for task in tasks:
             self.histories.update(task.user_id, task.history)
         pairs = await self._stale_pairs(tasks)
         size = self.settings.batch_pairs
+        stored = True
         for start in range(0, len(pairs), size):
-            await self._compute_and_store(pairs[start : start + size])
+            stored &= await self._compute_and_store(pairs[start : start + size])
+        return stored
 
     async def _stale_pairs(self, tasks: Sequence[PrefetchTask]) -> list[Pair]:
         items_by_user: dict[str, dict[str, None]] = {}
@@ -160,18 +176,26 @@ class PrecomputeDaemon:
             )
         return pairs
 
-    async def _compute_and_store(self, pairs: list[Pair]) -> None:
+    async def _compute_and_store(self, pairs: list[Pair]) -> bool:
         work = self._group_by_user(pairs)
         try:
             vectors = self.model.compute(work)
         except Exception:
-            await self._retry_in_halves(pairs)
-            return
+            return await self._retry_in_halves(pairs)
         self.stats.batches += 1
         self.stats.pairs_computed += len(pairs)
         freshness = Freshness.starting(
             self.model.model_version, time.time(), self.ttl_seconds, self.stale_seconds
         )
+        try:
+            await self._store(work, vectors, freshness)
+        except (Unavailable, *REDIS_ERRORS) as error:
+            self.stats.write_failures += 1
+            logger.warning("could not store %d pairs (%r); left for a retry", len(pairs), error)
+            return False
+        return True
+
+    async def _store(self, work: list[UserWork], vectors: np.ndarray, freshness: Freshness) -> None:
         start = 0
         for user_work in work:
             end = start + len(user_work.item_ids)
@@ -180,16 +204,17 @@ class PrecomputeDaemon:
             )
             start = end
 
-    async def _retry_in_halves(self, pairs: list[Pair]) -> None:
+    async def _retry_in_halves(self, pairs: list[Pair]) -> bool:
         self.stats.failed_batches += 1
         if len(pairs) == 1:
             self.stats.poison_pairs_dropped += 1
             logger.exception("dropping poison pair %s: the model fails on it alone", pairs[0])
-            return
+            return True
         logger.warning("a batch of %d pairs failed; retrying it in halves", len(pairs))
         middle = len(pairs) // 2
-        await self._compute_and_store(pairs[:middle])
-        await self._compute_and_store(pairs[middle:])
+        first = await self._compute_and_store(pairs[:middle])
+        second = await self._compute_and_store(pairs[middle:])
+        return first and second
 
     def _group_by_user(self, pairs: list[Pair]) -> list[UserWork]:
         items_by_user: dict[str, list[str]] = {}

@@ -14,15 +14,27 @@ from grpc_reflection.v1alpha import reflection
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.runner import open_runner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.core import EmbeddingService
+from solaris.precompute.shared import (
+    DAEMON_REDIS_TIMEOUT_SECONDS,
+    check_dim,
+    daemon_l2,
+    shared_daemon,
+)
+from solaris.server.core import EmbeddingService, WorkQueue
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.redis_store import RedisStore, connect, redacted
 from solaris.server.request_log import RequestLog
-from solaris.server.settings import ServeSettings, SettingsError
+from solaris.server.settings import ServeSettings
+from solaris.server.store import Store
+from solaris.server.tiered import Reachability, TieredStore
+from solaris.server.work_stream import StreamWorkQueue
 from solaris.v1 import embedding_store_pb2
 
 SERVICE_NAME = embedding_store_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+REDIS_HEALTH_NAME = "solaris.redis"
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 logger = logging.getLogger("solaris.server")
 
 
@@ -35,11 +47,17 @@ class Sidecar:
         self.settings = settings
         self.precompute_settings = precompute
         self.daemon: PrecomputeDaemon | None = None
-        self.store = MemoryStore(settings.cache_bytes, settings.dim)
+        self.l1 = MemoryStore(settings.cache_bytes, settings.dim)
         self.request_log = RequestLog(settings.request_log_rows)
         self.prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
-        self.service = EmbeddingService(settings, self.store, self.request_log, self.prefetch_queue)
         self.health = HealthServicer()
+        self.store: Store = self.l1
+        self.l2: RedisStore | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()
+        self.work_queue: WorkQueue = self.prefetch_queue
+        if settings.redis:
+            self._use_redis(settings)
+        self.service = EmbeddingService(settings, self.store, self.request_log, self.work_queue)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
 
@@ -75,6 +93,8 @@ class Sidecar:
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.redis:
+            await self.health.set(REDIS_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
 
@@ -87,15 +107,36 @@ class Sidecar:
         self._server = None
         if self.daemon is not None:
             await asyncio.to_thread(self.daemon.stop)
+        if self.l2 is not None:
+            await self.l2.client.aclose()
         logger.info("stopped")
+
+    def _use_redis(self, settings: ServeSettings) -> None:
+        """L1 in front of Redis, and Prefetch work to the shared stream."""
+        timeout = settings.redis_timeout_ms / 1000
+        client = connect(settings.redis, timeout)
+        self.l2 = RedisStore(client, settings.dim)
+        reachability = Reachability(on_change=self._report_redis)
+        self.store = TieredStore(self.l1, self.l2, timeout, reachability)
+        self.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout)
+        logger.info("shared store and work queue on %s", redacted(settings.redis))
+
+    def _report_redis(self, up: bool) -> None:
+        """Redis's state as the health service's `solaris.redis`: the sidecar itself stays
+        SERVING (it answers from L1), and a probe or an operator can see the degradation."""
+        status = health_pb2.HealthCheckResponse.SERVING if up else _NOT_SERVING
+        update = asyncio.get_running_loop().create_task(self.health.set(REDIS_HEALTH_NAME, status))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     def _build_daemon(self, precompute: PrecomputeSettings) -> PrecomputeDaemon:
         runner = open_runner(precompute)
-        if runner.dim != self.settings.dim:
-            raise SettingsError(
-                f"dim: the model {runner.path} makes {runner.dim}-wide embeddings, "
-                f"but dim is {self.settings.dim}"
-            )
+        check_dim(runner, self.settings.dim)
+        if self.l2 is not None:
+            self.l2.model_version = runner.model_version
+            l2 = daemon_l2(self.settings, runner.model_version)
+            store = TieredStore(self.l1, l2, DAEMON_REDIS_TIMEOUT_SECONDS)
+            return shared_daemon(self.settings, precompute, runner, store)
         return PrecomputeDaemon(
             runner,
             self.store,

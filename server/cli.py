@@ -1,5 +1,6 @@
 """The `solaris` command: `serve` runs the sidecar (with the precompute daemon embedded by
-default); `export-model` writes the reference model to ONNX and checks it."""
+default); `precompute` runs the daemon alone against the shared Redis; `export-model` writes
+the reference model to ONNX and checks it."""
 
 import argparse
 import asyncio
@@ -19,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run the sidecar.")
     settings_module.add_arguments(serve)
     settings_module.add_arguments(serve, PrecomputeSettings)
+    precompute = commands.add_parser(
+        "precompute", help="Run the precompute daemon alone, on the shared Redis (--redis)."
+    )
+    settings_module.add_arguments(precompute)
+    settings_module.add_arguments(precompute, PrecomputeSettings)
     export = commands.add_parser("export-model", help="Export the reference model to ONNX.")
     export.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
     export.add_argument("--checkpoint", help="A state_dict file; default: weights from --seed.")
@@ -35,16 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "export-model":
         return export_model(args)
-    return serve(parser, args)
+    return run(parser, args)
 
 
-def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`serve` or `precompute`: both read the same settings; a bad one exits 2, naming it."""
     from solaris.precompute.runner import ModelContractError
+    from solaris.precompute.shared import run_until_signalled
 
     try:
         settings = settings_module.from_sources(args)
         precompute = settings_module.from_sources(args, settings_type=PrecomputeSettings)
-        asyncio.run(serve_until_signalled(settings, precompute))
+        if args.command == "precompute":
+            run_until_signalled(settings, precompute)
+        else:
+            asyncio.run(serve_until_signalled(settings, precompute))
     except (settings_module.SettingsError, ModelContractError) as error:
         parser.error(str(error))
     return 0

@@ -8,15 +8,22 @@ request (hits and misses alike) for the speculator.
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from solaris.server.errors import DeadlineExceeded
-from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
+from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.request_log import LoggedRequest, RequestLog
 from solaris.server.settings import ServeSettings
 from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
 from solaris.server.validation import check_id, check_id_list, check_priority
+
+
+class WorkQueue(Protocol):
+    """Where Prefetch work goes: the in-process queue, or the shared Redis stream."""
+
+    async def submit(self, task: PrefetchTask) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +50,12 @@ class EmbeddingService:
         settings: ServeSettings,
         store: Store,
         request_log: RequestLog,
-        prefetch_queue: PrefetchQueue,
+        work_queue: WorkQueue,
     ) -> None:
         self.settings = settings
         self.store = store
         self.request_log = request_log
-        self.prefetch_queue = prefetch_queue
+        self.work_queue = work_queue
 
     async def get(
         self,
@@ -93,7 +100,7 @@ class EmbeddingService:
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, deadline: float | None
     ) -> BatchResult:
         _check_deadline(deadline)
-        rows = await self.store.read(user_id, item_ids, dtype)
+        rows = await self.store.read(user_id, item_ids, dtype, deadline)
         now = time.time()
         result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
         self.request_log.append(LoggedRequest(user_id, tuple(item_ids), result.statuses, now))
@@ -123,7 +130,7 @@ class EmbeddingService:
             item for item, is_fresh in zip(unique_items, fresh, strict=True) if not is_fresh
         )
         if wanted:
-            self.prefetch_queue.put(PrefetchTask(user_id, wanted, tuple(history), priority))
+            await self.work_queue.submit(PrefetchTask(user_id, wanted, tuple(history), priority))
         return PrefetchResult(queued=len(wanted), already_fresh=len(unique_items) - len(wanted))
 
 

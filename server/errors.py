@@ -3,7 +3,8 @@
 SolarisError
 ├── InvalidArgument      a request field is malformed or past a cap (names the field)
 ├── ResourceExhausted    a bounded queue is full; nothing was taken
-└── DeadlineExceeded     the caller's deadline passed before the work began
+├── DeadlineExceeded     the caller's deadline passed before the work began
+└── Unavailable          a service the request needs (Redis) cannot be reached now
 """
 
 
@@ -25,3 +26,7 @@ class ResourceExhausted(SolarisError):
 
 class DeadlineExceeded(SolarisError):
     """The caller's deadline passed before the work began."""
+
+
+class Unavailable(SolarisError):
+    """A service the request needs (Redis) cannot be reached now; retrying later may work."""

@@ -60,7 +60,13 @@ class MemoryStore:
     def entry_bytes(self, key: PairKey) -> int:
         return self.row_bytes + INDEX_OVERHEAD_BYTES + len(key[0]) + len(key[1])
 
-    async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
+    async def read(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        dtype: np.dtype,
+        deadline: float | None = None,
+    ) -> Rows:
         return self.read_now(user_id, item_ids, dtype)
 
     async def write(
@@ -92,6 +98,18 @@ class MemoryStore:
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
         """Stores row i of `vectors` for the i-th item, evicting least recently used rows."""
+        self.write_rows(user_id, item_ids, vectors, np.array(freshness[1:]), freshness[0])
+
+    def write_rows(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        vectors: np.ndarray,
+        times: np.ndarray,
+        model_version: str,
+    ) -> None:
+        """Like write_now, with `times` (computed_at, stale_at, expires_at) per row or shared:
+        how rows read from L2, each with its own times, fill L1."""
         vectors = np.asarray(vectors, dtype=FLOAT32)
         if vectors.shape != (len(item_ids), self.dim):
             raise ValueError(
@@ -101,8 +119,8 @@ class MemoryStore:
             rows = np.array([self._claim((user_id, item)) for item in item_ids], dtype=np.int64)
             self._float32[rows] = vectors
             self._float16[rows] = vectors.astype(FLOAT16)
-            self._times[rows] = freshness[1:]
-            self._version_of_row[rows] = self._version_id(freshness.model_version)
+            self._times[rows] = times
+            self._version_of_row[rows] = self._version_id(model_version)
 
     def _touch(self, keys: list[PairKey]) -> list[int]:
         get = self._slots.get

@@ -19,6 +19,8 @@ class PrefetchTask:
     item_ids: tuple[str, ...]
     history: tuple[str, ...] = ()
     priority: int = 0
+    receipt: str = field(default="", compare=False)
+    """Where the task came from, to acknowledge it once done (a stream entry id), or ""."""
 
 
 @dataclass(order=True)
@@ -53,6 +55,12 @@ class PrefetchQueue:
             heapq.heappush(self._heap, _Slot((-task.priority, next(self._order)), task))
             self._pairs += len(task.item_ids)
             self._not_empty.notify()
+
+    async def submit(self, task: PrefetchTask) -> None:
+        self.put(task)
+
+    def ack(self, tasks: list[PrefetchTask]) -> None:
+        """Nothing to do: a task taken from memory is gone."""
 
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
         """Removes up to `max_tasks` tasks, best first, waiting up to `timeout` for the first."""

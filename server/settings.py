@@ -27,8 +27,12 @@ class SettingsError(ValueError):
     """A setting has a value it cannot take."""
 
 
-def setting(default: Any, help: str, minimum: float | None = None, kind: str = "") -> Any:
-    return field(default=default, metadata={"help": help, "minimum": minimum, "kind": kind})
+def setting(
+    default: Any, help: str, minimum: float | None = None, kind: str = "", secret: bool = False
+) -> Any:
+    """A settings field. A `secret` one (it may hold a password) is left out of repr."""
+    metadata = {"help": help, "minimum": minimum, "kind": kind}
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,21 @@ class ServeSettings:
     )
     grace_seconds: float = setting(
         10.0, "On SIGTERM, how long in-flight calls may take to finish.", minimum=0
+    )
+    redis: str = setting(
+        "",
+        "Redis URL (redis://, or rediss:// for TLS) of the shared store and work queue; empty "
+        "for none. A password not in the URL is read from SOLARIS_REDIS_PASSWORD.",
+        secret=True,
+    )
+    redis_timeout_ms: float = setting(
+        20.0, "Longest a read or write waits on Redis before going on without it.", minimum=1
+    )
+    work_stream_length: int = setting(
+        1_000_000, "Entries the Redis work stream keeps (approximately), oldest trimmed.", minimum=1
+    )
+    claim_idle_seconds: float = setting(
+        30.0, "A work entry left this long by a silent daemon is claimed by another.", minimum=0.1
     )
 
     def __post_init__(self) -> None:

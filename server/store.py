@@ -74,8 +74,15 @@ class Store(Protocol):
 
     dim: int
 
-    async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
-        """The stored rows for `item_ids`, in order, as `dtype` (FLOAT32 or FLOAT16)."""
+    async def read(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        dtype: np.dtype,
+        deadline: float | None = None,
+    ) -> Rows:
+        """The stored rows for `item_ids`, in order, as `dtype` (FLOAT32 or FLOAT16). A tier
+        that waits on the network gives up by `deadline` (a time.monotonic() instant)."""
         ...
 
     async def write(

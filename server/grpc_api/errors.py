@@ -6,13 +6,20 @@ from typing import Any, TypeVar
 
 import grpc
 
-from solaris.server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, SolarisError
+from solaris.server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    SolarisError,
+    Unavailable,
+)
 from solaris.server.grpc_api.converters import MalformedRequest
 
 _STATUS_BY_ERROR: dict[type[SolarisError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 Servicer = TypeVar("Servicer")

@@ -60,7 +60,7 @@ async def test_a_passed_deadline_does_no_work(service: EmbeddingService) -> None
         await service.prefetch("u", ["a"], deadline=time.monotonic() - 0.001)
 
     assert len(service.request_log) == 0
-    assert service.prefetch_queue.pairs == 0
+    assert service.work_queue.pairs == 0
 
 
 async def test_put_refuses_vectors_of_the_wrong_shape(service: EmbeddingService) -> None:

@@ -1,0 +1,68 @@
+"""The daemon on Redis: `solaris precompute` runs it alone, and `solaris serve --redis` embeds
+the same daemon. It takes work from the shared stream and writes to the shared store."""
+
+import logging
+import signal
+import threading
+
+from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.runner import OnnxRunner, open_runner
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.redis_store import RedisStore, connect, connect_blocking, redacted
+from solaris.server.settings import ServeSettings, SettingsError
+from solaris.server.store import Store
+from solaris.server.work_stream import StreamWorkSource
+
+DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
+"""Off the serving path, a daemon can wait longer for Redis than a read can."""
+logger = logging.getLogger("solaris.precompute")
+
+
+def check_dim(runner: OnnxRunner, dim: int) -> None:
+    if runner.dim != dim:
+        raise SettingsError(
+            f"dim: the model {runner.path} makes {runner.dim}-wide embeddings, but dim is {dim}"
+        )
+
+
+def daemon_l2(settings: ServeSettings, model_version: str) -> RedisStore:
+    """A RedisStore of the daemon's own: its client belongs to the daemon's event loop."""
+    client = connect(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
+    return RedisStore(client, settings.dim, model_version)
+
+
+def stream_source(settings: ServeSettings, model_version: str) -> StreamWorkSource:
+    client = connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
+    return StreamWorkSource(client, settings.claim_idle_seconds, model_version)
+
+
+def shared_daemon(
+    settings: ServeSettings, precompute: PrecomputeSettings, runner: OnnxRunner, store: Store
+) -> PrecomputeDaemon:
+    return PrecomputeDaemon(
+        runner,
+        store,
+        stream_source(settings, runner.model_version),
+        precompute,
+        settings.ttl_seconds,
+        settings.stale_seconds,
+    )
+
+
+def run_until_signalled(settings: ServeSettings, precompute: PrecomputeSettings) -> None:
+    """`solaris precompute`: computes for every sidecar until SIGTERM or SIGINT, then
+    finishes the batch in hand (its tasks are acknowledged) and stops."""
+    if not settings.redis:
+        raise SettingsError("redis: solaris precompute needs --redis, the shared store and queue")
+    runner = open_runner(precompute)
+    check_dim(runner, settings.dim)
+    store = daemon_l2(settings, runner.model_version)
+    daemon = shared_daemon(settings, precompute, runner, store)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    daemon.start()
+    logger.info("precomputing for %s (model %s)", redacted(settings.redis), runner.model_version)
+    stop.wait()
+    daemon.stop()
+    logger.info("stopped")

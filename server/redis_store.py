@@ -1,0 +1,182 @@
+"""L2: embeddings in Redis, shared by every sidecar and precompute daemon.
+
+Keys carry the model version and a hash tag of the user, `solaris:<version>:{<user>}:<item>`,
+so all of a user's pairs share a Redis Cluster slot and one MGET answers a BatchGet. The
+user part is escaped so that it cannot close the tag early, which keeps keys unambiguous.
+Values are a small header and the float32 bytes; expiry is Redis's own (SET PX).
+
+The current model version is a key of its own, set by the daemon that computes with it and
+read by sidecars (every few seconds), so a new model's keys take over without a restart.
+"""
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from solaris.server.store import FLOAT32, Freshness, Rows
+
+FORMAT_VERSION = 1
+DTYPE_FLOAT32 = 1
+MODEL_VERSION_KEY = "solaris:model-version"
+PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
+_VERSION_REFRESH_SECONDS = 5.0
+_NEVER_STORED = (0.0, -np.inf, -np.inf)
+logger = logging.getLogger("solaris.redis")
+
+
+def pair_key(model_version: str, user_id: str, item_id: str) -> str:
+    escaped = user_id.replace("%", "%25").replace("}", "%7D")
+    return f"solaris:{model_version}:{{{escaped}}}:{item_id}"
+
+
+def value_layout(dim: int, model_version: str) -> np.dtype:
+    """One stored value as a packed record: header, then `dim` float32 values."""
+    return np.dtype(
+        [
+            ("format", "u1"),
+            ("dtype", "u1"),
+            ("dim", "<u4"),
+            ("computed_at", "<f8"),
+            ("stale_at", "<f8"),
+            ("expires_at", "<f8"),
+            ("version_length", "u1"),
+            ("model_version", f"S{len(model_version.encode())}"),
+            ("values", "<f4", (dim,)),
+        ]
+    )
+
+
+def encode_values(vectors: np.ndarray, freshness: Freshness) -> list[bytes]:
+    version = freshness.model_version.encode()
+    records = np.zeros(len(vectors), value_layout(vectors.shape[1], freshness.model_version))
+    records["format"] = FORMAT_VERSION
+    records["dtype"] = DTYPE_FLOAT32
+    records["dim"] = vectors.shape[1]
+    records["computed_at"] = freshness.computed_at
+    records["stale_at"] = freshness.stale_at
+    records["expires_at"] = freshness.expires_at
+    records["version_length"] = len(version)
+    records["model_version"] = version
+    records["values"] = vectors
+    return [record.tobytes() for record in records]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    values: np.ndarray
+    times: np.ndarray
+    corrupt: int
+
+
+def decode_values(blobs: Sequence[bytes | None], dim: int, model_version: str) -> Decoded:
+    """Rows for the blobs MGET returned; None and corrupt values (wrong length, format, dtype,
+    dim or version) are rows never stored. Vectorised: one parse for the whole batch."""
+    layout = value_layout(dim, model_version)
+    values = np.zeros((len(blobs), dim), FLOAT32)
+    times = _never(len(blobs))
+    present = [i for i, blob in enumerate(blobs) if blob is not None]
+    fits = [i for i in present if len(blobs[i]) == layout.itemsize]  # type: ignore[arg-type]
+    records = np.frombuffer(b"".join(blobs[i] for i in fits), layout)  # type: ignore[misc]
+    valid = (
+        (records["format"] == FORMAT_VERSION)
+        & (records["dtype"] == DTYPE_FLOAT32)
+        & (records["dim"] == dim)
+        & (records["model_version"] == model_version.encode())
+    )
+    rows = np.array(fits, dtype=np.int64)[valid]
+    values[rows] = records["values"][valid]
+    times[rows, 0] = records["computed_at"][valid]
+    times[rows, 1] = records["stale_at"][valid]
+    times[rows, 2] = records["expires_at"][valid]
+    return Decoded(values, times, len(present) - len(rows))
+
+
+def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
+    """A client for `url` (redis:// or rediss:// for TLS). The password comes from the URL or
+    from SOLARIS_REDIS_PASSWORD. No retries: the caller's deadline is the only budget."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        password=os.environ.get(PASSWORD_ENV) or None,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:
+    """A blocking client, for a daemon's thread: `timeout_seconds` must outlast its longest
+    blocking read."""
+    return redis.Redis.from_url(
+        url,
+        password=os.environ.get(PASSWORD_ENV) or None,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisStore:
+    """The L2 tier. Raises redis and socket errors: the tier above decides what they mean."""
+
+    def __init__(self, client: redis.asyncio.Redis, dim: int, model_version: str = "") -> None:
+        self.client = client
+        self.dim = dim
+        self.model_version = model_version
+        self.corrupt_values = 0
+        self._version_read_at = 0.0 if not model_version else float("inf")
+
+    async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
+        version = await self._current_version()
+        if not version:
+            return Rows(np.zeros((len(item_ids), self.dim), dtype), _never(len(item_ids)), "")
+        blobs = await self.client.mget([pair_key(version, user_id, item) for item in item_ids])
+        decoded = decode_values(blobs, self.dim, version)
+        if decoded.corrupt:
+            self.corrupt_values += decoded.corrupt
+            logger.warning("%d corrupt values for user %r read as misses", decoded.corrupt, user_id)
+        found = decoded.times[:, 2] > -np.inf
+        return Rows(decoded.values.astype(dtype), decoded.times, version if found.any() else "")
+
+    async def write(
+        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
+    ) -> None:
+        ttl_ms = int((freshness.expires_at - time.time()) * 1000)
+        if ttl_ms <= 0:
+            return
+        blobs = encode_values(np.asarray(vectors, FLOAT32), freshness)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for item_id, blob in zip(item_ids, blobs, strict=True):
+                pipe.set(pair_key(freshness.model_version, user_id, item_id), blob, px=ttl_ms)
+            await pipe.execute()
+
+    async def _current_version(self) -> str:
+        """The version whose keys to read: our own model's, or the one the daemons publish."""
+        now = time.monotonic()
+        if now - self._version_read_at >= _VERSION_REFRESH_SECONDS:
+            self._version_read_at = now
+            published = await self.client.get(MODEL_VERSION_KEY)
+            self.model_version = published.decode() if published else ""
+        return self.model_version
+
+
+def _never(rows: int) -> np.ndarray:
+    return np.tile(np.array(_NEVER_STORED), (rows, 1))

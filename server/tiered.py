@@ -1,0 +1,150 @@
+"""L1 in front of L2: reads go to memory first and to Redis only for what memory lacks, filling
+memory with what Redis had; writes go to both.
+
+Redis failing never fails a read. A read that Redis cannot answer in time is answered from L1
+alone (misses as misses); Redis is then left alone for a backoff that doubles up to 5 s, and
+the next read after it is the probe. Changes are logged once and reported to `on_change`
+(the sidecar's health service).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import redis.exceptions
+
+from solaris.server.errors import Unavailable
+from solaris.server.l1 import MemoryStore
+from solaris.server.redis_store import RedisStore
+from solaris.server.store import FLOAT32, Freshness, Rows
+
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+_FIRST_BACKOFF_SECONDS = 0.1
+_MAX_BACKOFF_SECONDS = 5.0
+_ANSWER_MARGIN_SECONDS = 0.001
+logger = logging.getLogger("solaris.redis")
+
+
+class Reachability:
+    """Whether Redis is worth asking now, with exponential backoff after failures."""
+
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        self.up = True
+        self.errors = 0
+        self._on_change = on_change
+        self._retry_at = 0.0
+        self._backoff = _FIRST_BACKOFF_SECONDS
+
+    def worth_trying(self) -> bool:
+        return self.up or time.monotonic() >= self._retry_at
+
+    def failed(self, error: BaseException) -> None:
+        self.errors += 1
+        if self.up:
+            self.up = False
+            self._backoff = _FIRST_BACKOFF_SECONDS
+            logger.warning("Redis unreachable (%r): serving from L1 alone, retrying", error)
+            self._notify()
+        else:
+            self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
+        self._retry_at = time.monotonic() + self._backoff
+
+    def succeeded(self) -> None:
+        if not self.up:
+            self.up = True
+            logger.warning("Redis reachable again")
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.up)
+
+
+class TieredStore:
+    def __init__(
+        self,
+        l1: MemoryStore,
+        l2: RedisStore,
+        timeout_seconds: float,
+        reachability: Reachability | None = None,
+    ) -> None:
+        self.l1 = l1
+        self.l2 = l2
+        self.dim = l1.dim
+        self.timeout_seconds = timeout_seconds
+        self.reachability = reachability or Reachability()
+        self.l2_hits = 0
+
+    async def read(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        dtype: np.dtype,
+        deadline: float | None = None,
+    ) -> Rows:
+        now = time.time()
+        rows = self.l1.read_now(user_id, item_ids, dtype, now)
+        lacking = np.flatnonzero(rows.times[:, 2] <= now)
+        if not lacking.size or not self.reachability.worth_trying():
+            return rows
+        wanted = [item_ids[i] for i in lacking]
+        try:
+            found = await asyncio.wait_for(
+                self.l2.read(user_id, wanted, FLOAT32), self._timeout(deadline)
+            )
+        except REDIS_ERRORS as error:
+            self.reachability.failed(error)
+            return rows
+        self.reachability.succeeded()
+        return self._merge(user_id, rows, lacking, wanted, found, dtype, now)
+
+    async def write(
+        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
+    ) -> None:
+        """Writes L1, then L2. Raises Unavailable when L2 was not written, so that a daemon
+        leaves its task unacknowledged for a retry."""
+        self.l1.write_now(user_id, item_ids, vectors, freshness)
+        if not self.reachability.worth_trying():
+            raise Unavailable("Redis unreachable: written to L1 only")
+        try:
+            await asyncio.wait_for(
+                self.l2.write(user_id, item_ids, vectors, freshness), self.timeout_seconds
+            )
+        except REDIS_ERRORS as error:
+            self.reachability.failed(error)
+            raise Unavailable(f"Redis unreachable: written to L1 only ({error!r})") from error
+        self.reachability.succeeded()
+
+    def _timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.timeout_seconds
+        left = deadline - time.monotonic() - _ANSWER_MARGIN_SECONDS
+        return max(0.0, min(self.timeout_seconds, left))
+
+    def _merge(
+        self,
+        user_id: str,
+        rows: Rows,
+        lacking: np.ndarray,
+        wanted: list[str],
+        found: Rows,
+        dtype: np.dtype,
+        now: float,
+    ) -> Rows:
+        live = found.times[:, 2] > now
+        if not live.any():
+            return rows
+        self.l2_hits += int(live.sum())
+        self.l1.write_rows(
+            user_id,
+            [item for item, is_live in zip(wanted, live, strict=True) if is_live],
+            found.values[live],
+            found.times[live],
+            found.model_version,
+        )
+        values, times = rows.values.copy(), rows.times.copy()
+        values[lacking[live]] = found.values[live].astype(dtype)
+        times[lacking[live]] = found.times[live]
+        return Rows(values, times, rows.model_version or found.model_version)

@@ -1,0 +1,134 @@
+"""The shared work queue on a Redis Stream with one consumer group.
+
+Sidecars XADD Prefetch work (capped with MAXLEN ~); daemons XREADGROUP it, acknowledge each
+entry only after its pairs are written, and claim entries a dead daemon left pending
+(XAUTOCLAIM after `claim_idle_seconds`). An entry is read by one consumer at a time, so two
+daemons do not compute the same task; the store's freshness check drops the rest. The stream
+is first come, first served: Prefetch priority orders only the in-process queue.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+from dataclasses import replace
+
+import redis
+import redis.asyncio
+import redis.exceptions
+
+from solaris.server.errors import Unavailable
+from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.redis_store import MODEL_VERSION_KEY
+from solaris.server.tiered import REDIS_ERRORS
+
+STREAM_KEY = "solaris:work"
+GROUP = "solaris-precompute"
+logger = logging.getLogger("solaris.redis")
+
+
+def encode_task(task: PrefetchTask) -> dict[str, str]:
+    return {"task": json.dumps([task.user_id, task.item_ids, task.history, task.priority])}
+
+
+def decode_task(entry_id: str, fields: dict[bytes, bytes]) -> PrefetchTask | None:
+    """The task in a stream entry, or None for an entry that is not one of ours."""
+    try:
+        user_id, items, history, priority = json.loads(fields[b"task"])
+        task = PrefetchTask(user_id, tuple(items), tuple(history), int(priority))
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not isinstance(user_id, str) or not all(isinstance(i, str) and i for i in task.item_ids):
+        return None
+    return replace(task, receipt=entry_id)
+
+
+class StreamWorkQueue:
+    """The sidecar's side: adds Prefetch tasks to the stream."""
+
+    def __init__(
+        self, client: redis.asyncio.Redis, max_length: int, timeout_seconds: float
+    ) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.timeout_seconds = timeout_seconds
+
+    async def submit(self, task: PrefetchTask) -> None:
+        try:
+            await asyncio.wait_for(
+                self.client.xadd(
+                    STREAM_KEY, encode_task(task), maxlen=self.max_length, approximate=True
+                ),
+                self.timeout_seconds,
+            )
+        except REDIS_ERRORS as error:
+            raise Unavailable(f"work queue: Redis unreachable ({error!r})") from error
+
+
+class StreamWorkSource:
+    """The daemon's side: reads tasks as one consumer of the group, blocking in its thread."""
+
+    def __init__(self, client: redis.Redis, claim_idle_seconds: float, model_version: str) -> None:
+        self.client = client
+        self.model_version = model_version
+        self.claim_idle_ms = int(claim_idle_seconds * 1000)
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.claimed = 0
+        self.malformed = 0
+        self._group_ready = False
+
+    def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
+        """Entries left pending by a dead consumer first, then new ones (waiting `timeout`)."""
+        self._join()
+        entries = self._claim_abandoned(max_tasks)
+        if not entries:
+            block_ms = max(1, int((timeout or 0) * 1000))
+            answer = self.client.xreadgroup(
+                GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
+            )
+            entries = answer[0][1] if answer else []
+        return self._decode(entries)
+
+    def ack(self, tasks: list[PrefetchTask]) -> None:
+        receipts = [task.receipt for task in tasks if task.receipt]
+        if receipts:
+            self.client.xack(STREAM_KEY, GROUP, *receipts)
+
+    def _join(self) -> None:
+        """Once: make the consumer group, and publish our model version for sidecars to read.
+        Lazily, so that a daemon started while Redis is down joins once it is up."""
+        if self._group_ready:
+            return
+        self.client.set(MODEL_VERSION_KEY, self.model_version)
+        try:
+            self.client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        self._group_ready = True
+
+    def _claim_abandoned(self, max_tasks: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        answer = self.client.xautoclaim(
+            STREAM_KEY, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=max_tasks
+        )
+        entries = [entry for entry in answer[1] if entry[1] is not None]
+        if entries:
+            self.claimed += len(entries)
+            logger.warning("claimed %d tasks left pending by a stopped daemon", len(entries))
+        return entries
+
+    def _decode(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[PrefetchTask]:
+        tasks, malformed = [], []
+        for entry_id, fields in entries:
+            task = decode_task(entry_id.decode(), fields or {})
+            if task is None:
+                malformed.append(entry_id)
+            else:
+                tasks.append(task)
+        if malformed:
+            self.malformed += len(malformed)
+            logger.warning("dropping %d malformed work entries", len(malformed))
+            self.client.xack(STREAM_KEY, GROUP, *malformed)
+        return tasks
