@@ -51,6 +51,8 @@ class WorkSource(Protocol):
     def ack(self, tasks: list[PrefetchTask]) -> None:
         """Marks tasks done once their pairs are stored (or dropped as poison)."""
 
+    def close(self) -> None: ...
+
 
 class Model(Protocol):
     model_version: str
@@ -137,6 +139,8 @@ class PrecomputeDaemon:
                     self.stats.source_errors += 1
                     logger.warning("Redis unreachable (%r); retrying in %.0fs", error, _PAUSE)
                     self._stopping.wait(_PAUSE)
+            loop.run(self.store.close())
+        self.source.close()
 
     def _gather(self) -> list[PrefetchTask]:
         """Tasks for one batch: up to batch_pairs pairs, waiting at most batch_wait_ms."""

@@ -108,7 +108,7 @@ class Sidecar:
         if self.daemon is not None:
             await asyncio.to_thread(self.daemon.stop)
         if self.l2 is not None:
-            await self.l2.client.aclose()
+            await self.l2.close()
         logger.info("stopped")
 
     def _use_redis(self, settings: ServeSettings) -> None:
@@ -133,7 +133,7 @@ class Sidecar:
         runner = open_runner(precompute)
         check_dim(runner, self.settings.dim)
         if self.l2 is not None:
-            self.l2.model_version = runner.model_version
+            self.l2.use_version(runner.model_version)
             l2 = daemon_l2(self.settings, runner.model_version)
             store = TieredStore(self.l1, l2, DAEMON_REDIS_TIMEOUT_SECONDS)
             return shared_daemon(self.settings, precompute, runner, store)

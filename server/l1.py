@@ -74,6 +74,9 @@ class MemoryStore:
     ) -> None:
         self.write_now(user_id, item_ids, vectors, freshness)
 
+    async def close(self) -> None:
+        """Nothing to release: the tables live as long as the store."""
+
     def read_now(
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, now: float | None = None
     ) -> Rows:

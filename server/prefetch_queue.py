@@ -62,6 +62,9 @@ class PrefetchQueue:
     def ack(self, tasks: list[PrefetchTask]) -> None:
         """Nothing to do: a task taken from memory is gone."""
 
+    def close(self) -> None:
+        """Nothing to release: the queue belongs to the sidecar."""
+
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
         """Removes up to `max_tasks` tasks, best first, waiting up to `timeout` for the first."""
         with self._not_empty:

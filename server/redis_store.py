@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 DTYPE_FLOAT32 = 1
 MODEL_VERSION_KEY = "solaris:model-version"
 PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
-_VERSION_REFRESH_SECONDS = 5.0
+_UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
 _NEVER_STORED = (0.0, -np.inf, -np.inf)
 logger = logging.getLogger("solaris.redis")
 
@@ -137,12 +137,28 @@ def redacted(url: str) -> str:
 class RedisStore:
     """The L2 tier. Raises redis and socket errors: the tier above decides what they mean."""
 
-    def __init__(self, client: redis.asyncio.Redis, dim: int, model_version: str = "") -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        dim: int,
+        model_version: str = "",
+        version_refresh_seconds: float = 5.0,
+    ) -> None:
+        """With no `model_version`, reads the published one every `version_refresh_seconds`."""
         self.client = client
         self.dim = dim
         self.model_version = model_version
         self.corrupt_values = 0
-        self._version_read_at = 0.0 if not model_version else float("inf")
+        self._refresh_seconds = None if model_version else version_refresh_seconds
+        self._version_read_at = -np.inf
+
+    def use_version(self, model_version: str) -> None:
+        """Reads `model_version`'s keys from now on (the embedded daemon's model)."""
+        self.model_version = model_version
+        self._refresh_seconds = None
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
     async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
         version = await self._current_version()
@@ -171,7 +187,10 @@ class RedisStore:
     async def _current_version(self) -> str:
         """The version whose keys to read: our own model's, or the one the daemons publish."""
         now = time.monotonic()
-        if now - self._version_read_at >= _VERSION_REFRESH_SECONDS:
+        refresh = self._refresh_seconds
+        if refresh is not None and not self.model_version:
+            refresh = min(refresh, _UNKNOWN_VERSION_REFRESH_SECONDS)
+        if refresh is not None and now - self._version_read_at >= refresh:
             self._version_read_at = now
             published = await self.client.get(MODEL_VERSION_KEY)
             self.model_version = published.decode() if published else ""

@@ -85,6 +85,10 @@ class Store(Protocol):
         that waits on the network gives up by `deadline` (a time.monotonic() instant)."""
         ...
 
+    async def close(self) -> None:
+        """Releases connections, from the event loop that used them."""
+        ...
+
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:

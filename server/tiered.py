@@ -100,6 +100,10 @@ class TieredStore:
         self.reachability.succeeded()
         return self._merge(user_id, rows, lacking, wanted, found, dtype, now)
 
+    async def close(self) -> None:
+        """Closes L2's connections; L1 is shared with others and left as it is."""
+        await self.l2.close()
+
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:

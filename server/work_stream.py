@@ -91,6 +91,9 @@ class StreamWorkSource:
             entries = answer[0][1] if answer else []
         return self._decode(entries)
 
+    def close(self) -> None:
+        self.client.close()
+
     def ack(self, tasks: list[PrefetchTask]) -> None:
         receipts = [task.receipt for task in tasks if task.receipt]
         if receipts:

@@ -1,0 +1,286 @@
+"""Sidecars and daemons sharing one Redis: real redis-server processes, real sidecars over
+gRPC, a real daemon process killed with SIGKILL, and Redis itself killed under load."""
+
+import asyncio
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from solaris.precompute.export import ExportReport
+from solaris.precompute.runner import OnnxRunner
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.shared import daemon_l2, shared_daemon
+from solaris.server.app import REDIS_HEALTH_NAME, Sidecar
+from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.redis_store import RedisStore, connect, pair_key
+from solaris.server.settings import ServeSettings
+from solaris.server.store import Freshness
+from solaris.server.work_stream import GROUP, STREAM_KEY, StreamWorkQueue
+from solaris.v1 import embedding_store_pb2 as pb
+from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
+from tests.clients.conftest import free_port
+from tests.conftest import DIM
+from tests.redis.conftest import RedisProcess
+
+NO_DAEMON = PrecomputeSettings(precompute=False)
+
+
+@pytest.fixture
+def shared_settings(settings: ServeSettings, redis_server: RedisProcess) -> ServeSettings:
+    return dataclasses.replace(
+        settings,
+        redis=redis_server.url,
+        redis_timeout_ms=100,
+        claim_idle_seconds=1.0,
+        prefetch_queue_pairs=10_000,
+    )
+
+
+@pytest.fixture
+def with_daemon(tiny_model: ExportReport) -> PrecomputeSettings:
+    return PrecomputeSettings(model=str(tiny_model.path), batch_wait_ms=1.0, batch_pairs=64)
+
+
+async def started(settings: ServeSettings, precompute: PrecomputeSettings) -> Sidecar:
+    sidecar = Sidecar(settings, precompute)
+    await sidecar.start()
+    return sidecar
+
+
+@pytest.fixture
+async def sidecars() -> AsyncIterator[list[Sidecar]]:
+    """Sidecars a test starts; all stopped at the end."""
+    running: list[Sidecar] = []
+    yield running
+    for sidecar in running:
+        await sidecar.stop(grace=0)
+
+
+async def batch_get(sidecar: Sidecar, user: str, items: list[str]) -> pb.BatchGetResponse:
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        return await EmbeddingStoreStub(channel).BatchGet(
+            pb.BatchGetRequest(user_id=user, item_ids=items), timeout=2
+        )
+
+
+async def until_all_hits(sidecar: Sidecar, user: str, items: list[str]) -> pb.BatchGetResponse:
+    for _ in range(300):
+        answer = await batch_get(sidecar, user, items)
+        if set(answer.statuses) == {pb.HIT}:
+            return answer
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not all HIT: {list(answer.statuses)}")
+
+
+async def redis_health(sidecar: Sidecar) -> int:
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=REDIS_HEALTH_NAME))
+        return answer.status
+
+
+def stored_keys(server: RedisProcess) -> int:
+    return sum(1 for _ in server.client().scan_iter("solaris:*:{*", count=1000))
+
+
+async def test_a_write_goes_to_both_tiers_and_a_read_fills_l1(
+    shared_settings: ServeSettings, sidecars: list[Sidecar]
+) -> None:
+    writer = await started(shared_settings, NO_DAEMON)
+    reader = await started(dataclasses.replace(shared_settings, port=0), NO_DAEMON)
+    sidecars += [writer, reader]
+    writer.l2.use_version("v1")
+    reader.l2.use_version("v1")
+    vectors = np.random.default_rng(0).standard_normal((2, DIM)).astype(np.float32)
+    await writer.service.put("user", ["a", "b"], vectors, "v1")
+    assert len(writer.l1) == 2
+    assert len(reader.l1) == 0
+    answer = await batch_get(reader, "user", ["a", "b"])
+    assert list(answer.statuses) == [pb.HIT, pb.HIT]
+    assert np.frombuffer(answer.embeddings, np.float32).reshape(2, DIM).tolist() == (
+        vectors.tolist()
+    )
+    assert len(reader.l1) == 2
+
+
+async def test_two_sidecars_see_each_others_precomputed_pairs(
+    shared_settings: ServeSettings,
+    with_daemon: PrecomputeSettings,
+    sidecars: list[Sidecar],
+    tiny_model: ExportReport,
+) -> None:
+    computing = await started(shared_settings, with_daemon)
+    serving = await started(shared_settings, NO_DAEMON)
+    sidecars += [computing, serving]
+    items = ["i1", "i2", "i3"]
+    async with grpc.aio.insecure_channel(serving.address) as channel:
+        await EmbeddingStoreStub(channel).Prefetch(
+            pb.PrefetchRequest(user_id="u", item_ids=items, history=["h1", "h2"])
+        )
+    from_serving = await until_all_hits(serving, "u", items)
+    from_computing = await batch_get(computing, "u", items)
+    assert from_serving.embeddings == from_computing.embeddings
+    assert from_serving.model_version == tiny_model.model_version
+
+
+def test_two_daemons_share_the_stream_without_computing_a_pair_twice(
+    shared_settings: ServeSettings,
+    with_daemon: PrecomputeSettings,
+    redis_server: RedisProcess,
+    tiny_model: ExportReport,
+) -> None:
+    daemons = []
+    for _ in range(2):
+        runner = OnnxRunner(tiny_model.path, "cpu", 1)
+        store = daemon_l2(shared_settings, runner.model_version)
+        daemons.append(shared_daemon(shared_settings, with_daemon, runner, store))
+        daemons[-1].start()
+    tasks = [PrefetchTask(f"user-{n}", tuple(f"item-{k}" for k in range(5))) for n in range(40)]
+    asyncio.run(submit_all(shared_settings, tasks, pause=0.01))
+    try:
+        assert wait_until(lambda: stored_keys(redis_server) == 200, timeout=30)
+        assert wait_until(lambda: pending(redis_server) == 0, timeout=10)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    computed = [daemon.stats.pairs_computed for daemon in daemons]
+    assert sum(computed) == 200
+    assert min(computed) > 0
+
+
+def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
+    shared_settings: ServeSettings,
+    with_daemon: PrecomputeSettings,
+    redis_server: RedisProcess,
+    tiny_model: ExportReport,
+) -> None:
+    tasks = [PrefetchTask(f"user-{n}", tuple(f"item-{k}" for k in range(8))) for n in range(300)]
+    asyncio.run(submit_all(shared_settings, tasks))
+    command = [sys.executable, "-m", "solaris.server.cli", "precompute"]
+    command += ["--redis", redis_server.url, "--model", str(tiny_model.path), "--dim", str(DIM)]
+    command += ["--batch-pairs", "64", "--claim-idle-seconds", "1"]
+    doomed = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: pending(redis_server) > 0, timeout=60)
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+    assert stored_keys(redis_server) < 2400
+    runner = OnnxRunner(tiny_model.path, "cpu", 1)
+    survivor = shared_daemon(
+        shared_settings, with_daemon, runner, daemon_l2(shared_settings, runner.model_version)
+    )
+    survivor.start()
+    try:
+        assert wait_until(lambda: stored_keys(redis_server) == 2400, timeout=60)
+        assert wait_until(lambda: pending(redis_server) == 0, timeout=10)
+    finally:
+        survivor.stop()
+    assert survivor.source.claimed > 0
+
+
+async def test_batch_get_answers_in_time_while_redis_dies_and_comes_back(
+    shared_settings: ServeSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
+) -> None:
+    sidecar = await started(shared_settings, NO_DAEMON)
+    sidecars.append(sidecar)
+    await write_to_redis(redis_server, "user", "kept")
+    items = ["kept", "never-stored"]
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        stub = EmbeddingStoreStub(channel)
+        request = pb.BatchGetRequest(user_id="user", item_ids=items)
+        answer = await stub.BatchGet(request, timeout=0.5)
+        assert list(answer.statuses) == [pb.HIT, pb.MISS]
+        redis_server.kill()
+        slowest = 0.0
+        for _ in range(50):
+            began = time.monotonic()
+            answer = await stub.BatchGet(request, timeout=0.5)
+            slowest = max(slowest, time.monotonic() - began)
+            assert list(answer.statuses) == [pb.HIT, pb.MISS]
+        assert slowest < 0.5
+        assert await redis_health(sidecar) == health_pb2.HealthCheckResponse.NOT_SERVING
+        redis_server.start()
+        await write_to_redis(redis_server, "user", "never-stored")
+        for _ in range(200):
+            answer = await stub.BatchGet(request, timeout=0.5)
+            if list(answer.statuses) == [pb.HIT, pb.HIT]:
+                break
+            await asyncio.sleep(0.05)
+    assert list(answer.statuses) == [pb.HIT, pb.HIT]
+    assert await redis_health(sidecar) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_sidecar_starts_and_answers_with_redis_unreachable(
+    shared_settings: ServeSettings, sidecars: list[Sidecar]
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    sidecar = await started(dataclasses.replace(shared_settings, redis=dead), NO_DAEMON)
+    sidecars.append(sidecar)
+    answer = await batch_get(sidecar, "user", ["a"])
+    assert list(answer.statuses) == [pb.MISS]
+    assert await redis_health(sidecar) == health_pb2.HealthCheckResponse.NOT_SERVING
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await EmbeddingStoreStub(channel).Prefetch(
+                pb.PrefetchRequest(user_id="user", item_ids=["a"])
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Redis" in (refused.value.details() or "")
+
+
+async def test_a_corrupt_value_is_served_as_a_miss_and_counted(
+    shared_settings: ServeSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
+) -> None:
+    sidecar = await started(shared_settings, NO_DAEMON)
+    sidecars.append(sidecar)
+    await write_to_redis(redis_server, "user", "good")
+    redis_server.client().set(pair_key("v1", "user", "bad"), b"\x01\x01not a header")
+    answer = await batch_get(sidecar, "user", ["good", "bad"])
+    assert list(answer.statuses) == [pb.HIT, pb.MISS]
+    assert sidecar.l2 is not None
+    assert sidecar.l2.corrupt_values == 1
+
+
+async def write_to_redis(server: RedisProcess, user: str, item: str) -> None:
+    """What a daemon would do: store a pair under model v1 and publish v1."""
+    client = connect(server.url, 1.0)
+    freshness = Freshness.starting("v1", time.time(), 60, 60)
+    await RedisStore(client, DIM, "v1").write(user, [item], np.ones((1, DIM)), freshness)
+    await client.set("solaris:model-version", "v1")
+    await client.aclose()
+
+
+async def submit_all(settings: ServeSettings, tasks: list[PrefetchTask], pause: float = 0) -> None:
+    client = connect(settings.redis, 1.0)
+    queue = StreamWorkQueue(client, 100_000, 1.0)
+    for task in tasks:
+        await queue.submit(task)
+        if pause:
+            await asyncio.sleep(pause)
+    await client.aclose()
+
+
+def pending(server: RedisProcess) -> int:
+    try:
+        return server.client().xpending(STREAM_KEY, GROUP)["pending"]
+    except redis.exceptions.ResponseError:
+        return 0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
