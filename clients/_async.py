@@ -16,7 +16,8 @@ from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
 class AsyncEmbeddingClient:
     """`EmbeddingClient` for asyncio rankers; see it for the arguments. Use it from one event
-    loop; `await close()` (or `async with`) when done."""
+    loop; `await close()` (or `async with`) when done. Closing it while calls are in flight
+    cancels them: they raise CancelledError, as cancelled awaits do."""
 
     def __init__(
         self,
@@ -64,22 +65,25 @@ class AsyncEmbeddingClient:
         priority: int = 0,
     ) -> None:
         """Sends a Prefetch in the background and returns at once (call it from the loop)."""
+        loop = asyncio.get_running_loop()
         request = self._engine.prefetch_request(user_id, item_ids, history, priority)
         if request is None:
             return
-        task = asyncio.get_running_loop().create_task(self._send_prefetch(request))
+        task = loop.create_task(self._send_prefetch(request))
         self._prefetches.add(task)
         task.add_done_callback(self._prefetches.discard)
 
     async def _send_prefetch(self, request: pb.PrefetchRequest) -> None:
+        ok = False
         try:
             await self._stub.Prefetch(
                 request, timeout=self._engine.options.prefetch_timeout_seconds
             )
+            ok = True
         except grpc.RpcError:
-            self._engine.prefetch_finished(ok=False)
-        else:
-            self._engine.prefetch_finished(ok=True)
+            pass
+        finally:
+            self._engine.prefetch_finished(ok)
 
     @property
     def stats(self) -> StatsSnapshot:

@@ -2,6 +2,7 @@
 fallbacks, counters. The two clients only move requests over their own kind of channel."""
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -44,7 +45,9 @@ class ClientOptions:
     open_seconds: float = 1.0
     """How long the open breaker skips calls before letting a probe through."""
     fallback_reserve_seconds: float = 0.0005
-    """Budget kept back for the fallback; the slowest recent fallback call raises it."""
+    """Budget kept back for the fallback. The slowest fallback of the last 10 s raises it, but
+    a slow callable's first run is unknown: set this to its worst time to keep every call
+    within its deadline from the start."""
     skip_quantile: float = 0.5
     """Skip the call when the budget left is below this quantile of recent call durations."""
     prefetch_timeout_seconds: float = 1.0
@@ -123,7 +126,8 @@ class Engine:
         except TypeError:
             _name_bad_id(items)
             raise
-        timeout = budget - self._fallback_reserve()
+        spent = time.monotonic() - started
+        timeout = budget - spent - self._fallback_reserve()
         return Attempt(user_id, items, started, request, timeout, self._skip_reason(timeout))
 
     def skipped(self, attempt: Attempt) -> Embeddings:
@@ -192,6 +196,9 @@ class Engine:
     def _check_ids(self, user_id: str, item_ids: list[str]) -> None:
         if not isinstance(user_id, str) or not user_id:
             raise ValueError(f"user_id: must be a non-empty string, got {user_id!r}")
+        max_bytes = self.options.max_id_bytes
+        if len(user_id) * 4 > max_bytes and len(user_id.encode(errors="replace")) > max_bytes:
+            raise ValueError(f"user_id: longer than {max_bytes} bytes of UTF-8")
         if not item_ids:
             raise ValueError("item_ids: must not be empty")
         if len(item_ids) > self.options.max_items:
@@ -200,6 +207,16 @@ class Engine:
             )
         if not all(item_ids):
             _name_bad_id(item_ids)
+        # A character is at most 4 UTF-8 bytes, so short ids skip the encode.
+        try:
+            longest = max(map(len, item_ids))
+        except TypeError:
+            _name_bad_id(item_ids)
+            raise
+        if longest * 4 > max_bytes:
+            for index, item_id in enumerate(item_ids):
+                if len(item_id.encode(errors="replace")) > max_bytes:
+                    raise ValueError(f"item_ids[{index}]: longer than {max_bytes} bytes of UTF-8")
 
     def _fallback_reserve(self) -> float:
         return max(self.options.fallback_reserve_seconds, self._fallback_durations.maximum())
@@ -232,8 +249,8 @@ class Engine:
             )
             return None
         values = np.frombuffer(embeddings, wire).reshape(rows, dim).astype(np.float32)
-        status = np.fromiter(statuses, np.uint8, rows)
-        status[(status != _HIT) & (status != _STALE)] = _MISS
+        codes = np.fromiter(statuses, np.int64, rows)  # proto3 enums are open: any int32
+        status = np.where((codes == _HIT) | (codes == _STALE), codes, _MISS).astype(np.uint8)
         return values, status
 
     def _all_fallback(self, attempt: Attempt, reason: FallbackReason) -> Embeddings:
@@ -273,5 +290,5 @@ def _name_bad_id(ids: list[str], field: str = "item_ids") -> None:
 
 
 def _check_budget(name: str, seconds: float) -> None:
-    if not seconds > 0:
-        raise ValueError(f"{name}: must be a number of seconds above 0, got {seconds!r}")
+    if not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+        raise ValueError(f"{name}: must be a finite number of seconds above 0, got {seconds!r}")

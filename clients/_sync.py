@@ -80,9 +80,13 @@ class EmbeddingClient:
         request = self._engine.prefetch_request(user_id, item_ids, history, priority)
         if request is None:
             return
-        call = self._stub.Prefetch.future(
-            request, timeout=self._engine.options.prefetch_timeout_seconds
-        )
+        try:
+            call = self._stub.Prefetch.future(
+                request, timeout=self._engine.options.prefetch_timeout_seconds
+            )
+        except BaseException:
+            self._engine.prefetch_finished(ok=False)
+            raise
         call.add_done_callback(
             lambda done: self._engine.prefetch_finished(done.code() == grpc.StatusCode.OK)
         )

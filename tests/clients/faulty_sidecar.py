@@ -1,6 +1,6 @@
-"""A sidecar that is alive but too slow: a real gRPC server on a real socket whose BatchGet
-sleeps before answering (every row a MISS). Run as a module to get it in its own process, so
-a test can kill it mid-call:
+"""A sidecar that is alive but slow, or odd: a real gRPC server on a real socket whose BatchGet
+and Prefetch sleep before answering, every row with the same status (MISS unless told). Run
+as a module to get it in its own process, so a test can kill it mid-call:
 
     python -m tests.clients.faulty_sidecar --delay 10 --dim 8   # prints the port
 """
@@ -19,29 +19,36 @@ from solaris.v1.embedding_store_pb2_grpc import (
 
 
 class SlowServicer(EmbeddingStoreServicer):
-    def __init__(self, delay: float, dim: int) -> None:
+    def __init__(self, delay: float, dim: int, status: int) -> None:
         self.delay = delay
         self.dim = dim
-        self.calls = 0
+        self.status = status
 
     def BatchGet(
         self, request: pb.BatchGetRequest, context: grpc.ServicerContext
     ) -> pb.BatchGetResponse:
-        self.calls += 1
         time.sleep(self.delay)
         rows = len(request.item_ids)
         return pb.BatchGetResponse(
             dim=self.dim,
             dtype=pb.FLOAT32,
             embeddings=bytes(rows * self.dim * 4),
-            statuses=[pb.MISS] * rows,
+            statuses=[self.status] * rows,
             ages_ms=[0] * rows,
         )
 
+    def Prefetch(
+        self, request: pb.PrefetchRequest, context: grpc.ServicerContext
+    ) -> pb.PrefetchResponse:
+        time.sleep(self.delay)
+        return pb.PrefetchResponse(queued=len(request.item_ids))
 
-def start_slow_sidecar(delay: float, dim: int, port: int = 0) -> tuple[grpc.Server, int]:
+
+def start_slow_sidecar(
+    delay: float, dim: int, port: int = 0, status: int = pb.MISS
+) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-    add_EmbeddingStoreServicer_to_server(SlowServicer(delay, dim), server)
+    add_EmbeddingStoreServicer_to_server(SlowServicer(delay, dim, status), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, bound
