@@ -46,3 +46,4 @@ bench: install
 	$(BIN)/python bench/batch_get.py
 	$(BIN)/python bench/client.py
 	$(BIN)/python bench/precompute.py
+	$(BIN)/python bench/redis_l2.py
