@@ -26,6 +26,7 @@ from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.redis_store import RedisStore, connect, redacted
 from solaris.server.request_log import RequestLog
+from solaris.server.request_stream import RequestShipper
 from solaris.server.settings import ServeSettings
 from solaris.server.store import Store
 from solaris.server.tiered import Reachability, TieredStore
@@ -53,6 +54,8 @@ class Sidecar:
         self.health = HealthServicer()
         self.store: Store = self.l1
         self.l2: RedisStore | None = None
+        self.shipper: RequestShipper | None = None
+        self._shipping: asyncio.Task[None] | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
         self.work_queue: WorkQueue = self.prefetch_queue
         if settings.redis:
@@ -96,6 +99,8 @@ class Sidecar:
         if self.settings.redis:
             await self.health.set(REDIS_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        if self.shipper is not None:
+            self._shipping = asyncio.get_running_loop().create_task(self.shipper.run())
         logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -107,6 +112,10 @@ class Sidecar:
         self._server = None
         if self.daemon is not None:
             await asyncio.to_thread(self.daemon.stop)
+        if self._shipping is not None and self.shipper is not None:
+            self._shipping.cancel()
+            await asyncio.gather(self._shipping, return_exceptions=True)
+            await self.shipper.ship()
         if self.l2 is not None:
             await self.l2.close()
         logger.info("stopped")
@@ -119,6 +128,8 @@ class Sidecar:
         reachability = Reachability(on_change=self._report_redis)
         self.store = TieredStore(self.l1, self.l2, timeout, reachability)
         self.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout)
+        self.shipper = RequestShipper(client, settings.request_stream_length, timeout)
+        self.request_log.listeners.append(self.shipper.append)
         logger.info("shared store and work queue on %s", redacted(settings.redis))
 
     def _report_redis(self, up: bool) -> None:

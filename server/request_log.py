@@ -4,7 +4,7 @@ with training data. Bounded in rows (requested pairs); the oldest requests go fi
 
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +29,12 @@ class RequestLog:
         self._requests: deque[LoggedRequest] = deque()
         self._rows = 0
         self._lock = threading.Lock()
+        self.listeners: list[Callable[[LoggedRequest], None]] = []
+        """Called with each request as it is logged (the Redis shipper, when there is one)."""
 
     def append(self, request: LoggedRequest) -> None:
+        for listener in self.listeners:
+            listener(request)
         with self._lock:
             self._requests.append(request)
             self._rows += len(request.item_ids)

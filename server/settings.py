@@ -74,6 +74,9 @@ class ServeSettings:
     work_stream_length: int = setting(
         1_000_000, "Entries the Redis work stream keeps (approximately), oldest trimmed.", minimum=1
     )
+    request_stream_length: int = setting(
+        100_000, "Requests the Redis request-log stream keeps (approximately).", minimum=1
+    )
     claim_idle_seconds: float = setting(
         30.0, "A work entry left this long by a silent daemon is claimed by another.", minimum=0.1
     )

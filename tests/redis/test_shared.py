@@ -22,6 +22,7 @@ from solaris.precompute.shared import daemon_l2, shared_daemon
 from solaris.server.app import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key
+from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
 from solaris.server.settings import ServeSettings
 from solaris.server.store import Freshness
 from solaris.server.work_stream import GROUP, STREAM_KEY, StreamWorkQueue
@@ -284,3 +285,25 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+async def test_every_sidecars_reads_reach_one_request_stream(
+    shared_settings: ServeSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
+) -> None:
+    first = await started(shared_settings, NO_DAEMON)
+    second = await started(shared_settings, NO_DAEMON)
+    sidecars += [first, second]
+    await batch_get(first, "user-1", ["a", "b"])
+    await batch_get(second, "user-2", ["c"])
+    entries: list = []
+    for _ in range(100):
+        entries = redis_server.client().xrange(REQUEST_STREAM_KEY)
+        if len(entries) == 2:
+            break
+        await asyncio.sleep(0.02)
+    logged = sorted(
+        (request.user_id, request.item_ids, list(request.statuses))
+        for request in (decode_request(fields) for _, fields in entries)
+        if request is not None
+    )
+    assert logged == [("user-1", ("a", "b"), [pb.MISS, pb.MISS]), ("user-2", ("c",), [pb.MISS])]

@@ -1,0 +1,81 @@
+"""The request log on a capped Redis stream, so that one speculator sees every sidecar's
+traffic. Reads never wait on Redis: a read appends to a bounded buffer, and a background task
+ships the buffer in pipelined XADDs (`MAXLEN ~`). When Redis is slow or down, the buffer keeps
+the newest requests and counts the ones it dropped.
+"""
+
+import asyncio
+import json
+import logging
+from collections import deque
+
+import numpy as np
+import redis.asyncio
+
+from solaris.server.request_log import LoggedRequest
+from solaris.server.tiered import REDIS_ERRORS
+
+REQUEST_STREAM_KEY = "solaris:requests"
+_SHIP_EVERY_SECONDS = 0.05
+_SHIP_AT_MOST = 500
+logger = logging.getLogger("solaris.redis")
+
+
+def encode_request(request: LoggedRequest) -> dict[str, str]:
+    statuses = [int(status) for status in request.statuses]
+    return {"request": json.dumps([request.user_id, request.item_ids, statuses, request.time])}
+
+
+def decode_request(fields: dict[bytes, bytes]) -> LoggedRequest | None:
+    """The request in a stream entry, or None for an entry that is not one of ours."""
+    try:
+        user_id, items, statuses, at = json.loads(fields[b"request"])
+        return LoggedRequest(user_id, tuple(items), np.array(statuses, np.uint8), float(at))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+class RequestShipper:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        max_length: int,
+        timeout_seconds: float,
+        buffer_requests: int = 10_000,
+    ) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.timeout_seconds = timeout_seconds
+        self.shipped = 0
+        self.dropped = 0
+        self._buffer: deque[LoggedRequest] = deque(maxlen=buffer_requests)
+
+    def append(self, request: LoggedRequest) -> None:
+        if len(self._buffer) == self._buffer.maxlen:
+            self.dropped += 1
+        self._buffer.append(request)
+
+    async def run(self) -> None:
+        """Ships until cancelled."""
+        while True:
+            await asyncio.sleep(_SHIP_EVERY_SECONDS)
+            await self.ship()
+
+    async def ship(self) -> None:
+        batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), _SHIP_AT_MOST))]
+        if not batch:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for request in batch:
+                    pipe.xadd(
+                        REQUEST_STREAM_KEY,
+                        encode_request(request),
+                        maxlen=self.max_length,
+                        approximate=True,
+                    )
+                await asyncio.wait_for(pipe.execute(), self.timeout_seconds)
+            self.shipped += len(batch)
+        except REDIS_ERRORS as error:
+            self.dropped += len(batch)
+            logger.debug("request log not shipped (%r)", error)
