@@ -4,10 +4,14 @@ the same daemon. It takes work from the shared stream and writes to the shared s
 import logging
 import signal
 import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.runner import OnnxRunner, open_runner
 from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.metrics import LiveValues, daemon_values, serve_metrics
 from solaris.server.redis_store import RedisStore, connect, connect_blocking, redacted
 from solaris.server.settings import ServeSettings, SettingsError
 from solaris.server.store import Store
@@ -62,7 +66,32 @@ def run_until_signalled(settings: ServeSettings, precompute: PrecomputeSettings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     daemon.start()
+    metrics = serve_daemon_metrics(settings, daemon)
     logger.info("precomputing for %s (model %s)", redacted(settings.redis), runner.model_version)
     stop.wait()
     daemon.stop()
+    if metrics is not None:
+        metrics.shutdown()
     logger.info("stopped")
+
+
+def serve_daemon_metrics(settings: ServeSettings, daemon: PrecomputeDaemon) -> Any:
+    """The daemon's /metrics, when --metrics-port is set: runner counters and stream counters."""
+    if not settings.metrics_port:
+        return None
+    live = LiveValues()
+    daemon_values(live, lambda: daemon.stats)
+    source = daemon.source
+    if isinstance(source, StreamWorkSource):
+        live.counters["solaris_tasks_claimed"] = (
+            "Work entries claimed from a stopped daemon.",
+            lambda: source.claimed,
+        )
+    live.counters["solaris_source_errors"] = (
+        "Times the work source (Redis) could not be read.",
+        lambda: daemon.stats.source_errors,
+    )
+    registry = CollectorRegistry()
+    registry.register(live)
+    server, _ = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
+    return server

@@ -5,11 +5,13 @@ precompute daemon on its own thread."""
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.runner import open_runner
@@ -23,6 +25,7 @@ from solaris.precompute.shared import (
 from solaris.server.core import EmbeddingService, WorkQueue
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
 from solaris.server.l1 import MemoryStore
+from solaris.server.metrics import LiveValues, ReadMetrics, daemon_values, serve_metrics
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.redis_store import RedisStore, connect, redacted
 from solaris.server.request_log import RequestLog
@@ -60,7 +63,13 @@ class Sidecar:
         self.work_queue: WorkQueue = self.prefetch_queue
         if settings.redis:
             self._use_redis(settings)
-        self.service = EmbeddingService(settings, self.store, self.request_log, self.work_queue)
+        self.registry = CollectorRegistry()
+        self.service = EmbeddingService(
+            settings, self.store, self.request_log, self.work_queue, ReadMetrics(self.registry)
+        )
+        self.registry.register(self._live_values())
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
 
@@ -101,6 +110,10 @@ class Sidecar:
         self._server = server
         if self.shipper is not None:
             self._shipping = asyncio.get_running_loop().create_task(self.shipper.run())
+        if self.settings.metrics_port:
+            self._metrics_server, self.metrics_port = serve_metrics(
+                self.registry, self.settings.metrics_host, self.settings.metrics_port
+            )
         logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -112,6 +125,9 @@ class Sidecar:
         self._server = None
         if self.daemon is not None:
             await asyncio.to_thread(self.daemon.stop)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self._shipping is not None and self.shipper is not None:
             self._shipping.cancel()
             await asyncio.gather(self._shipping, return_exceptions=True)
@@ -119,6 +135,32 @@ class Sidecar:
         if self.l2 is not None:
             await self.l2.close()
         logger.info("stopped")
+
+    def _live_values(self) -> LiveValues:
+        live = LiveValues()
+        live.gauges["solaris_l1_bytes"] = ("Bytes the L1 holds, as capped.", lambda: self.l1.nbytes)
+        live.gauges["solaris_l1_entries"] = ("Pairs the L1 holds.", lambda: len(self.l1))
+        live.counters["solaris_l1_evictions"] = ("L1 rows evicted.", lambda: self.l1.evictions)
+        live.gauges["solaris_prefetch_queue_pairs"] = (
+            "Pairs waiting in the in-process Prefetch queue.",
+            lambda: self.prefetch_queue.pairs,
+        )
+        daemon_values(live, lambda: self.daemon.stats if self.daemon is not None else None)
+        if isinstance(self.store, TieredStore):
+            reach, l2 = self.store.reachability, self.store.l2
+            live.gauges["solaris_redis_up"] = ("1 while Redis answers.", lambda: int(reach.up))
+            live.counters["solaris_redis_errors"] = ("Redis calls failed.", lambda: reach.errors)
+            live.counters["solaris_redis_corrupt_values"] = (
+                "Redis values read as misses: header did not fit.",
+                lambda: l2.corrupt_values,
+            )
+        if self.shipper is not None:
+            shipper = self.shipper
+            live.counters["solaris_request_log_dropped"] = (
+                "Logged requests not shipped to Redis.",
+                lambda: shipper.dropped,
+            )
+        return live
 
     def _use_redis(self, settings: ServeSettings) -> None:
         """L1 in front of Redis, and Prefetch work to the shared stream."""

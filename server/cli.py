@@ -4,18 +4,33 @@ the reference model to ONNX and checks it."""
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 from pathlib import Path
 
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.server import settings as settings_module
 from solaris.server.app import serve_until_signalled
+from solaris.server.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solaris", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="Python logging level.")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("SOLARIS_LOG_LEVEL", "INFO"), help="Logging level."
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("SOLARIS_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, for log collectors. [env SOLARIS_LOG_FORMAT]",
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("SOLARIS_CONFIG"),
+        help="A TOML file of settings (names as in the table); the environment and flags win "
+        "over it. [env SOLARIS_CONFIG]",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Run the sidecar.")
     settings_module.add_arguments(serve)
@@ -36,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     if args.command == "export-model":
         return export_model(args)
     return run(parser, args)
@@ -50,8 +63,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from solaris.precompute.shared import run_until_signalled
 
     try:
-        settings = settings_module.from_sources(args)
-        precompute = settings_module.from_sources(args, settings_type=PrecomputeSettings)
+        from_file = {}
+        if args.config:
+            kinds = (settings_module.ServeSettings, PrecomputeSettings)
+            from_file = settings_module.load_config_file(args.config, kinds)
+        settings = settings_module.from_sources(args, file_values=from_file)
+        precompute = settings_module.from_sources(
+            args, settings_type=PrecomputeSettings, file_values=from_file
+        )
         if args.command == "precompute":
             run_until_signalled(settings, precompute)
         else:

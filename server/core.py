@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from solaris.server.errors import DeadlineExceeded
+from solaris.server.metrics import ReadMetrics
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.request_log import LoggedRequest, RequestLog
 from solaris.server.settings import ServeSettings
@@ -51,11 +52,13 @@ class EmbeddingService:
         store: Store,
         request_log: RequestLog,
         work_queue: WorkQueue,
+        metrics: ReadMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.request_log = request_log
         self.work_queue = work_queue
+        self.metrics = metrics
 
     async def get(
         self,
@@ -100,10 +103,13 @@ class EmbeddingService:
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, deadline: float | None
     ) -> BatchResult:
         _check_deadline(deadline)
+        started = time.perf_counter()
         rows = await self.store.read(user_id, item_ids, dtype, deadline)
         now = time.time()
         result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
         self.request_log.append(LoggedRequest(user_id, tuple(item_ids), result.statuses, now))
+        if self.metrics is not None:
+            self.metrics.observe(result.statuses, time.perf_counter() - started)
         return result
 
     async def prefetch(

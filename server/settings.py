@@ -1,13 +1,14 @@
-"""The sidecar's settings: one typed object, filled from defaults, then `SOLARIS_*`
-environment variables, then command-line flags (later wins). A bad value fails at start with
-a message that names the setting.
+"""The sidecar's settings: one typed object, filled from defaults, then an optional TOML file
+(`--config`), then `SOLARIS_*` environment variables, then command-line flags (later wins). A
+bad value fails at start with a message that names the setting.
 """
 
 import argparse
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,10 @@ class ServeSettings:
     grace_seconds: float = setting(
         10.0, "On SIGTERM, how long in-flight calls may take to finish.", minimum=0
     )
+    metrics_port: int = setting(
+        0, "HTTP port for Prometheus metrics at /metrics; 0 for none.", minimum=0
+    )
+    metrics_host: str = setting("0.0.0.0", "Address the metrics port listens on (the Pod IP).")
     redis: str = setting(
         "",
         "Redis URL (redis://, or rediss:// for TLS) of the shared store and work queue; empty "
@@ -112,13 +117,30 @@ def add_arguments(parser: argparse.ArgumentParser, settings_type: type = ServeSe
         )
 
 
+def load_config_file(path: str, settings_types: Sequence[type]) -> dict[str, Any]:
+    """The settings in a TOML file, keyed by field name (`cache_bytes` or `cache-bytes`)."""
+    try:
+        with open(path, "rb") as file:
+            raw = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise SettingsError(f"config ({path}): {error}") from error
+    known = {spec.name for kind in settings_types for spec in dataclasses.fields(kind)}
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    for name in values:
+        if name not in known:
+            raise SettingsError(f"config ({path}): unknown setting {name!r}")
+    return values
+
+
 def from_sources(
     args: argparse.Namespace,
     environ: Mapping[str, str] = os.environ,
     settings_type: type = ServeSettings,
+    file_values: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Builds the settings: defaults, overridden by environment, overridden by flags."""
+    """Builds the settings: defaults, then the file, then the environment, then flags."""
     values: dict[str, Any] = {}
+    file_values = file_values or {}
     for spec in dataclasses.fields(settings_type):
         env = ENV_PREFIX + spec.name.upper()
         flag_value = getattr(args, spec.name, None)
@@ -126,6 +148,8 @@ def from_sources(
             values[spec.name] = _parse(spec, flag_value, "--" + spec.name.replace("_", "-"))
         elif env in environ:
             values[spec.name] = _parse(spec, environ[env], env)
+        elif spec.name in file_values:
+            values[spec.name] = _parse(spec, str(file_values[spec.name]), "config file")
     try:
         return settings_type(**values)
     except SettingsError:

@@ -3,6 +3,8 @@ setting."""
 
 import argparse
 import dataclasses
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.settings import ServeSettings, SettingsError, add_arguments, from_sources
+from solaris.server.logs import JsonFormatter
+from solaris.server.settings import (
+    ServeSettings,
+    SettingsError,
+    add_arguments,
+    from_sources,
+    load_config_file,
+)
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> ServeSettings:
@@ -76,3 +85,30 @@ def test_precompute_settings_read_booleans_and_check_the_device() -> None:
         from_sources(args, {"SOLARIS_DEVICE": "tpu"}, PrecomputeSettings)
     with pytest.raises(SettingsError, match="precompute"):
         from_sources(parser.parse_args(["--precompute", "maybe"]), {}, PrecomputeSettings)
+
+
+def test_a_config_file_is_overridden_by_environment_and_flags(tmp_path: Path) -> None:
+    config = tmp_path / "solaris.toml"
+    config.write_text('cache-bytes = "64Mi"\ndim = 64\nport = 7000\n')
+    from_file = load_config_file(str(config), [ServeSettings])
+    args = argparse.Namespace(port="7001")
+    settings = from_sources(args, {"SOLARIS_DIM": "32"}, ServeSettings, from_file)
+    assert settings.cache_bytes == 64 * 1024**2
+    assert settings.dim == 32
+    assert settings.port == 7001
+
+
+def test_an_unknown_key_in_the_config_file_is_refused_by_name(tmp_path: Path) -> None:
+    config = tmp_path / "solaris.toml"
+    config.write_text("cache_bites = 1\n")
+    with pytest.raises(SettingsError, match="unknown setting 'cache_bites'"):
+        load_config_file(str(config), [ServeSettings])
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    record = logging.LogRecord("solaris.server", logging.WARNING, "", 0, "l1 %s", ("full",), None)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["level"] == "WARNING"
+    assert entry["logger"] == "solaris.server"
+    assert entry["message"] == "l1 full"
+    assert entry["time"].endswith("Z")

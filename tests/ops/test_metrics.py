@@ -1,0 +1,58 @@
+"""The /metrics endpoint, scraped over HTTP after real traffic, against what was served."""
+
+import dataclasses
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from solaris.server.app import Sidecar
+from solaris.server.settings import ServeSettings
+from solaris.v1 import embedding_store_pb2 as pb
+from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
+from tests.clients.conftest import free_port
+from tests.conftest import DIM
+
+
+@pytest.fixture
+async def measured(settings: ServeSettings) -> AsyncIterator[Sidecar]:
+    sidecar = Sidecar(dataclasses.replace(settings, metrics_port=free_port()))
+    await sidecar.start()
+    yield sidecar
+    await sidecar.stop(grace=0)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample as `name{label="value"}` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+async def test_counters_match_what_was_served(measured: Sidecar) -> None:
+    vectors = np.ones((2, DIM), np.float32)
+    await measured.service.put("user", ["a", "b"], vectors, "v1")
+    async with grpc.aio.insecure_channel(measured.address) as channel:
+        stub = EmbeddingStoreStub(channel)
+        await stub.BatchGet(pb.BatchGetRequest(user_id="user", item_ids=["a", "b", "c"]))
+        await stub.BatchGet(pb.BatchGetRequest(user_id="user", item_ids=["a"]))
+        await stub.Prefetch(pb.PrefetchRequest(user_id="user", item_ids=["x", "y"]))
+    assert measured.metrics_port is not None
+    samples = scrape(measured.metrics_port)
+    assert samples['solaris_rows_total{status="hit"}'] == 3
+    assert samples['solaris_rows_total{status="miss"}'] == 1
+    assert samples['solaris_rows_total{status="stale"}'] == 0
+    assert samples["solaris_read_seconds_count"] == 2
+    assert samples["solaris_read_items_sum"] == 4
+    assert samples["solaris_l1_entries"] == 2
+    assert samples["solaris_l1_bytes"] == measured.l1.nbytes > 0
+    assert samples["solaris_prefetch_queue_pairs"] == 2
+    assert samples["solaris_runner_pairs_total"] == 0
