@@ -51,7 +51,7 @@ class Sidecar:
         self.settings = settings
         self.precompute_settings = precompute
         self.daemon: PrecomputeDaemon | None = None
-        self.l1 = MemoryStore(settings.cache_bytes, settings.dim)
+        self.l1 = MemoryStore(settings.l1_bytes, settings.dim)
         self.request_log = RequestLog(settings.request_log_rows)
         self.prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
         self.health = HealthServicer()

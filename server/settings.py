@@ -46,6 +46,17 @@ class ServeSettings:
     cache_bytes: int = setting(
         256 * 1024**2, "L1 cap in bytes (suffixes K, M, G, Ki, Mi, Gi).", minimum=1, kind="size"
     )
+    memory_limit: int = setting(
+        0,
+        "The container's memory limit in bytes (from the downward API); 0 if unknown.",
+        minimum=0,
+        kind="size",
+    )
+    cache_fraction: float = setting(
+        0.0,
+        "With memory-limit set: the L1 cap as a fraction of it, instead of cache-bytes.",
+        minimum=0,
+    )
     dim: int = setting(128, "Values per embedding.", minimum=1)
     ttl_seconds: float = setting(3600.0, "How long a computed embedding is a HIT.", minimum=0)
     stale_seconds: float = setting(
@@ -88,6 +99,18 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         check_minimums(self)
+        if self.cache_fraction >= 1:
+            raise SettingsError(
+                f"cache_fraction: must be below 1 (the process needs room too), "
+                f"got {self.cache_fraction}"
+            )
+
+    @property
+    def l1_bytes(self) -> int:
+        """The L1 cap: a fraction of the memory limit when both are set, else cache_bytes."""
+        if self.memory_limit and self.cache_fraction:
+            return int(self.memory_limit * self.cache_fraction)
+        return self.cache_bytes
 
     @property
     def max_message_bytes(self) -> int:

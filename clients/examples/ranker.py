@@ -64,14 +64,18 @@ def make_server(ranker: Ranker, port: int, host: str = "127.0.0.1") -> Threading
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="A tiny ranker that uses the solaris sidecar.")
     parser.add_argument("--sidecar", default="127.0.0.1:50051")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--deadline-ms", type=float, default=20.0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with EmbeddingClient(args.sidecar, args.dim) as client:
         ranker = Ranker(client, args.dim, args.deadline_ms / 1000)
         server = make_server(ranker, args.port, args.host)

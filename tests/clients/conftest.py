@@ -2,12 +2,15 @@
 it), a slow one, a killable slow one in another process, and a port nobody listens on."""
 
 import asyncio
+import importlib.util
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -103,3 +106,14 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def load_example_ranker() -> ModuleType:
+    """clients/examples/ranker.py: a script beside the package, not part of it, so by path."""
+    path = Path(__file__).parents[2] / "clients" / "examples" / "ranker.py"
+    spec = importlib.util.spec_from_file_location("example_ranker", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,34 +1,19 @@
 """The example ranking service, over HTTP, against a real sidecar."""
 
-import importlib.util
 import json
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from solaris.clients import EmbeddingClient
-from tests.clients.conftest import ThreadedSidecar, vectors, wait_for
+from tests.clients.conftest import ThreadedSidecar, load_example_ranker, vectors, wait_for
 from tests.conftest import DIM
 
-
-def load_example() -> ModuleType:
-    """The example is a script beside the package, not part of it: load it by path."""
-    path = Path(__file__).parents[2] / "clients" / "examples" / "ranker.py"
-    spec = importlib.util.spec_from_file_location("example_ranker", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-example = load_example()
+example = load_example_ranker()
 Ranker, make_server = example.Ranker, example.make_server
 
 

@@ -112,3 +112,11 @@ def test_json_logs_are_one_object_per_line() -> None:
     assert entry["logger"] == "solaris.server"
     assert entry["message"] == "l1 full"
     assert entry["time"].endswith("Z")
+
+
+def test_the_l1_cap_follows_the_memory_limit_when_asked() -> None:
+    assert ServeSettings(cache_bytes=100).l1_bytes == 100
+    assert ServeSettings(cache_bytes=100, memory_limit=1000).l1_bytes == 100
+    assert ServeSettings(memory_limit=1000, cache_fraction=0.5).l1_bytes == 500
+    with pytest.raises(SettingsError, match="cache_fraction"):
+        ServeSettings(memory_limit=1000, cache_fraction=1.5)

@@ -1,0 +1,89 @@
+"""The k8s/ overlays render, validate against the Kubernetes schemas, and say only what the
+CLI accepts: a renamed flag or setting, or a probe on the wrong port, fails here."""
+
+import argparse
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.app import SERVICE_NAME
+from solaris.server.cli import build_parser
+from solaris.server.settings import ENV_PREFIX, ServeSettings, from_sources
+from tests.clients.conftest import load_example_ranker
+from tests.ops.manifests import OVERLAYS, Container, containers, find, rendered, tool
+
+EXTRA_ENV = {"SOLARIS_REDIS_PASSWORD", "SOLARIS_CONFIG", "SOLARIS_LOG_LEVEL", "SOLARIS_LOG_FORMAT"}
+
+
+def known_env() -> set[str]:
+    fields = [*dataclasses.fields(ServeSettings), *dataclasses.fields(PrecomputeSettings)]
+    return {ENV_PREFIX + spec.name.upper() for spec in fields} | EXTRA_ENV
+
+
+def solaris_containers(overlay: str) -> list[Container]:
+    found = []
+    for workload in ("ranker", "solaris-precompute"):
+        found += [c for c in containers(overlay, workload).values() if c.argv[0] == "solaris"]
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_overlay_validates_against_the_kubernetes_schemas(overlay: str, tmp_path: Path) -> None:
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(rendered(overlay))
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", str(manifest)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_commands_and_environment_are_what_the_cli_accepts(overlay: str) -> None:
+    for container in solaris_containers(overlay):
+        args = build_parser().parse_args(container.argv[1:])
+        unknown = {name for name in container.env if name.startswith(ENV_PREFIX)} - known_env()
+        assert not unknown, f"{container.name}: settings the CLI does not know: {unknown}"
+        from_sources(args, container.env, ServeSettings)
+        from_sources(args, container.env, PrecomputeSettings)
+        assert container.env.get("SOLARIS_LOG_FORMAT", "text") in ("text", "json")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_ports_match_the_settings(overlay: str) -> None:
+    pod = containers(overlay, "ranker")
+    sidecar = pod["solaris-sidecar"]
+    assert sidecar.spec["restartPolicy"] == "Always"
+    settings = from_sources(argparse.Namespace(), sidecar.env, ServeSettings)
+    assert settings.host == "0.0.0.0"
+    assert sidecar.port("grpc") == settings.port
+    assert sidecar.port("metrics") == settings.metrics_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc_probe = sidecar.spec[probe]["grpc"]
+        assert grpc_probe["port"] == settings.port, probe
+        assert grpc_probe.get("service", "") in ("", SERVICE_NAME), probe
+    ranker_args = load_example_ranker().build_parser().parse_args(pod["ranker"].argv[2:])
+    assert ranker_args.sidecar == f"127.0.0.1:{settings.port}"
+    assert ranker_args.dim == settings.dim
+    daemon = containers(overlay, "solaris-precompute")["precompute"]
+    daemon_settings = from_sources(argparse.Namespace(), daemon.env, ServeSettings)
+    assert daemon.spec["livenessProbe"]["httpGet"]["port"] == daemon_settings.metrics_port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_sidecar_drains_within_the_pods_grace_period(overlay: str) -> None:
+    pod = containers(overlay, "ranker")
+    settings = from_sources(argparse.Namespace(), pod["solaris-sidecar"].env, ServeSettings)
+    grace = find(overlay, "Deployment", "ranker")["spec"]["template"]["spec"]
+    assert settings.grace_seconds < grace["terminationGracePeriodSeconds"]
+
+
+def test_only_the_gpu_overlay_asks_for_a_gpu() -> None:
+    for overlay, wanted in (("cpu", None), ("gpu", 1)):
+        daemon = containers(overlay, "solaris-precompute")["precompute"]
+        assert daemon.spec["resources"]["limits"].get("nvidia.com/gpu") == wanted
+        assert daemon.env["SOLARIS_DEVICE"] == overlay.replace("gpu", "cuda")
