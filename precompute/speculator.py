@@ -1,0 +1,278 @@
+"""The speculator: turns signals into a prioritised, de-duplicated queue of pairs to compute,
+under a compute budget. The store is only as good as its hit rate, and compute is only well
+spent on pairs that are later requested, so each pair's priority is its policy's weight times
+how likely that policy thinks a request for it is.
+
+Policies, strongest signal first:
+  prefetch  the ranker said the user will score these items (Prefetch hints);
+  miss      the pair was requested and missed: the user's next request will likely want it;
+  refresh   the pair was requested and will expire soon: compute it again before it does;
+  covisit   items that other users' requests show together with this user's recent
+            candidates (co-visitation), for users active recently;
+  popular   the most requested items, for users active recently.
+The last two are expansion: they fill only the budget the first three leave. A pair already
+fresh in the store is never handed out, and every pair remembers the policy that asked for it.
+"""
+
+import heapq
+import itertools
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from solaris.server.request_log import LoggedRequest
+from solaris.server.store import RowStatus
+
+Pair = tuple[str, str]
+FreshUntil = Callable[[str, Sequence[str]], np.ndarray]
+"""`(user_id, item_ids) -> stale_at per item` (-inf for a pair the store lacks)."""
+
+
+class Policy(StrEnum):
+    PREFETCH = "prefetch"
+    MISS = "miss"
+    REFRESH = "refresh"
+    COVISIT = "covisit"
+    POPULAR = "popular"
+
+
+DEFAULT_WEIGHTS = {
+    Policy.PREFETCH: 1.0,
+    Policy.MISS: 0.8,
+    Policy.REFRESH: 0.6,
+    Policy.COVISIT: 0.3,
+    Policy.POPULAR: 0.1,
+}
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    budget_pairs_per_second: float = 500.0
+    policies: frozenset[Policy] = frozenset(Policy)
+    weights: dict[Policy, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    refresh_window_seconds: float = 300.0
+    """A requested pair whose freshness ends within this window is refreshed."""
+    recent_users: int = 10_000
+    """Users whose recent candidates feed expansion, most recently active kept."""
+    recent_items_per_user: int = 200
+    neighbours_per_item: int = 20
+    """Co-visited items kept per item, most frequent first."""
+    max_queued_pairs: int = 200_000
+    in_flight_seconds: float = 60.0
+    """A pair handed out is not handed out again for this long: it is being computed."""
+
+    def __post_init__(self) -> None:
+        if self.budget_pairs_per_second <= 0:
+            raise ValueError(
+                f"budget_pairs_per_second: must be above 0, got {self.budget_pairs_per_second}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Speculated:
+    user_id: str
+    item_id: str
+    policy: Policy
+    priority: float
+
+
+@dataclass
+class SpeculatorStats:
+    queued: Counter[Policy] = field(default_factory=Counter)
+    handed_out: Counter[Policy] = field(default_factory=Counter)
+    skipped_fresh: int = 0
+    dropped_full: int = 0
+
+
+class Speculator:
+    def __init__(
+        self,
+        settings: SpeculationSettings,
+        fresh_until: FreshUntil,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.stats = SpeculatorStats()
+        self._fresh_until = fresh_until
+        self._clock = clock
+        self._heap: list[tuple[float, int, Speculated]] = []
+        self._best: dict[Pair, float] = {}
+        self._order = itertools.count()
+        self._tokens = 0.0
+        self._tokens_at = clock()
+        self._recent: OrderedDict[str, dict[str, None]] = OrderedDict()
+        self._covisits: dict[str, Counter[str]] = {}
+        self._popularity: Counter[str] = Counter()
+        self._handed_out: OrderedDict[Pair, float] = OrderedDict()
+
+    def hint(self, user_id: str, item_ids: Iterable[str]) -> None:
+        """A Prefetch: the ranker will score these soon."""
+        for item_id in item_ids:
+            self._offer(user_id, item_id, Policy.PREFETCH, 1.0)
+
+    def observe(self, request: LoggedRequest) -> None:
+        """A read the sidecar answered: misses and soon-stale pairs to compute, and the
+        co-visitation and popularity that expansion draws on."""
+        self._remember(request.user_id, request.item_ids)
+        missed = request.statuses == RowStatus.MISS
+        for item_id, was_missed in zip(request.item_ids, missed, strict=True):
+            if was_missed:
+                self._offer(request.user_id, item_id, Policy.MISS, 1.0)
+        if Policy.REFRESH in self.settings.policies:
+            self._offer_refresh(request)
+
+    def take(self, max_pairs: int | None = None) -> list[Speculated]:
+        """The best pairs not already fresh, as many as the budget allows since the last take
+        (and at most `max_pairs`). Expansion fills what the queue leaves."""
+        allowed = self._spendable()
+        if max_pairs is not None:
+            allowed = min(allowed, max_pairs)
+        if len(self._heap) < allowed:
+            self._expand(allowed - len(self._heap))
+        chosen: list[Speculated] = []
+        while self._heap and len(chosen) < allowed:
+            batch = self._pop(allowed - len(chosen))
+            chosen += self._not_fresh(batch)
+        self._tokens -= len(chosen)
+        now = self._clock()
+        for entry in chosen:
+            self.stats.handed_out[entry.policy] += 1
+            self._handed_out[(entry.user_id, entry.item_id)] = now
+            self._handed_out.move_to_end((entry.user_id, entry.item_id))
+        while len(self._handed_out) > self.settings.max_queued_pairs:
+            self._handed_out.popitem(last=False)
+        return chosen
+
+    def __len__(self) -> int:
+        return len(self._best)
+
+    def _spendable(self) -> int:
+        """A token bucket: the budget accrues with time, up to one second's worth."""
+        now = self._clock()
+        rate = self.settings.budget_pairs_per_second
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        return int(self._tokens)
+
+    def _offer(self, user_id: str, item_id: str, policy: Policy, score: float) -> None:
+        if policy not in self.settings.policies:
+            return
+        priority = self.settings.weights[policy] * score
+        pair = (user_id, item_id)
+        if self._best.get(pair, -1.0) >= priority or self._in_flight(pair):
+            return
+        if pair not in self._best and len(self._best) >= self.settings.max_queued_pairs:
+            self.stats.dropped_full += 1
+            return
+        self._best[pair] = priority
+        heapq.heappush(
+            self._heap,
+            (-priority, next(self._order), Speculated(user_id, item_id, policy, priority)),
+        )
+        self.stats.queued[policy] += 1
+
+    def _in_flight(self, pair: Pair) -> bool:
+        handed_out_at = self._handed_out.get(pair)
+        in_flight = self.settings.in_flight_seconds
+        return handed_out_at is not None and self._clock() - handed_out_at < in_flight
+
+    def _pop(self, count: int) -> list[Speculated]:
+        """Up to `count` queued pairs, best first; entries a better offer replaced are skipped."""
+        popped: list[Speculated] = []
+        while self._heap and len(popped) < count:
+            _, _, entry = heapq.heappop(self._heap)
+            pair = (entry.user_id, entry.item_id)
+            if self._best.get(pair) == entry.priority:
+                del self._best[pair]
+                popped.append(entry)
+        return popped
+
+    def _not_fresh(self, entries: list[Speculated]) -> list[Speculated]:
+        now = self._clock()
+        kept = []
+        by_user: dict[str, list[Speculated]] = {}
+        for entry in entries:
+            by_user.setdefault(entry.user_id, []).append(entry)
+        for user_id, wanted in by_user.items():
+            fresh_until = self._fresh_until(user_id, [entry.item_id for entry in wanted])
+            for entry, until in zip(wanted, fresh_until, strict=True):
+                if until > now:
+                    self.stats.skipped_fresh += 1
+                else:
+                    kept.append(entry)
+        return kept
+
+    def _offer_refresh(self, request: LoggedRequest) -> None:
+        served = [
+            item
+            for item, status in zip(request.item_ids, request.statuses, strict=True)
+            if status != RowStatus.MISS
+        ]
+        if not served:
+            return
+        horizon = self._clock() + self.settings.refresh_window_seconds
+        fresh_until = self._fresh_until(request.user_id, served)
+        for item_id, until in zip(served, fresh_until, strict=True):
+            if until < horizon:
+                self._offer(request.user_id, item_id, Policy.REFRESH, 1.0)
+
+    def _remember(self, user_id: str, item_ids: Sequence[str]) -> None:
+        recent = self._recent.pop(user_id, {})
+        recent.update(dict.fromkeys(item_ids))
+        while len(recent) > self.settings.recent_items_per_user:
+            del recent[next(iter(recent))]
+        self._recent[user_id] = recent
+        if len(self._recent) > self.settings.recent_users:
+            self._recent.popitem(last=False)
+        self._popularity.update(item_ids)
+        self._count_covisits(item_ids)
+
+    def _count_covisits(self, item_ids: Sequence[str]) -> None:
+        """Items asked for in one request co-occur; each item keeps its strongest neighbours."""
+        if Policy.COVISIT not in self.settings.policies:
+            return
+        unique = list(dict.fromkeys(item_ids))
+        for item_id in unique:
+            neighbours = self._covisits.setdefault(item_id, Counter())
+            neighbours.update(other for other in unique if other != item_id)
+            keep = self.settings.neighbours_per_item
+            if len(neighbours) > 4 * keep:
+                self._covisits[item_id] = Counter(dict(neighbours.most_common(keep)))
+
+    def _expand(self, room: int) -> None:
+        """Offers covisit, then popular pairs for the most recently active users, until `room`
+        pairs are queued."""
+        users = list(reversed(self._recent))
+        if Policy.COVISIT in self.settings.policies:
+            for user_id in users:
+                if len(self._heap) >= room:
+                    return
+                self._offer_neighbours(user_id)
+        if Policy.POPULAR in self.settings.policies and self._popularity:
+            top = self._popularity.most_common(self.settings.neighbours_per_item)
+            most = top[0][1]
+            for user_id in users:
+                if len(self._heap) >= room:
+                    return
+                for item_id, count in top:
+                    if item_id not in self._recent[user_id]:
+                        self._offer(user_id, item_id, Policy.POPULAR, count / most)
+
+    def _offer_neighbours(self, user_id: str) -> None:
+        seen = self._recent[user_id]
+        scores: Counter[str] = Counter()
+        for item_id in seen:
+            for other, count in self._covisits.get(item_id, Counter()).most_common(
+                self.settings.neighbours_per_item
+            ):
+                if other not in seen:
+                    scores[other] += count
+        if not scores:
+            return
+        most = max(scores.values())
+        for other, count in scores.most_common(self.settings.neighbours_per_item):
+            self._offer(user_id, other, Policy.COVISIT, count / most)

@@ -1,0 +1,119 @@
+"""The speculator's policies on small hand-built logs, with a clock and a store the test holds
+(a unit test of the logic above the store: the real store is exercised by the replay)."""
+
+import numpy as np
+import pytest
+
+from solaris.precompute.speculator import Policy, SpeculationSettings, Speculator
+from solaris.server.request_log import LoggedRequest
+from solaris.server.store import RowStatus
+
+HIT, MISS = RowStatus.HIT, RowStatus.MISS
+
+
+class World:
+    """A clock and what the store holds: pair -> stale_at."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.stale_at: dict[tuple[str, str], float] = {}
+
+    def clock(self) -> float:
+        return self.now
+
+    def fresh_until(self, user_id: str, item_ids: list[str]) -> np.ndarray:
+        return np.array([self.stale_at.get((user_id, i), -np.inf) for i in item_ids])
+
+    def speculator(self, rate: float = 1000.0, **settings: object) -> Speculator:
+        chosen = SpeculationSettings(budget_pairs_per_second=rate, **settings)  # type: ignore[arg-type]
+        speculator = Speculator(chosen, self.fresh_until, self.clock)
+        self.now += 1
+        return speculator
+
+    def request(self, user_id: str, items: list[str], statuses: list[int]) -> LoggedRequest:
+        return LoggedRequest(user_id, tuple(items), np.array(statuses, np.uint8), self.now)
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def pairs(taken: list) -> set[tuple[str, str, Policy]]:
+    return {(entry.user_id, entry.item_id, entry.policy) for entry in taken}
+
+
+def test_a_missed_list_is_computed_with_the_miss_policy_and_not_without_it(world: World) -> None:
+    request = world.request("u", ["a", "b"], [MISS, MISS])
+    with_miss = world.speculator()
+    with_miss.observe(request)
+    assert pairs(with_miss.take()) == {("u", "a", Policy.MISS), ("u", "b", Policy.MISS)}
+    without = world.speculator(policies=frozenset({Policy.PREFETCH}))
+    without.observe(request)
+    assert without.take() == []
+
+
+def test_a_fresh_pair_is_never_handed_out(world: World) -> None:
+    speculator = world.speculator()
+    world.stale_at[("u", "a")] = world.now + 100
+    speculator.hint("u", ["a", "b"])
+    assert pairs(speculator.take()) == {("u", "b", Policy.PREFETCH)}
+    assert speculator.stats.skipped_fresh == 1
+
+
+def test_the_budget_is_respected_and_does_not_pile_up(world: World) -> None:
+    speculator = world.speculator(rate=10)
+    speculator.hint("u", [f"i{n}" for n in range(100)])
+    assert len(speculator.take()) == 10
+    assert speculator.take() == []
+    world.now += 0.5
+    assert len(speculator.take()) == 5
+    world.now += 60
+    assert len(speculator.take()) == 10
+
+
+def test_stronger_signals_go_first_and_a_pair_is_queued_once(world: World) -> None:
+    speculator = world.speculator(rate=2)
+    world.now += 1
+    speculator.observe(world.request("u", ["m"], [MISS]))
+    speculator.hint("u", ["p", "m"])
+    speculator.hint("u", ["p"])
+    assert len(speculator) == 2
+    assert pairs(speculator.take()) == {("u", "p", Policy.PREFETCH), ("u", "m", Policy.PREFETCH)}
+
+
+def test_a_pair_about_to_go_stale_is_refreshed(world: World) -> None:
+    speculator = world.speculator(policies=frozenset({Policy.REFRESH}), refresh_window_seconds=60)
+    world.stale_at[("u", "soon")] = world.now + 30
+    world.stale_at[("u", "later")] = world.now + 600
+    speculator.observe(world.request("u", ["soon", "later"], [HIT, HIT]))
+    world.now += 31
+    assert pairs(speculator.take()) == {("u", "soon", Policy.REFRESH)}
+
+
+def test_covisited_items_are_offered_to_a_recent_user(world: World) -> None:
+    speculator = world.speculator(policies=frozenset({Policy.COVISIT}))
+    for user in ("a", "b"):
+        speculator.observe(world.request(user, ["x", "y"], [HIT, HIT]))
+    speculator.observe(world.request("c", ["x"], [HIT]))
+    assert ("c", "y", Policy.COVISIT) in pairs(speculator.take())
+
+
+def test_popular_items_fill_what_is_left(world: World) -> None:
+    speculator = world.speculator(policies=frozenset({Policy.POPULAR}))
+    for user in ("a", "b", "c"):
+        speculator.observe(world.request(user, ["hot"], [HIT]))
+    speculator.observe(world.request("d", ["cold"], [HIT]))
+    assert ("d", "hot", Policy.POPULAR) in pairs(speculator.take())
+
+
+def test_a_pair_handed_out_is_not_handed_out_again_while_in_flight(world: World) -> None:
+    speculator = world.speculator(in_flight_seconds=30)
+    speculator.hint("u", ["a"])
+    assert len(speculator.take()) == 1
+    speculator.observe(world.request("u", ["a"], [MISS]))
+    world.now += 1
+    assert speculator.take() == []
+    world.now += 30
+    speculator.observe(world.request("u", ["a"], [MISS]))
+    assert pairs(speculator.take()) == {("u", "a", Policy.MISS)}
