@@ -139,16 +139,26 @@ class PrecomputeDaemon:
                     self.stats.source_errors += 1
                     logger.warning("Redis unreachable (%r); retrying in %.0fs", error, _PAUSE)
                     self._stopping.wait(_PAUSE)
+                except Exception:
+                    # A bug must not silently stop the daemon: log it, and the unacknowledged
+                    # tasks are retried (here, or by another daemon once claimed).
+                    self.stats.source_errors += 1
+                    logger.exception("precompute loop failed; retrying in %.0fs", _PAUSE)
+                    self._stopping.wait(_PAUSE)
             loop.run(self.store.close())
         self.source.close()
 
     def _gather(self) -> list[PrefetchTask]:
-        """Tasks for one batch: up to batch_pairs pairs, waiting at most batch_wait_ms."""
-        tasks = self.source.take(self.settings.batch_pairs, timeout=_POLL_SECONDS)
+        """Tasks for one batch, one at a time until they hold batch_pairs pairs or batch_wait_ms
+        has passed. One at a time, because a task may hold thousands of pairs: what a daemon
+        holds stays about one batch, finished long before another daemon may claim it."""
+        tasks = self.source.take(1, timeout=_POLL_SECONDS)
         end = time.monotonic() + self.settings.batch_wait_ms / 1000
         pairs = sum(len(t.item_ids) for t in tasks)
         while tasks and pairs < self.settings.batch_pairs and (left := end - time.monotonic()) > 0:
-            more = self.source.take(self.settings.batch_pairs, timeout=left)
+            more = self.source.take(1, timeout=left)
+            if not more:
+                break
             tasks.extend(more)
             pairs += sum(len(t.item_ids) for t in more)
         return tasks

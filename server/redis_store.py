@@ -193,7 +193,8 @@ class RedisStore:
         if refresh is not None and now - self._version_read_at >= refresh:
             self._version_read_at = now
             published = await self.client.get(MODEL_VERSION_KEY)
-            self.model_version = published.decode() if published else ""
+            if published:  # a missing key (Redis restarted) keeps the last version known
+                self.model_version = published.decode(errors="replace")
         return self.model_version
 
 

@@ -76,6 +76,9 @@ class RequestShipper:
                     )
                 await asyncio.wait_for(pipe.execute(), self.timeout_seconds)
             self.shipped += len(batch)
+        except asyncio.CancelledError:
+            self.dropped += len(batch)
+            raise
         except REDIS_ERRORS as error:
             self.dropped += len(batch)
             logger.debug("request log not shipped (%r)", error)

@@ -90,12 +90,13 @@ class TieredStore:
         if not lacking.size or not self.reachability.worth_trying():
             return rows
         wanted = [item_ids[i] for i in lacking]
+        timeout = self._timeout(deadline)
         try:
-            found = await asyncio.wait_for(
-                self.l2.read(user_id, wanted, FLOAT32), self._timeout(deadline)
-            )
+            found = await asyncio.wait_for(self.l2.read(user_id, wanted, FLOAT32), timeout)
         except REDIS_ERRORS as error:
-            self.reachability.failed(error)
+            # Running out of the caller's deadline says nothing about Redis.
+            if not (isinstance(error, TimeoutError) and timeout < self.timeout_seconds):
+                self.reachability.failed(error)
             return rows
         self.reachability.succeeded()
         return self._merge(user_id, rows, lacking, wanted, found, dtype, now)
@@ -107,19 +108,20 @@ class TieredStore:
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
-        """Writes L1, then L2. Raises Unavailable when L2 was not written, so that a daemon
-        leaves its task unacknowledged for a retry."""
-        self.l1.write_now(user_id, item_ids, vectors, freshness)
+        """Writes L2, then L1. Raises Unavailable, writing nothing, when L2 cannot be written:
+        the daemon leaves its task unacknowledged, and the retry must not find the pairs
+        fresh in L1 and acknowledge work that never reached the shared store."""
         if not self.reachability.worth_trying():
-            raise Unavailable("Redis unreachable: written to L1 only")
+            raise Unavailable("Redis unreachable: not stored")
         try:
             await asyncio.wait_for(
                 self.l2.write(user_id, item_ids, vectors, freshness), self.timeout_seconds
             )
         except REDIS_ERRORS as error:
             self.reachability.failed(error)
-            raise Unavailable(f"Redis unreachable: written to L1 only ({error!r})") from error
+            raise Unavailable(f"Redis unreachable: not stored ({error!r})") from error
         self.reachability.succeeded()
+        self.l1.write_now(user_id, item_ids, vectors, freshness)
 
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import replace
 
@@ -24,6 +25,7 @@ from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import MODEL_VERSION_KEY
 from solaris.server.tiered import REDIS_ERRORS
 
+_PUBLISH_EVERY_SECONDS = 5.0
 STREAM_KEY = "solaris:work"
 GROUP = "solaris-precompute"
 logger = logging.getLogger("solaris.redis")
@@ -78,17 +80,24 @@ class StreamWorkSource:
         self.claimed = 0
         self.malformed = 0
         self._group_ready = False
+        self._claim_cursor = "0-0"
+        self._version_published_at = -float("inf")
 
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
         """Entries left pending by a dead consumer first, then new ones (waiting `timeout`)."""
         self._join()
-        entries = self._claim_abandoned(max_tasks)
-        if not entries:
-            block_ms = max(1, int((timeout or 0) * 1000))
-            answer = self.client.xreadgroup(
-                GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
-            )
-            entries = answer[0][1] if answer else []
+        try:
+            entries = self._claim_abandoned(max_tasks)
+            if not entries:
+                block_ms = max(1, int((timeout or 0) * 1000))
+                answer = self.client.xreadgroup(
+                    GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
+                )
+                entries = answer[0][1] if answer else []
+        except redis.exceptions.ResponseError as error:
+            if "NOGROUP" in str(error):
+                self._group_ready = False  # Redis restarted empty: join again next time
+            raise
         return self._decode(entries)
 
     def close(self) -> None:
@@ -100,11 +109,15 @@ class StreamWorkSource:
             self.client.xack(STREAM_KEY, GROUP, *receipts)
 
     def _join(self) -> None:
-        """Once: make the consumer group, and publish our model version for sidecars to read.
-        Lazily, so that a daemon started while Redis is down joins once it is up."""
+        """Makes the consumer group (once, or again after Redis lost it) and publishes our
+        model version every few seconds, so that sidecars find it even after Redis restarted
+        empty. Lazily, so that a daemon started while Redis is down joins once it is up."""
+        now = time.monotonic()
+        if now - self._version_published_at >= _PUBLISH_EVERY_SECONDS:
+            self.client.set(MODEL_VERSION_KEY, self.model_version)
+            self._version_published_at = now
         if self._group_ready:
             return
-        self.client.set(MODEL_VERSION_KEY, self.model_version)
         try:
             self.client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as error:
@@ -114,8 +127,15 @@ class StreamWorkSource:
 
     def _claim_abandoned(self, max_tasks: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         answer = self.client.xautoclaim(
-            STREAM_KEY, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=max_tasks
+            STREAM_KEY,
+            GROUP,
+            self.consumer,
+            self.claim_idle_ms,
+            self._claim_cursor,
+            count=max_tasks,
         )
+        cursor = answer[0]
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         entries = [entry for entry in answer[1] if entry[1] is not None]
         if entries:
             self.claimed += len(entries)
