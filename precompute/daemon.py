@@ -196,8 +196,6 @@ class PrecomputeDaemon:
             vectors = self.model.compute(work)
         except Exception:
             return await self._retry_in_halves(pairs)
-        self.stats.batches += 1
-        self.stats.pairs_computed += len(pairs)
         freshness = Freshness.starting(
             self.model.model_version, time.time(), self.ttl_seconds, self.stale_seconds
         )
@@ -207,6 +205,8 @@ class PrecomputeDaemon:
             self.stats.write_failures += 1
             logger.warning("could not store %d pairs (%r); left for a retry", len(pairs), error)
             return False
+        self.stats.batches += 1
+        self.stats.pairs_computed += len(pairs)
         return True
 
     async def _store(self, work: list[UserWork], vectors: np.ndarray, freshness: Freshness) -> None:

@@ -14,14 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from solaris.precompute.daemon import PrecomputeDaemon
-from solaris.precompute.runner import open_runner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.precompute.shared import (
-    DAEMON_REDIS_TIMEOUT_SECONDS,
-    check_dim,
-    daemon_l2,
-    shared_daemon,
-)
 from solaris.server.core import EmbeddingService, WorkQueue
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
 from solaris.server.l1 import MemoryStore
@@ -183,6 +176,16 @@ class Sidecar:
         update.add_done_callback(self._health_updates.discard)
 
     def _build_daemon(self, precompute: PrecomputeSettings) -> PrecomputeDaemon:
+        # Here, not at the top: a sidecar that only serves never loads ONNX Runtime or the
+        # exporter's PyTorch (about 190 MiB of a pod's memory limit).
+        from solaris.precompute.runner import open_runner
+        from solaris.precompute.shared import (
+            DAEMON_REDIS_TIMEOUT_SECONDS,
+            check_dim,
+            daemon_l2,
+            shared_daemon,
+        )
+
         runner = open_runner(precompute)
         check_dim(runner, self.settings.dim)
         if self.l2 is not None:

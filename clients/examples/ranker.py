@@ -11,6 +11,8 @@ fails because of the sidecar: the worst case is an answer ranked by the fallback
 
 import argparse
 import json
+import signal
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -79,6 +81,8 @@ def main() -> None:
     with EmbeddingClient(args.sidecar, args.dim) as client:
         ranker = Ranker(client, args.dim, args.deadline_ms / 1000)
         server = make_server(ranker, args.port, args.host)
+        # In a container this is PID 1, which ignores SIGTERM unless it handles it.
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
         print(f"ranking on http://{args.host}:{server.server_port}/rank", flush=True)
         server.serve_forever()
 
