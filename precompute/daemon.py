@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,7 +104,10 @@ class PrecomputeDaemon:
         settings: PrecomputeSettings,
         ttl_seconds: float,
         stale_seconds: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` is wall-clock seconds; the replay passes a simulated one."""
+        self.clock = clock
         self.model = model
         self.store = store
         self.source = source
@@ -179,7 +182,7 @@ class PrecomputeDaemon:
         items_by_user: dict[str, dict[str, None]] = {}
         for task in tasks:
             items_by_user.setdefault(task.user_id, {}).update(dict.fromkeys(task.item_ids))
-        now = time.time()
+        now = self.clock()
         pairs: list[Pair] = []
         for user_id, items in items_by_user.items():
             wanted = list(items)
@@ -197,7 +200,7 @@ class PrecomputeDaemon:
         except Exception:
             return await self._retry_in_halves(pairs)
         freshness = Freshness.starting(
-            self.model.model_version, time.time(), self.ttl_seconds, self.stale_seconds
+            self.model.model_version, self.clock(), self.ttl_seconds, self.stale_seconds
         )
         try:
             await self._store(work, vectors, freshness)

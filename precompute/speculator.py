@@ -94,8 +94,12 @@ class Speculator:
         settings: SpeculationSettings,
         fresh_until: FreshUntil,
         clock: Callable[[], float] = time.time,
+        on_queue: Callable[[Speculated], None] | None = None,
     ) -> None:
+        """`on_queue` sees every pair as it is queued (the replay uses it to tell a miss that
+        was never predicted from one predicted too late)."""
         self.settings = settings
+        self._on_queue = on_queue
         self.stats = SpeculatorStats()
         self._fresh_until = fresh_until
         self._clock = clock
@@ -169,11 +173,11 @@ class Speculator:
             self.stats.dropped_full += 1
             return
         self._best[pair] = priority
-        heapq.heappush(
-            self._heap,
-            (-priority, next(self._order), Speculated(user_id, item_id, policy, priority)),
-        )
+        entry = Speculated(user_id, item_id, policy, priority)
+        heapq.heappush(self._heap, (-priority, next(self._order), entry))
         self.stats.queued[policy] += 1
+        if self._on_queue is not None:
+            self._on_queue(entry)
 
     def _in_flight(self, pair: Pair) -> bool:
         handed_out_at = self._handed_out.get(pair)

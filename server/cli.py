@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settings_module.add_arguments(precompute)
     settings_module.add_arguments(precompute, PrecomputeSettings)
+    add_replay_parser(commands)
     export = commands.add_parser("export-model", help="Export the reference model to ONNX.")
     export.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
     export.add_argument("--checkpoint", help="A state_dict file; default: weights from --seed.")
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.command == "export-model":
         return export_model(args)
+    if args.command == "replay":
+        return replay(args)
     return run(parser, args)
 
 
@@ -77,6 +80,76 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             asyncio.run(serve_until_signalled(settings, precompute))
     except (settings_module.SettingsError, ModelContractError) as error:
         parser.error(str(error))
+    return 0
+
+
+def add_replay_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="Replay ranking traffic through the sidecar and daemon; report hit rate by policy.",
+    )
+    replay.add_argument(
+        "--log",
+        help="A CSV of user,item,timestamp[,rating] (MovieLens "
+        "ratings.csv layout); default: synthetic traffic.",
+    )
+    replay.add_argument(
+        "--budgets", default="25,100,400", help="Pairs per second, comma-separated."
+    )
+    replay.add_argument("--ttl-seconds", type=float, default=600.0)
+    replay.add_argument("--duration", type=float, default=900.0, help="Synthetic: seconds.")
+    replay.add_argument("--users", type=int, default=2_000, help="Synthetic: users.")
+    replay.add_argument("--items", type=int, default=5_000, help="Synthetic: items.")
+    replay.add_argument("--seed", type=int, default=0, help="Synthetic: seed.")
+    replay.add_argument(
+        "--time-scale",
+        type=float,
+        default=1440.0,
+        help="Log: log seconds per replay second (1440: a day a minute).",
+    )
+    replay.add_argument("--plot", default="replay.png", help="Where to write the PNG plot.")
+    replay.add_argument("--model-dir", default="~/.cache/solaris/models")
+    replay.add_argument(
+        "--make-log",
+        metavar="PATH",
+        help="Write a synthetic interaction log in the MovieLens ratings.csv layout to PATH "
+        "(--users, --items, --seed; a week of visits) and exit.",
+    )
+
+
+def replay(args: argparse.Namespace) -> int:
+    from solaris.precompute.export import reference_model
+    from solaris.precompute.replay import REPLAY_MODEL, format_report, plot, sweep
+    from solaris.precompute.runner import OnnxRunner
+    from solaris.precompute.traffic import (
+        LogReplay,
+        SyntheticTraffic,
+        load_interactions,
+        requests_from_log,
+        write_synthetic_log,
+    )
+
+    if args.make_log:
+        write_synthetic_log(Path(args.make_log), args.users, args.items, days=7, seed=args.seed)
+        print(f"wrote {args.make_log}")
+        return 0
+    if args.log:
+        rows = load_interactions(Path(args.log))
+        events = requests_from_log(rows, LogReplay(time_scale=args.time_scale))
+        title = f"{Path(args.log).name}: {len(events):,} requests"
+    else:
+        traffic = SyntheticTraffic(
+            users=args.users, items=args.items, duration_seconds=args.duration, seed=args.seed
+        )
+        events = traffic.events()
+        title = f"synthetic, seed {args.seed}: {sum(not e.is_hint for e in events):,} requests"
+    runner = OnnxRunner(reference_model(args.model_dir, REPLAY_MODEL), "cpu", 1)
+    budgets = [float(budget) for budget in args.budgets.split(",")]
+    results = sweep(events, runner, budgets, args.ttl_seconds)
+    print(title)
+    print(format_report(results))
+    plot(results, args.plot, title)
+    print(f"plot: {args.plot}")
     return 0
 
 

@@ -6,7 +6,7 @@ request (hits and misses alike) for the speculator.
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,12 +53,15 @@ class EmbeddingService:
         request_log: RequestLog,
         work_queue: WorkQueue,
         metrics: ReadMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` is wall-clock seconds; the replay passes a simulated one."""
         self.settings = settings
         self.store = store
         self.request_log = request_log
         self.work_queue = work_queue
         self.metrics = metrics
+        self.clock = clock
 
     async def get(
         self,
@@ -95,7 +98,7 @@ class EmbeddingService:
         """Stores freshly computed embeddings, one row of `vectors` per item, fresh from now."""
         settings = self.settings
         freshness = Freshness.starting(
-            model_version, time.time(), settings.ttl_seconds, settings.stale_seconds
+            model_version, self.clock(), settings.ttl_seconds, settings.stale_seconds
         )
         await self.store.write(user_id, item_ids, vectors, freshness)
 
@@ -105,7 +108,7 @@ class EmbeddingService:
         _check_deadline(deadline)
         started = time.perf_counter()
         rows = await self.store.read(user_id, item_ids, dtype, deadline)
-        now = time.time()
+        now = self.clock()
         result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
         self.request_log.append(LoggedRequest(user_id, tuple(item_ids), result.statuses, now))
         if self.metrics is not None:
@@ -131,7 +134,7 @@ class EmbeddingService:
         _check_deadline(deadline)
         unique_items = list(dict.fromkeys(item_ids))
         rows = await self.store.read(user_id, unique_items, FLOAT32)
-        fresh = rows.statuses(time.time()) == RowStatus.HIT
+        fresh = rows.statuses(self.clock()) == RowStatus.HIT
         wanted = tuple(
             item for item, is_fresh in zip(unique_items, fresh, strict=True) if not is_fresh
         )
