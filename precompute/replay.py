@@ -100,7 +100,9 @@ class SimulatedClock:
 
 
 class Oracle:
-    """Knows every future request and spends the same budget on the soonest, within a TTL."""
+    """Knows every future request and spends the same budget on the soonest ones, looking no
+    further ahead than half a TTL (so that what it computes is still fresh when asked for),
+    and computes a pair again once its last computation has expired."""
 
     def __init__(
         self,
@@ -118,7 +120,7 @@ class Oracle:
         self._next = 0
         self._tokens = 0.0
         self._at = clock()
-        self._handed_out: set[Pair] = set()
+        self._handed_out: dict[Pair, float] = {}
         self._first_open = 0
         """Requests before this index have every pair handed out: no need to look again."""
 
@@ -132,13 +134,13 @@ class Oracle:
         chosen: list[Speculated] = []
         self._first_open = max(self._first_open, self._next)
         for event in self.requests[self._first_open :]:
-            if event.time > elapsed + self.horizon_seconds or len(chosen) >= int(self._tokens):
+            if event.time > elapsed + self.horizon_seconds / 2 or len(chosen) >= int(self._tokens):
                 break
             stale = self.fresh_until(event.user_id, event.item_ids) <= now
             for item, is_stale in zip(event.item_ids, stale, strict=True):
                 pair = (event.user_id, item)
-                if is_stale and pair not in self._handed_out and len(chosen) < int(self._tokens):
-                    self._handed_out.add(pair)
+                if is_stale and self._may_hand_out(pair, now) and len(chosen) < int(self._tokens):
+                    self._handed_out[pair] = now
                     chosen.append(Speculated(event.user_id, item, Policy.PREFETCH, 1.0))
         self._tokens -= len(chosen)
         while self._first_open < len(self.requests) and self._all_handed_out(
@@ -146,6 +148,10 @@ class Oracle:
         ):
             self._first_open += 1
         return chosen
+
+    def _may_hand_out(self, pair: Pair, now: float) -> bool:
+        handed_out_at = self._handed_out.get(pair)
+        return handed_out_at is None or now - handed_out_at >= self.horizon_seconds
 
     def _all_handed_out(self, event: Event) -> bool:
         return all((event.user_id, item) in self._handed_out for item in event.item_ids)
@@ -250,6 +256,8 @@ class Replay:
         before = daemon.stats.pairs_computed
         await daemon.process([PrefetchTask(user, tuple(items)) for user, items in by_user.items()])
         result.computed += daemon.stats.pairs_computed - before
+        if isinstance(speculator, Speculator):
+            speculator.done((entry.user_id, entry.item_id) for entry in taken)
 
     def _score(
         self,

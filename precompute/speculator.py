@@ -61,9 +61,11 @@ class SpeculationSettings:
     recent_items_per_user: int = 200
     neighbours_per_item: int = 20
     """Co-visited items kept per item, most frequent first."""
+    covisit_items_per_request: int = 50
+    """Co-visitation counts the first this many items of a request (the cost is their square)."""
     max_queued_pairs: int = 200_000
     in_flight_seconds: float = 60.0
-    """A pair handed out is not handed out again for this long: it is being computed."""
+    """A pair handed out is not handed out again until `done` or for this long."""
 
     def __post_init__(self) -> None:
         if self.budget_pairs_per_second <= 0:
@@ -150,6 +152,11 @@ class Speculator:
         while len(self._handed_out) > self.settings.max_queued_pairs:
             self._handed_out.popitem(last=False)
         return chosen
+
+    def done(self, pairs: Iterable[Pair]) -> None:
+        """These pairs are computed and stored: no longer in flight."""
+        for pair in pairs:
+            self._handed_out.pop(pair, None)
 
     def __len__(self) -> int:
         return len(self._best)
@@ -239,7 +246,7 @@ class Speculator:
         """Items asked for in one request co-occur; each item keeps its strongest neighbours."""
         if Policy.COVISIT not in self.settings.policies:
             return
-        unique = list(dict.fromkeys(item_ids))
+        unique = list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
         for item_id in unique:
             neighbours = self._covisits.setdefault(item_id, Counter())
             neighbours.update(other for other in unique if other != item_id)

@@ -13,8 +13,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
 from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.speculative_source import SpeculativeSource
+from solaris.precompute.speculator import SpeculationSettings, Speculator
 from solaris.server.core import EmbeddingService, WorkQueue
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
 from solaris.server.l1 import MemoryStore
@@ -155,6 +157,18 @@ class Sidecar:
             )
         return live
 
+    def _embedded_source(self, precompute: PrecomputeSettings) -> WorkSource:
+        """The Prefetch queue as it comes, or (with speculation on) through the speculator,
+        which also learns from every read this sidecar answers."""
+        if not precompute.policies:
+            return self.prefetch_queue
+        speculation = SpeculationSettings(precompute.speculation_budget, precompute.policies)
+        source = SpeculativeSource(
+            self.prefetch_queue, Speculator(speculation, self.l1.fresh_until)
+        )
+        self.request_log.listeners.append(source.observe)
+        return source
+
     def _use_redis(self, settings: ServeSettings) -> None:
         """L1 in front of Redis, and Prefetch work to the shared stream."""
         timeout = settings.redis_timeout_ms / 1000
@@ -196,7 +210,7 @@ class Sidecar:
         return PrecomputeDaemon(
             runner,
             self.store,
-            self.prefetch_queue,
+            self._embedded_source(precompute),
             precompute,
             self.settings.ttl_seconds,
             self.settings.stale_seconds,

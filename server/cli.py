@@ -15,7 +15,7 @@ from solaris.server.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="solaris", description=__doc__)
+    parser = argparse.ArgumentParser(prog="solaris", description=__doc__, allow_abbrev=False)
     parser.add_argument(
         "--log-level", default=os.environ.get("SOLARIS_LOG_LEVEL", "INFO"), help="Logging level."
     )

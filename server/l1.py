@@ -77,6 +77,14 @@ class MemoryStore:
     async def close(self) -> None:
         """Nothing to release: the tables live as long as the store."""
 
+    def fresh_until(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
+        """Each pair's stale_at (-inf if not held), without touching recency: for speculation."""
+        get = self._slots.get
+        with self._lock:
+            slots = np.array([get((user_id, item), -1) for item in item_ids], dtype=np.int64)
+            stale_at = self._times[np.maximum(slots, 0), 1]
+        return np.where(slots >= 0, stale_at, -np.inf)
+
     def read_now(
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, now: float | None = None
     ) -> Rows:

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import grpc
 import numpy as np
 import pytest
 
@@ -149,3 +150,28 @@ async def test_a_poison_pair_is_dropped_and_its_batch_mates_are_stored(
     assert daemon.stats.pairs_computed == 5
     halvings_of_six_pairs = 3
     assert model.calls <= 1 + 2 * halvings_of_six_pairs
+
+
+async def test_a_missed_read_is_computed_by_speculation_without_a_prefetch(
+    embedded: Sidecar, stub: EmbeddingStoreStub
+) -> None:
+    first = await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["m1", "m2"]))
+    later = await batch_get_when_all_hit(stub, "u", ["m1", "m2"])
+    assert list(first.statuses) == [pb.MISS, pb.MISS]
+    assert list(later.statuses) == [pb.HIT, pb.HIT]
+
+
+async def test_with_speculation_off_only_prefetch_work_is_computed(
+    settings: ServeSettings, precompute_settings: PrecomputeSettings
+) -> None:
+    sidecar = Sidecar(settings, dataclasses.replace(precompute_settings, speculation=""))
+    await sidecar.start()
+    try:
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            stub = EmbeddingStoreStub(channel)
+            await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["m1"]))
+            await asyncio.sleep(0.5)
+            answer = await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["m1"]))
+    finally:
+        await sidecar.stop(grace=0)
+    assert list(answer.statuses) == [pb.MISS]

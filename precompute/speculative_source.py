@@ -1,0 +1,72 @@
+"""The embedded daemon's work source once speculation is on: Prefetch tasks become hints, the
+sidecar's answered reads become observations, and the daemon computes what the speculator
+hands out within its budget.
+
+The serving path only appends each answered read to a bounded buffer; the daemon's thread
+feeds the buffer to the speculator when it next takes work, so speculation costs a read
+nothing but that append."""
+
+import threading
+import time
+from collections import deque
+
+from solaris.precompute.speculator import Speculator
+from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
+from solaris.server.request_log import LoggedRequest
+
+_IDLE_SECONDS = 0.02
+_HINTS_PER_TAKE = 1_000
+
+
+class SpeculativeSource:
+    def __init__(
+        self, queue: PrefetchQueue, speculator: Speculator, buffered_reads: int = 10_000
+    ) -> None:
+        self.queue = queue
+        self.speculator = speculator
+        self.dropped_reads = 0
+        self._reads: deque[LoggedRequest] = deque(maxlen=buffered_reads)
+        self._lock = threading.Lock()
+        self._histories: dict[str, tuple[str, ...]] = {}
+
+    def observe(self, request: LoggedRequest) -> None:
+        """Called on the serving path: an append, nothing more."""
+        if len(self._reads) == self._reads.maxlen:
+            self.dropped_reads += 1
+        self._reads.append(request)
+
+    def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
+        """What the speculator hands out now, one task per user, waiting up to `timeout` for
+        some. It may return more than `max_tasks`: a pair handed out is never dropped."""
+        end = time.monotonic() + (timeout or 0)
+        while True:
+            tasks = self._take_now()
+            if tasks or time.monotonic() >= end:
+                return tasks
+            time.sleep(min(_IDLE_SECONDS, max(0.0, end - time.monotonic())))
+
+    def ack(self, tasks: list[PrefetchTask]) -> None:
+        """The tasks' pairs are stored: the speculator may hand them out again once stale."""
+        with self._lock:
+            self.speculator.done((task.user_id, item) for task in tasks for item in task.item_ids)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def _take_now(self) -> list[PrefetchTask]:
+        hints = self.queue.take(max_tasks=_HINTS_PER_TAKE, timeout=0)
+        with self._lock:
+            while self._reads:
+                self.speculator.observe(self._reads.popleft())
+            for hint in hints:
+                if hint.history:
+                    self._histories[hint.user_id] = hint.history
+                self.speculator.hint(hint.user_id, hint.item_ids)
+            chosen = self.speculator.take()
+        by_user: dict[str, list[str]] = {}
+        for entry in chosen:
+            by_user.setdefault(entry.user_id, []).append(entry.item_id)
+        return [
+            PrefetchTask(user, tuple(items), self._histories.pop(user, ()))
+            for user, items in by_user.items()
+        ]
