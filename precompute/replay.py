@@ -154,7 +154,13 @@ class Oracle:
         return handed_out_at is None or now - handed_out_at >= self.horizon_seconds
 
     def _all_handed_out(self, event: Event) -> bool:
-        return all((event.user_id, item) in self._handed_out for item in event.item_ids)
+        """Every pair of `event` computed recently enough to be fresh when it is asked for.
+        Once true it stays true (hand-out times only grow), so the event needs no more looks."""
+        asked_at = self.clock.start + event.time
+        return all(
+            self._handed_out.get((event.user_id, item), -np.inf) + self.horizon_seconds > asked_at
+            for item in event.item_ids
+        )
 
 
 class Replay:
