@@ -332,6 +332,16 @@ def format_report(results: Sequence[ReplayResult]) -> str:
             f"{r.precision:9.3f} {r.computed:9,d} {r.never_predicted:7,d} {r.too_late:7,d} "
             f"{r.expired:7,d} {r.mean_age_s:6.0f}"
         )
+    lines.append("")
+    lines.append("by policy (all policies): pairs computed, later served, precision")
+    for r in results:
+        if r.policy_set == "all policies":
+            cells = [
+                f"{policy} {r.computed_by[policy]:,}/{r.used_by[policy]:,}/"
+                f"{r.used_by[policy] / r.computed_by[policy]:.2f}"
+                for policy in sorted(r.computed_by)
+            ]
+            lines.append(f"{r.budget:8.0f}  " + "  ".join(cells))
     lines.append("misses: never = never predicted, late = predicted but not computed in time,")
     lines.append("expired = computed but expired; age = mean age of served embeddings.")
     return "\n".join(lines)

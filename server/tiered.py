@@ -150,7 +150,7 @@ class TieredStore:
             found.times[live],
             found.model_version,
         )
-        values, times = rows.values.copy(), rows.times.copy()
-        values[lacking[live]] = found.values[live].astype(dtype)
-        times[lacking[live]] = found.times[live]
-        return Rows(values, times, rows.model_version or found.model_version)
+        # L1's rows are fresh arrays of this read alone: fill them in place.
+        rows.values[lacking[live]] = found.values[live].astype(dtype)
+        rows.times[lacking[live]] = found.times[live]
+        return Rows(rows.values, rows.times, rows.model_version or found.model_version)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from solaris.precompute.export import ExportReport
-from solaris.precompute.replay import ORACLE, Replay, ReplayResult
+from solaris.precompute.replay import ORACLE, Replay, ReplayResult, format_report
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.speculator import Policy
 from solaris.precompute.traffic import (
@@ -114,3 +114,11 @@ def test_a_generated_log_in_the_movielens_layout_loads(tmp_path: Path) -> None:
     rows = load_interactions(log)
     assert rows == sorted(rows, key=lambda row: row[2])
     assert requests_from_log(rows, LogReplay(time_scale=1440))
+
+
+def test_the_report_breaks_computed_and_served_pairs_down_by_policy(runner: OnnxRunner) -> None:
+    events = [Event(5.0, "u", ITEMS, is_hint=True), Event(10.0, "u", ITEMS)]
+    result = Replay(events, runner).run("all policies", budget=100)
+    assert result.computed_by["prefetch"] == 5
+    assert result.used_by["prefetch"] == 5
+    assert "prefetch 5/5/1.00" in format_report([result])
