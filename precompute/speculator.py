@@ -1,7 +1,10 @@
 """The speculator: turns signals into a prioritised, de-duplicated queue of pairs to compute,
 under a compute budget. The store is only as good as its hit rate, and compute is only well
-spent on pairs that are later requested, so each pair's priority is its policy's weight times
-how likely that policy thinks a request for it is.
+spent on pairs that are later requested, so a pair's priority is the value of the signals that
+asked for it: each signal is worth its policy's weight times how likely that policy thinks a
+request is, and that worth decays with the signal's age (a user's interest is strongest right
+after they showed it). Signals for the same pair add up, so a pair missed twice goes before a
+pair missed once, and a fresh miss before one from minutes ago.
 
 Policies, strongest signal first:
   prefetch  the ranker said the user will score these items (Prefetch hints);
@@ -16,6 +19,7 @@ fresh in the store is never handed out, and every pair remembers the policy that
 
 import heapq
 import itertools
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -63,15 +67,17 @@ class SpeculationSettings:
     """Co-visited items kept per item, most frequent first."""
     covisit_items_per_request: int = 50
     """Co-visitation counts the first this many items of a request (the cost is their square)."""
+    decay_seconds: float = 60.0
+    """A signal's value falls by a factor of e every this many seconds."""
     max_queued_pairs: int = 200_000
+    """Past this, the least valuable half of the queue is dropped."""
     in_flight_seconds: float = 60.0
     """A pair handed out is not handed out again until `done` or for this long."""
 
     def __post_init__(self) -> None:
-        if self.budget_pairs_per_second <= 0:
-            raise ValueError(
-                f"budget_pairs_per_second: must be above 0, got {self.budget_pairs_per_second}"
-            )
+        for name in ("budget_pairs_per_second", "decay_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be above 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,11 @@ class Speculated:
     user_id: str
     item_id: str
     policy: Policy
+    """The strongest policy that asked for the pair."""
     priority: float
+    """The log of the pair's decayed value, plus the time since the speculator started over
+    `decay_seconds`: every queued pair decays at the same rate, so comparing these orders the
+    queue by value now without ever updating them."""
 
 
 @dataclass
@@ -106,8 +116,9 @@ class Speculator:
         self._fresh_until = fresh_until
         self._clock = clock
         self._heap: list[tuple[float, int, Speculated]] = []
-        self._best: dict[Pair, float] = {}
+        self._queued: dict[Pair, Speculated] = {}
         self._order = itertools.count()
+        self._started_at = clock()
         self._tokens = 0.0
         self._tokens_at = clock()
         self._recent: OrderedDict[str, dict[str, None]] = OrderedDict()
@@ -159,7 +170,7 @@ class Speculator:
             self._handed_out.pop(pair, None)
 
     def __len__(self) -> int:
-        return len(self._best)
+        return len(self._queued)
 
     def _spendable(self) -> int:
         """A token bucket: the budget accrues with time, up to one second's worth."""
@@ -170,21 +181,45 @@ class Speculator:
         return int(self._tokens)
 
     def _offer(self, user_id: str, item_id: str, policy: Policy, score: float) -> None:
-        if policy not in self.settings.policies:
-            return
-        priority = self.settings.weights[policy] * score
+        value = self.settings.weights[policy] * score
         pair = (user_id, item_id)
-        if self._best.get(pair, -1.0) >= priority or self._in_flight(pair):
+        if policy not in self.settings.policies or value <= 0 or self._in_flight(pair):
             return
-        if pair not in self._best and len(self._best) >= self.settings.max_queued_pairs:
-            self.stats.dropped_full += 1
-            return
-        self._best[pair] = priority
+        priority = (
+            math.log(value) + (self._clock() - self._started_at) / self.settings.decay_seconds
+        )
+        queued = self._queued.get(pair)
+        if queued is not None:
+            priority = _log_sum(queued.priority, priority)
+            weights = self.settings.weights
+            policy = max(queued.policy, policy, key=lambda known: weights[known])
+        elif len(self._queued) >= self.settings.max_queued_pairs:
+            self._drop_least_valuable()
         entry = Speculated(user_id, item_id, policy, priority)
+        self._queued[pair] = entry
         heapq.heappush(self._heap, (-priority, next(self._order), entry))
-        self.stats.queued[policy] += 1
-        if self._on_queue is not None:
-            self._on_queue(entry)
+        if len(self._heap) > 2 * len(self._queued) + 1_000:
+            self._rebuild_heap()
+        if queued is None:
+            self.stats.queued[policy] += 1
+            if self._on_queue is not None:
+                self._on_queue(entry)
+
+    def _drop_least_valuable(self) -> None:
+        """Keeps the better half of a full queue: dropping half at once keeps the cost of
+        choosing them to one sort per `max_queued_pairs / 2` offers."""
+        keep = self.settings.max_queued_pairs // 2
+        self.stats.dropped_full += len(self._queued) - keep
+        kept = heapq.nlargest(keep, self._queued.values(), key=lambda entry: entry.priority)
+        self._queued = {(entry.user_id, entry.item_id): entry for entry in kept}
+        self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        """Drops the heap's entries that a later offer for the same pair replaced."""
+        self._heap = [
+            (-entry.priority, next(self._order), entry) for entry in self._queued.values()
+        ]
+        heapq.heapify(self._heap)
 
     def _in_flight(self, pair: Pair) -> bool:
         handed_out_at = self._handed_out.get(pair)
@@ -197,8 +232,8 @@ class Speculator:
         while self._heap and len(popped) < count:
             _, _, entry = heapq.heappop(self._heap)
             pair = (entry.user_id, entry.item_id)
-            if self._best.get(pair) == entry.priority:
-                del self._best[pair]
+            if self._queued.get(pair) is entry:
+                del self._queued[pair]
                 popped.append(entry)
         return popped
 
@@ -287,3 +322,9 @@ class Speculator:
         most = max(scores.values())
         for other, count in scores.most_common(self.settings.neighbours_per_item):
             self._offer(user_id, other, Policy.COVISIT, count / most)
+
+
+def _log_sum(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) without overflow."""
+    high, low = max(a, b), min(a, b)
+    return high + math.log1p(math.exp(low - high))

@@ -117,3 +117,36 @@ def test_a_pair_handed_out_is_not_handed_out_again_while_in_flight(world: World)
     world.now += 30
     speculator.observe(world.request("u", ["a"], [MISS]))
     assert pairs(speculator.take()) == {("u", "a", Policy.MISS)}
+
+
+def test_a_recent_miss_goes_before_an_older_one(world: World) -> None:
+    speculator = world.speculator(rate=1, policies=frozenset({Policy.MISS}))
+    speculator.observe(world.request("old", ["a"], [MISS]))
+    world.now += 30
+    speculator.observe(world.request("new", ["a"], [MISS]))
+    assert pairs(speculator.take()) == {("new", "a", Policy.MISS)}
+
+
+def test_a_pair_asked_for_twice_goes_before_one_asked_for_once(world: World) -> None:
+    speculator = world.speculator(rate=1, policies=frozenset({Policy.MISS}))
+    speculator.observe(world.request("u", ["once", "twice"], [MISS, MISS]))
+    speculator.observe(world.request("u", ["twice"], [MISS]))
+    assert pairs(speculator.take()) == {("u", "twice", Policy.MISS)}
+
+
+def test_a_pair_keeps_the_strongest_policy_that_asked_for_it(world: World) -> None:
+    speculator = world.speculator()
+    speculator.hint("u", ["a"])
+    speculator.observe(world.request("u", ["a"], [MISS]))
+    assert pairs(speculator.take()) == {("u", "a", Policy.PREFETCH)}
+
+
+def test_a_full_queue_drops_its_least_valuable_half(world: World) -> None:
+    speculator = world.speculator(rate=1000, max_queued_pairs=4)
+    for item in ("old1", "old2", "old3", "old4"):
+        speculator.observe(world.request("u", [item], [MISS]))
+        world.now += 1
+    speculator.hint("u", ["new"])
+    assert len(speculator) == 3
+    assert speculator.stats.dropped_full == 2
+    assert {entry.item_id for entry in speculator.take()} == {"new", "old3", "old4"}
