@@ -11,14 +11,19 @@ from prometheus_client import CollectorRegistry
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.runner import OnnxRunner, open_runner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.metrics import LiveValues, daemon_values, serve_metrics
-from solaris.server.redis_store import RedisStore, connect, connect_blocking, redacted
+from solaris.precompute.shared_speculation import SharedSpeculation, shared_speculation
+from solaris.server.metrics import LiveValues, daemon_values, serve_metrics, speculation_values
+from solaris.server.redis_store import (
+    DAEMON_REDIS_TIMEOUT_SECONDS,
+    RedisStore,
+    connect,
+    connect_blocking,
+    redacted,
+)
 from solaris.server.settings import ServeSettings, SettingsError
 from solaris.server.store import Store
 from solaris.server.work_stream import StreamWorkSource
 
-DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
-"""Off the serving path, a daemon can wait longer for Redis than a read can."""
 logger = logging.getLogger("solaris.precompute")
 
 
@@ -62,21 +67,29 @@ def run_until_signalled(settings: ServeSettings, precompute: PrecomputeSettings)
     check_dim(runner, settings.dim)
     store = daemon_l2(settings, runner.model_version)
     daemon = shared_daemon(settings, precompute, runner, store)
+    speculation = shared_speculation(settings, precompute, runner.model_version)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     daemon.start()
-    metrics = serve_daemon_metrics(settings, daemon)
+    if speculation is not None:
+        speculation.start()
+    metrics = serve_daemon_metrics(settings, daemon, speculation)
     logger.info("precomputing for %s (model %s)", redacted(settings.redis), runner.model_version)
     stop.wait()
+    if speculation is not None:
+        speculation.stop()
     daemon.stop()
     if metrics is not None:
         metrics.shutdown()
     logger.info("stopped")
 
 
-def serve_daemon_metrics(settings: ServeSettings, daemon: PrecomputeDaemon) -> Any:
-    """The daemon's /metrics, when --metrics-port is set: runner counters and stream counters."""
+def serve_daemon_metrics(
+    settings: ServeSettings, daemon: PrecomputeDaemon, speculation: SharedSpeculation | None
+) -> Any:
+    """The daemon's /metrics, when --metrics-port is set: runner, stream and speculator
+    counters."""
     if not settings.metrics_port:
         return None
     live = LiveValues()
@@ -91,6 +104,7 @@ def serve_daemon_metrics(settings: ServeSettings, daemon: PrecomputeDaemon) -> A
         "Times the work source (Redis) could not be read.",
         lambda: daemon.stats.source_errors,
     )
+    speculation_values(live, lambda: speculation.stats if speculation is not None else None)
     registry = CollectorRegistry()
     registry.register(live)
     server, _ = serve_metrics(registry, settings.metrics_host, settings.metrics_port)

@@ -15,14 +15,26 @@ from prometheus_client import CollectorRegistry
 
 from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
 from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.shared_speculation import SharedSpeculation, shared_speculation
 from solaris.precompute.speculative_source import SpeculativeSource
-from solaris.precompute.speculator import SpeculationSettings, Speculator
+from solaris.precompute.speculator import Speculator
 from solaris.server.core import EmbeddingService, WorkQueue
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
 from solaris.server.l1 import MemoryStore
-from solaris.server.metrics import LiveValues, ReadMetrics, daemon_values, serve_metrics
+from solaris.server.metrics import (
+    LiveValues,
+    ReadMetrics,
+    daemon_values,
+    serve_metrics,
+    speculation_values,
+)
 from solaris.server.prefetch_queue import PrefetchQueue
-from solaris.server.redis_store import RedisStore, connect, redacted
+from solaris.server.redis_store import (
+    DAEMON_REDIS_TIMEOUT_SECONDS,
+    RedisStore,
+    connect,
+    redacted,
+)
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
 from solaris.server.settings import ServeSettings
@@ -46,6 +58,7 @@ class Sidecar:
         self.settings = settings
         self.precompute_settings = precompute
         self.daemon: PrecomputeDaemon | None = None
+        self.speculation: SharedSpeculation | None = None
         self.l1 = MemoryStore(settings.l1_bytes, settings.dim)
         self.request_log = RequestLog(settings.request_log_rows)
         self.prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
@@ -76,6 +89,15 @@ class Sidecar:
         if self.precompute_settings is not None and self.precompute_settings.precompute:
             self.daemon = await asyncio.to_thread(self._build_daemon, self.precompute_settings)
             self.daemon.start()
+            if self.l2 is not None:
+                self.speculation = await asyncio.to_thread(
+                    shared_speculation,
+                    self.settings,
+                    self.precompute_settings,
+                    self.daemon.model.model_version,
+                )
+            if self.speculation is not None:
+                self.speculation.start()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -118,6 +140,8 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
         self._server = None
+        if self.speculation is not None:
+            await asyncio.to_thread(self.speculation.stop)
         if self.daemon is not None:
             await asyncio.to_thread(self.daemon.stop)
         if self._metrics_server is not None:
@@ -141,6 +165,9 @@ class Sidecar:
             lambda: self.prefetch_queue.pairs,
         )
         daemon_values(live, lambda: self.daemon.stats if self.daemon is not None else None)
+        speculation_values(
+            live, lambda: self.speculation.stats if self.speculation is not None else None
+        )
         if isinstance(self.store, TieredStore):
             reach, l2 = self.store.reachability, self.store.l2
             live.gauges["solaris_redis_up"] = ("1 while Redis answers.", lambda: int(reach.up))
@@ -162,10 +189,8 @@ class Sidecar:
         which also learns from every read this sidecar answers."""
         if not precompute.policies:
             return self.prefetch_queue
-        speculation = SpeculationSettings(precompute.speculation_budget, precompute.policies)
-        source = SpeculativeSource(
-            self.prefetch_queue, Speculator(speculation, self.l1.fresh_until)
-        )
+        speculator = Speculator(precompute.speculation_settings(), self.l1.fresh_until)
+        source = SpeculativeSource(self.prefetch_queue, speculator)
         self.request_log.listeners.append(source.observe)
         return source
 
@@ -194,7 +219,6 @@ class Sidecar:
         # exporter's PyTorch (about 190 MiB of a pod's memory limit).
         from solaris.precompute.runner import open_runner
         from solaris.precompute.shared import (
-            DAEMON_REDIS_TIMEOUT_SECONDS,
             check_dim,
             daemon_l2,
             shared_daemon,

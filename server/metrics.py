@@ -19,6 +19,7 @@ from solaris.server.store import RowStatus
 
 if TYPE_CHECKING:
     from solaris.precompute.daemon import DaemonStats
+    from solaris.precompute.shared_speculation import SharedSpeculationStats
 
 READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 REQUEST_ITEMS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4096)
@@ -86,7 +87,27 @@ def daemon_values(live: LiveValues, stats: Callable[[], "DaemonStats | None"]) -
         live.counters[name] = (help_text, _stat_reader(stats, attribute))
 
 
-def _stat_reader(stats: Callable[[], "DaemonStats | None"], attribute: str) -> Callable[[], float]:
+def speculation_values(
+    live: LiveValues, stats: Callable[[], "SharedSpeculationStats | None"]
+) -> None:
+    """The shared speculator's counters, read from `stats()` (None where there is none)."""
+    live.gauges["solaris_speculator_leading"] = (
+        "1 while this process is the speculator for every sidecar.",
+        _stat_reader(stats, "leading"),
+    )
+    names = {
+        "solaris_speculator_requests_read": ("requests_read", "Reads learnt from, all sidecars."),
+        "solaris_speculator_pairs_added": ("pairs_added", "Pairs added to the work stream."),
+        "solaris_speculator_backlog_waits": (
+            "waits_for_backlog",
+            "Rounds that added nothing: the daemons had enough work waiting.",
+        ),
+    }
+    for name, (attribute, help_text) in names.items():
+        live.counters[name] = (help_text, _stat_reader(stats, attribute))
+
+
+def _stat_reader(stats: Callable[[], object | None], attribute: str) -> Callable[[], float]:
     def read() -> float:
         current = stats()
         return float(getattr(current, attribute)) if current is not None else 0.0

@@ -28,6 +28,8 @@ FORMAT_VERSION = 1
 DTYPE_FLOAT32 = 1
 MODEL_VERSION_KEY = "solaris:model-version"
 PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
+DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
+"""Off the serving path, a daemon can wait longer for Redis than a read can."""
 _UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
 _NEVER_STORED = (0.0, -np.inf, -np.inf)
 logger = logging.getLogger("solaris.redis")
@@ -86,12 +88,7 @@ def decode_values(blobs: Sequence[bytes | None], dim: int, model_version: str) -
     present = [i for i, blob in enumerate(blobs) if blob is not None]
     fits = [i for i in present if len(blobs[i]) == layout.itemsize]  # type: ignore[arg-type]
     records = np.frombuffer(b"".join(blobs[i] for i in fits), layout)  # type: ignore[misc]
-    valid = (
-        (records["format"] == FORMAT_VERSION)
-        & (records["dtype"] == DTYPE_FLOAT32)
-        & (records["dim"] == dim)
-        & (records["model_version"] == model_version.encode())
-    )
+    valid = _header_fits(records, dim, model_version)
     rows = np.array(fits, dtype=np.int64)[valid]
     values[rows] = records["values"][valid]
     times[rows, 0] = records["computed_at"][valid]
@@ -132,6 +129,34 @@ def redacted(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _header_fits(records: np.ndarray, dim: int, model_version: str) -> np.ndarray:
+    return (
+        (records["format"] == FORMAT_VERSION)
+        & (records["dtype"] == DTYPE_FLOAT32)
+        & (records["dim"] == dim)
+        & (records["model_version"] == model_version.encode())
+    )
+
+
+def read_stale_at(
+    client: redis.Redis, dim: int, model_version: str, user_id: str, item_ids: Sequence[str]
+) -> np.ndarray:
+    """When each pair goes stale (-inf if not stored), reading only the values' headers: a
+    speculator asks this of every pair it considers, so it fetches tens of bytes, not the
+    embeddings."""
+    layout = value_layout(0, model_version)
+    with client.pipeline(transaction=False) as pipe:
+        for item_id in item_ids:
+            pipe.getrange(pair_key(model_version, user_id, item_id), 0, layout.itemsize - 1)
+        headers: list[bytes] = pipe.execute()
+    stale_at = np.full(len(item_ids), -np.inf)
+    fits = [i for i, header in enumerate(headers) if len(header) == layout.itemsize]
+    records = np.frombuffer(b"".join(headers[i] for i in fits), layout)
+    valid = _header_fits(records, dim, model_version)
+    stale_at[np.array(fits, dtype=np.int64)[valid]] = records["stale_at"][valid]
+    return stale_at
 
 
 class RedisStore:

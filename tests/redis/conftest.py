@@ -1,13 +1,22 @@
-"""Real `redis-server` processes on free ports, which tests may kill and restart."""
+"""Real `redis-server` processes on free ports, which tests may kill and restart, and sidecars
+and daemons sharing one."""
 
+import dataclasses
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import grpc
 import pytest
 import redis
 
+from solaris.precompute.export import ExportReport
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.server.app import Sidecar
+from solaris.server.settings import ServeSettings
+from solaris.v1 import embedding_store_pb2 as pb
+from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -59,3 +68,53 @@ def redis_server() -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.kill()
+
+
+NO_DAEMON = PrecomputeSettings(precompute=False)
+
+
+@pytest.fixture
+def shared_settings(settings: ServeSettings, redis_server: RedisProcess) -> ServeSettings:
+    return dataclasses.replace(
+        settings,
+        redis=redis_server.url,
+        redis_timeout_ms=100,
+        claim_idle_seconds=1.0,
+        prefetch_queue_pairs=10_000,
+    )
+
+
+@pytest.fixture
+def with_daemon(tiny_model: ExportReport) -> PrecomputeSettings:
+    return PrecomputeSettings(model=str(tiny_model.path), batch_wait_ms=1.0, batch_pairs=64)
+
+
+async def started(settings: ServeSettings, precompute: PrecomputeSettings) -> Sidecar:
+    sidecar = Sidecar(settings, precompute)
+    await sidecar.start()
+    return sidecar
+
+
+@pytest.fixture
+async def sidecars() -> AsyncIterator[list[Sidecar]]:
+    """Sidecars a test starts; all stopped at the end."""
+    running: list[Sidecar] = []
+    yield running
+    for sidecar in running:
+        await sidecar.stop(grace=0)
+
+
+async def batch_get(sidecar: Sidecar, user: str, items: list[str]) -> pb.BatchGetResponse:
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        return await EmbeddingStoreStub(channel).BatchGet(
+            pb.BatchGetRequest(user_id=user, item_ids=items), timeout=2
+        )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

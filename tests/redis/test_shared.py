@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -30,47 +29,13 @@ from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
 from tests.conftest import DIM
-from tests.redis.conftest import RedisProcess
-
-NO_DAEMON = PrecomputeSettings(precompute=False)
-
-
-@pytest.fixture
-def shared_settings(settings: ServeSettings, redis_server: RedisProcess) -> ServeSettings:
-    return dataclasses.replace(
-        settings,
-        redis=redis_server.url,
-        redis_timeout_ms=100,
-        claim_idle_seconds=1.0,
-        prefetch_queue_pairs=10_000,
-    )
-
-
-@pytest.fixture
-def with_daemon(tiny_model: ExportReport) -> PrecomputeSettings:
-    return PrecomputeSettings(model=str(tiny_model.path), batch_wait_ms=1.0, batch_pairs=64)
-
-
-async def started(settings: ServeSettings, precompute: PrecomputeSettings) -> Sidecar:
-    sidecar = Sidecar(settings, precompute)
-    await sidecar.start()
-    return sidecar
-
-
-@pytest.fixture
-async def sidecars() -> AsyncIterator[list[Sidecar]]:
-    """Sidecars a test starts; all stopped at the end."""
-    running: list[Sidecar] = []
-    yield running
-    for sidecar in running:
-        await sidecar.stop(grace=0)
-
-
-async def batch_get(sidecar: Sidecar, user: str, items: list[str]) -> pb.BatchGetResponse:
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        return await EmbeddingStoreStub(channel).BatchGet(
-            pb.BatchGetRequest(user_id=user, item_ids=items), timeout=2
-        )
+from tests.redis.conftest import (
+    NO_DAEMON,
+    RedisProcess,
+    batch_get,
+    started,
+    wait_until,
+)
 
 
 async def until_all_hits(sidecar: Sidecar, user: str, items: list[str]) -> pb.BatchGetResponse:
@@ -276,15 +241,6 @@ def pending(server: RedisProcess) -> int:
         return server.client().xpending(STREAM_KEY, GROUP)["pending"]
     except redis.exceptions.ResponseError:
         return 0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def test_every_sidecars_reads_reach_one_request_stream(

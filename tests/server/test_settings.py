@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.speculator import DEFAULT_WEIGHTS, Policy
 from solaris.server.logs import JsonFormatter
 from solaris.server.settings import (
     ServeSettings,
@@ -85,6 +86,23 @@ def test_precompute_settings_read_booleans_and_check_the_device() -> None:
         from_sources(args, {"SOLARIS_DEVICE": "tpu"}, PrecomputeSettings)
     with pytest.raises(SettingsError, match="precompute"):
         from_sources(parser.parse_args(["--precompute", "maybe"]), {}, PrecomputeSettings)
+
+
+def test_speculation_weights_come_from_the_flag_with_defaults_for_the_rest() -> None:
+    settings = PrecomputeSettings(speculation="prefetch=2, miss", speculation_decay_seconds=30)
+
+    speculation = settings.speculation_settings()
+
+    assert speculation.policies == {Policy.PREFETCH, Policy.MISS}
+    assert speculation.weights[Policy.PREFETCH] == 2.0
+    assert speculation.weights[Policy.MISS] == DEFAULT_WEIGHTS[Policy.MISS]
+    assert speculation.decay_seconds == 30
+
+
+@pytest.mark.parametrize("text", ["miss=-1", "miss=lots", "miss=inf", "misses=1"])
+def test_a_bad_speculation_policy_or_weight_is_refused_by_name(text: str) -> None:
+    with pytest.raises(SettingsError, match=r"speculation: .*miss"):
+        PrecomputeSettings(speculation=text)
 
 
 def test_a_config_file_is_overridden_by_environment_and_flags(tmp_path: Path) -> None:

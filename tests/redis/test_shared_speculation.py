@@ -1,0 +1,170 @@
+"""One speculator for every sidecar, over Redis: real redis-server processes, a real sidecar
+over gRPC shipping its reads, and a real `solaris precompute` process that speculates on them."""
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from solaris.precompute.export import ExportReport
+from solaris.precompute.shared_speculation import LEASE_KEY, SharedSpeculation
+from solaris.precompute.speculator import Policy, SpeculationSettings
+from solaris.server.app import Sidecar
+from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
+from solaris.server.request_log import LoggedRequest
+from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
+from solaris.server.settings import ServeSettings
+from solaris.server.store import Freshness, RowStatus
+from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task
+from solaris.v1 import embedding_store_pb2 as pb
+from tests.conftest import DIM
+from tests.redis.conftest import NO_DAEMON, RedisProcess, batch_get, started, wait_until
+
+MISSES_ONLY = SpeculationSettings(100.0, frozenset({Policy.MISS}))
+
+
+def speculation(
+    server: RedisProcess, settings: SpeculationSettings = MISSES_ONLY, **knobs: float
+) -> SharedSpeculation:
+    return SharedSpeculation(server.client(), settings, DIM, "v1", **knobs)  # type: ignore[arg-type]
+
+
+def log_misses(server: RedisProcess, user: str, items: list[str]) -> None:
+    statuses = np.full(len(items), RowStatus.MISS, np.uint8)
+    request = LoggedRequest(user, tuple(items), statuses, time.time())
+    server.client().xadd(REQUEST_STREAM_KEY, encode_request(request))
+
+
+def waiting_tasks(server: RedisProcess) -> int:
+    return int(server.client().xinfo_groups(STREAM_KEY)[0]["lag"] or 0)
+
+
+@pytest.fixture
+def speculating_daemon(
+    redis_server: RedisProcess, tiny_model: ExportReport
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`solaris precompute` with the miss policy only, once it holds the speculator lease."""
+    command = [sys.executable, "-m", "solaris.server.cli", "precompute"]
+    command += ["--redis", redis_server.url, "--model", str(tiny_model.path), "--dim", str(DIM)]
+    command += ["--speculation", "miss", "--batch-wait-ms", "1"]
+    daemon = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: redis_server.client().exists(LEASE_KEY) == 1, timeout=60)
+        yield daemon
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+async def test_a_sidecars_misses_become_hits_with_no_prefetch_at_all(
+    shared_settings: ServeSettings,
+    redis_server: RedisProcess,
+    speculating_daemon: subprocess.Popen[bytes],
+    sidecars: list[Sidecar],
+) -> None:
+    sidecar = await started(shared_settings, NO_DAEMON)
+    sidecars.append(sidecar)
+    items = [f"item-{n}" for n in range(20)]
+    first = await batch_get(sidecar, "user-1", items)
+    assert set(first.statuses) == {pb.MISS}
+    for _ in range(200):
+        answer = await batch_get(sidecar, "user-1", items)
+        if set(answer.statuses) == {pb.HIT}:
+            break
+        await asyncio.sleep(0.05)
+    assert set(answer.statuses) == {pb.HIT}
+    speculating_daemon.terminate()
+    assert await asyncio.to_thread(speculating_daemon.wait, 30) == 0
+    assert redis_server.client().exists(LEASE_KEY) == 0, "a stopped speculator frees the lease"
+
+
+def test_one_speculator_leads_and_another_takes_over_when_it_stops(
+    redis_server: RedisProcess,
+) -> None:
+    first = speculation(redis_server, lease_seconds=0.5)
+    second = speculation(redis_server, lease_seconds=0.5)
+    first.start()
+    assert wait_until(lambda: first.stats.leading, timeout=5)
+    second.start()
+    try:
+        time.sleep(1.0)
+        assert not second.stats.leading
+        log_misses(redis_server, "user-1", ["a"])
+        assert wait_until(lambda: first.stats.requests_read == 1, timeout=5)
+        assert second.stats.requests_read == 0
+        first.stop()
+        assert wait_until(lambda: second.stats.leading, timeout=5)
+        log_misses(redis_server, "user-2", ["b"])
+        assert wait_until(lambda: second.stats.requests_read == 1, timeout=5)
+    finally:
+        second.stop()
+    entries = redis_server.client().xrange(STREAM_KEY)
+    tasks = [decode_task(entry_id.decode(), fields) for entry_id, fields in entries]
+    assert [(task.user_id, task.item_ids) for task in tasks if task] == [
+        ("user-1", ("a",)),
+        ("user-2", ("b",)),
+    ]
+
+
+def test_no_work_is_added_while_the_daemons_have_enough_waiting(
+    redis_server: RedisProcess,
+) -> None:
+    client = redis_server.client()
+    client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+    speculator = speculation(
+        redis_server, SpeculationSettings(5.0, frozenset({Policy.MISS})), max_waiting_tasks=3
+    )
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        for user in range(40):
+            log_misses(redis_server, f"user-{user}", ["a"])
+        assert wait_until(lambda: speculator.stats.waits_for_backlog > 3, timeout=10)
+        assert waiting_tasks(redis_server) <= 3 + 5, "one round at most past the limit"
+        client.xreadgroup(GROUP, "test", {STREAM_KEY: ">"})
+        assert wait_until(lambda: waiting_tasks(redis_server) >= 3, timeout=10)
+    finally:
+        speculator.stop()
+
+
+def test_a_pair_already_fresh_in_redis_is_not_added(redis_server: RedisProcess) -> None:
+    asyncio.run(write_v1(redis_server, "user-1", "fresh"))
+    speculator = speculation(redis_server)
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        log_misses(redis_server, "user-1", ["fresh", "missing"])
+        assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
+    finally:
+        speculator.stop()
+    (_, fields), *_ = redis_server.client().xrange(STREAM_KEY)
+    task = decode_task("0-1", fields)
+    assert task is not None
+    assert task.item_ids == ("missing",)
+
+
+def test_freshness_is_read_from_headers_and_a_bad_value_is_never_fresh(
+    redis_server: RedisProcess,
+) -> None:
+    freshness = asyncio.run(write_v1(redis_server, "user-1", "good"))
+    client = redis_server.client()
+    client.set(pair_key("v1", "user-1", "garbage"), b"\x00" * 40)
+    items = ["good", "garbage", "absent"]
+
+    stale_at = read_stale_at(client, DIM, "v1", "user-1", items)
+
+    assert stale_at.tolist() == [freshness.stale_at, -np.inf, -np.inf]
+    assert read_stale_at(client, DIM + 1, "v1", "user-1", ["good"]).tolist() == [-np.inf]
+    assert read_stale_at(client, DIM, "v2", "user-1", ["good"]).tolist() == [-np.inf]
+
+
+async def write_v1(server: RedisProcess, user: str, item: str) -> Freshness:
+    client = connect(server.url, 1.0)
+    freshness = Freshness.starting("v1", time.time(), 60, 60)
+    await RedisStore(client, DIM, "v1").write(user, [item], np.ones((1, DIM)), freshness)
+    await client.aclose()
+    return freshness
