@@ -66,6 +66,8 @@ class SpeculationSettings:
     neighbours_per_item: int = 20
     """Co-visited items kept per item, most frequent first."""
     covisit_items_per_request: int = 50
+    max_tracked_items: int = 100_000
+    """Items whose popularity and neighbours are kept; past this the rarer half is forgotten."""
     """Co-visitation counts the first this many items of a request (the cost is their square)."""
     decay_seconds: float = 60.0
     """A signal's value falls by a factor of e every this many seconds."""
@@ -172,6 +174,11 @@ class Speculator:
     def __len__(self) -> int:
         return len(self._queued)
 
+    @property
+    def tracked_items(self) -> int:
+        """Items whose popularity (and neighbours) the speculator remembers."""
+        return len(self._popularity)
+
     def _spendable(self) -> int:
         """A token bucket: the budget accrues with time, up to one second's worth."""
         now = self._clock()
@@ -276,6 +283,8 @@ class Speculator:
             self._recent.popitem(last=False)
         self._popularity.update(item_ids)
         self._count_covisits(item_ids)
+        if len(self._popularity) > self.settings.max_tracked_items:
+            self._forget_rare_items()
 
     def _count_covisits(self, item_ids: Sequence[str]) -> None:
         """Items asked for in one request co-occur; each item keeps its strongest neighbours."""
@@ -288,6 +297,16 @@ class Speculator:
             keep = self.settings.neighbours_per_item
             if len(neighbours) > 4 * keep:
                 self._covisits[item_id] = Counter(dict(neighbours.most_common(keep)))
+
+    def _forget_rare_items(self) -> None:
+        """Keeps the memory of items bounded under item churn: the more requested half stays."""
+        kept = self._popularity.most_common(self.settings.max_tracked_items // 2)
+        self._popularity = Counter(dict(kept))
+        self._covisits = {
+            item: neighbours
+            for item, neighbours in self._covisits.items()
+            if item in self._popularity
+        }
 
     def _expand(self, room: int) -> None:
         """Offers covisit, then popular pairs for the most recently active users, until `room`

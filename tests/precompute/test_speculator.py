@@ -150,3 +150,14 @@ def test_a_full_queue_drops_its_least_valuable_half(world: World) -> None:
     assert len(speculator) == 3
     assert speculator.stats.dropped_full == 2
     assert {entry.item_id for entry in speculator.take()} == {"new", "old3", "old4"}
+
+
+def test_under_item_churn_only_the_more_requested_items_are_remembered(world: World) -> None:
+    speculator = world.speculator(max_tracked_items=10)
+    for user in ("a", "b"):
+        speculator.observe(world.request(user, ["hot", "warm"], [HIT, HIT]))
+    for item in range(20):
+        speculator.observe(world.request("c", [f"new-{item}"], [HIT]))
+    speculator.observe(world.request("d", ["hot"], [HIT]))
+    assert speculator.tracked_items <= 10
+    assert ("d", "warm", Policy.COVISIT) in pairs(speculator.take())

@@ -1,0 +1,109 @@
+"""How many ranking requests one speculator can learn from per second: the most traffic one
+speculator can follow before it falls behind.
+
+In one run, on synthetic traffic (50 candidates a request) and a redis-server of its own:
+  1. the embedded speculator, fed in process by the sidecar's reads;
+  2. the shared one, reading every sidecar's reads from the Redis request stream and adding
+     work to the work stream;
+each with every policy, and without refresh (which reads the freshness of each served pair:
+from memory when embedded, a header read per pair from Redis when shared).
+
+    .venv/bin/python bench/speculator.py [--requests 5000]
+"""
+
+import argparse
+import time
+
+import numpy as np
+import redis
+from redis_l2 import start_redis
+
+from solaris.precompute.shared_speculation import SharedSpeculation
+from solaris.precompute.speculator import Policy, SpeculationSettings, Speculator
+from solaris.precompute.traffic import SyntheticTraffic
+from solaris.server.l1 import MemoryStore
+from solaris.server.request_log import LoggedRequest
+from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
+from solaris.server.store import FLOAT32, RowStatus
+
+DIM = 128
+BUDGET = 100_000.0
+POLICY_SETS = {
+    "every policy": frozenset(Policy),
+    "without refresh": frozenset(Policy) - {Policy.REFRESH},
+}
+
+
+def logged_requests(count: int) -> list[LoggedRequest]:
+    """Synthetic requests, each pair a hit if its user asked for it before, else a miss."""
+    events = [e for e in SyntheticTraffic(duration_seconds=3_600).events() if not e.is_hint]
+    seen: set[tuple[str, str]] = set()
+    requests = []
+    for event in events[:count]:
+        statuses = [
+            RowStatus.HIT if (event.user_id, item) in seen else RowStatus.MISS
+            for item in event.item_ids
+        ]
+        seen.update((event.user_id, item) for item in event.item_ids)
+        requests.append(
+            LoggedRequest(event.user_id, event.item_ids, np.array(statuses, np.uint8), 0.0)
+        )
+    return requests
+
+
+def embedded_rate(requests: list[LoggedRequest], policies: frozenset[Policy]) -> float:
+    store = MemoryStore(256 * 1024**2, DIM)
+
+    def fresh_until(user_id: str, item_ids: list[str]) -> np.ndarray:
+        return store.read_now(user_id, item_ids, FLOAT32, time.time()).times[:, 1]
+
+    speculator = Speculator(SpeculationSettings(BUDGET, policies), fresh_until)
+    start = time.perf_counter()
+    for n, request in enumerate(requests):
+        speculator.observe(request)
+        if n % 100 == 0:
+            speculator.take()
+    return len(requests) / (time.perf_counter() - start)
+
+
+def shared_rate(url: str, requests: list[LoggedRequest], policies: frozenset[Policy]) -> float:
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    speculation = SharedSpeculation(
+        redis.Redis.from_url(url), SpeculationSettings(BUDGET, policies), DIM, "bench"
+    )
+    speculation.start()
+    while not speculation.stats.leading:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    with client.pipeline(transaction=False) as pipe:
+        for request in requests:
+            pipe.xadd(REQUEST_STREAM_KEY, encode_request(request))
+        pipe.execute()
+    while speculation.stats.requests_read < len(requests):
+        time.sleep(0.005)
+    seconds = time.perf_counter() - start
+    speculation.stop()
+    client.close()
+    return len(requests) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=5_000)
+    args = parser.parse_args()
+    requests = logged_requests(args.requests)
+    process, url = start_redis()
+    try:
+        print(f"{len(requests):,} requests x 50 candidates; requests learnt from per second")
+        print(f"{'policies':<16} {'embedded':>10} {'shared (Redis)':>15} {'ratio':>6}")
+        for name, policies in POLICY_SETS.items():
+            embedded = embedded_rate(requests, policies)
+            shared = shared_rate(url, requests, policies)
+            print(f"{name:<16} {embedded:10,.0f} {shared:15,.0f} {embedded / shared:5.1f}x")
+    finally:
+        process.kill()
+
+
+if __name__ == "__main__":
+    main()
