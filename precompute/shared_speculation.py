@@ -8,7 +8,9 @@ The lease is a Redis key with an expiry that its holder renews; when the holder 
 dies, another daemon takes it once it expires and starts learning afresh from new reads.
 Prefetch work keeps going straight to the work stream (the ranker's own word needs no
 guessing); the speculator adds work only while the daemons have little waiting, so it fills
-their idle capacity and never queues ahead of Prefetch work.
+their idle capacity and keeps at most about `max_waiting_tasks` ahead of new Prefetch work.
+It also reads the Prefetch tasks going by, for their users' histories: the tasks it adds carry
+the latest one, so whichever daemon takes them computes with it.
 """
 
 import contextlib
@@ -24,6 +26,7 @@ import numpy as np
 import redis
 import redis.exceptions
 
+from solaris.precompute.daemon import HistoryBook
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import SpeculationSettings, Speculator
 from solaris.server.prefetch_queue import PrefetchTask
@@ -35,7 +38,7 @@ from solaris.server.redis_store import (
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
 from solaris.server.settings import ServeSettings
 from solaris.server.tiered import REDIS_ERRORS
-from solaris.server.work_stream import GROUP, STREAM_KEY, encode_task
+from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 
 LEASE_KEY = "solaris:speculator"
 _RENEW = """
@@ -50,7 +53,8 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-_READ_AT_MOST = 1_000
+_READ_AT_MOST = 200
+"""Entries read per stream per round: a round (and so the lease's renewal) stays short."""
 _READ_BLOCK_MS = 100
 _PAUSE_SECONDS = 1.0
 logger = logging.getLogger("solaris.precompute")
@@ -83,6 +87,7 @@ class SharedSpeculationStats:
     tasks_added: int = 0
     pairs_added: int = 0
     waits_for_backlog: int = 0
+    malformed_reads: int = 0
     redis_errors: int = 0
 
 
@@ -98,6 +103,7 @@ class SharedSpeculation:
         lease_seconds: float = 10.0,
         max_waiting_tasks: int = 200,
         work_stream_length: int = 1_000_000,
+        history_users: int = 100_000,
     ) -> None:
         """`max_waiting_tasks`: work entries no daemon has taken yet above which the
         speculator adds none."""
@@ -110,7 +116,8 @@ class SharedSpeculation:
         self.work_stream_length = work_stream_length
         self.stats = SharedSpeculationStats()
         self._speculator: Speculator | None = None
-        self._cursor = "0-0"
+        self._histories = HistoryBook(history_users)
+        self._cursors = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="solaris-speculator", daemon=True)
 
@@ -119,7 +126,8 @@ class SharedSpeculation:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         if self.stats.leading:
             with contextlib.suppress(*REDIS_ERRORS):  # if not released, it expires
                 self.lease.release()
@@ -130,8 +138,8 @@ class SharedSpeculation:
             try:
                 self._step()
             except REDIS_ERRORS as error:
+                # What it learnt stays: if the lease is still ours once Redis answers, it goes on.
                 self.stats.redis_errors += 1
-                self._lose_lead()
                 logger.warning("speculator: Redis error (%r); trying again", error)
                 self._stop.wait(_PAUSE_SECONDS)
             except Exception:
@@ -146,17 +154,18 @@ class SharedSpeculation:
             return
         if self._speculator is None:
             self._take_lead()
-        self._read_requests()
+        self._read_streams()
         if self._waiting_tasks() >= self.max_waiting_tasks:
             self.stats.waits_for_backlog += 1
             return
         self._add_work()
 
     def _take_lead(self) -> None:
-        """Starts from the newest read: older ones are either served already or out of date."""
+        """Starts from the newest entries: older ones are served already or out of date."""
         self._speculator = Speculator(self.settings, self._fresh_until)
-        newest = self.client.xrevrange(REQUEST_STREAM_KEY, count=1)
-        self._cursor = newest[0][0].decode() if newest else "0-0"
+        for key in self._cursors:
+            newest = self.client.xrevrange(key, count=1)
+            self._cursors[key] = newest[0][0].decode() if newest else "0-0"
         self.stats.leading = True
         logger.info("speculating for every sidecar (lease %s)", self.lease.holder)
 
@@ -166,29 +175,48 @@ class SharedSpeculation:
         self._speculator = None
         self.stats.leading = False
 
-    def _read_requests(self) -> None:
+    def _read_streams(self) -> None:
+        """New reads to learn from, and new Prefetch tasks for their histories."""
         assert self._speculator is not None
-        answer = self.client.xread(
-            {REQUEST_STREAM_KEY: self._cursor}, count=_READ_AT_MOST, block=_READ_BLOCK_MS
-        )
-        for entry_id, fields in answer[0][1] if answer else []:
-            self._cursor = entry_id.decode()
-            request = decode_request(fields)
-            if request is not None:
-                self._speculator.observe(request)
-                self.stats.requests_read += 1
+        answer = self.client.xread(self._cursors, count=_READ_AT_MOST, block=_READ_BLOCK_MS)
+        for key, entries in answer or []:
+            stream = key.decode()
+            for entry_id, fields in entries:
+                self._cursors[stream] = entry_id.decode()
+                if stream == REQUEST_STREAM_KEY:
+                    self._learn_read(fields)
+                else:
+                    self._learn_history(entry_id.decode(), fields)
+
+    def _learn_read(self, fields: dict[bytes, bytes]) -> None:
+        assert self._speculator is not None
+        request = decode_request(fields)
+        if request is None:
+            self.stats.malformed_reads += 1
+            return
+        self._speculator.observe(request)
+        self.stats.requests_read += 1
+
+    def _learn_history(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        task = decode_task(entry_id, fields)
+        if task is not None and task.history:
+            self._histories.update(task.user_id, task.history)
 
     def _waiting_tasks(self) -> int:
-        """Entries of the work stream no daemon has read yet (0 before any daemon joined: the
-        stream's length cap bounds them then)."""
+        """Entries of the work stream no daemon has read yet. With no daemon in the group
+        (none started yet, or Redis restarted empty) nothing would take work: counted as full."""
         try:
             groups = self.client.xinfo_groups(STREAM_KEY)
         except redis.exceptions.ResponseError:
-            return 0  # no work stream yet
-        for group in groups:
-            if group["name"] == GROUP.encode():
-                return int(group["lag"] or 0)
-        return 0
+            return self.max_waiting_tasks  # no work stream yet
+        group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+        if group is None:
+            return self.max_waiting_tasks
+        if group.get("lag") is not None:
+            return int(group["lag"])
+        # Redis leaves lag unknown after some trims and deletions: count the entries instead.
+        after = b"(" + group["last-delivered-id"]
+        return len(self.client.xrange(STREAM_KEY, after, "+", count=self.max_waiting_tasks))
 
     def _add_work(self) -> None:
         assert self._speculator is not None
@@ -200,7 +228,8 @@ class SharedSpeculation:
             return
         with self.client.pipeline(transaction=False) as pipe:
             for user_id, items in by_user.items():
-                task = encode_task(PrefetchTask(user_id, tuple(items)))
+                history = self._histories.get(user_id)
+                task = encode_task(PrefetchTask(user_id, tuple(items), history))
                 pipe.xadd(STREAM_KEY, task, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
         self.stats.tasks_added += len(by_user)
@@ -223,4 +252,5 @@ def shared_speculation(
         settings.dim,
         model_version,
         work_stream_length=settings.work_stream_length,
+        history_users=precompute.history_users,
     )

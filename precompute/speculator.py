@@ -44,6 +44,9 @@ class Policy(StrEnum):
     POPULAR = "popular"
 
 
+EXPANSION = frozenset({Policy.COVISIT, Policy.POPULAR})
+"""Guesses, not evidence: offered again at every take, so their offers do not add up."""
+
 DEFAULT_WEIGHTS = {
     Policy.PREFETCH: 1.0,
     Policy.MISS: 0.8,
@@ -66,9 +69,10 @@ class SpeculationSettings:
     neighbours_per_item: int = 20
     """Co-visited items kept per item, most frequent first."""
     covisit_items_per_request: int = 50
-    max_tracked_items: int = 100_000
-    """Items whose popularity and neighbours are kept; past this the rarer half is forgotten."""
     """Co-visitation counts the first this many items of a request (the cost is their square)."""
+    max_tracked_items: int = 20_000
+    """Items whose popularity and neighbours are kept (each keeps up to 4 x neighbours_per_item
+    counts); past this the rarer half is forgotten and the rest's counts halved."""
     decay_seconds: float = 60.0
     """A signal's value falls by a factor of e every this many seconds."""
     max_queued_pairs: int = 200_000
@@ -130,19 +134,22 @@ class Speculator:
 
     def hint(self, user_id: str, item_ids: Iterable[str]) -> None:
         """A Prefetch: the ranker will score these soon."""
+        now = self._clock()
         for item_id in item_ids:
-            self._offer(user_id, item_id, Policy.PREFETCH, 1.0)
+            self._offer(user_id, item_id, Policy.PREFETCH, 1.0, now)
 
     def observe(self, request: LoggedRequest) -> None:
         """A read the sidecar answered: misses and soon-stale pairs to compute, and the
-        co-visitation and popularity that expansion draws on."""
+        co-visitation and popularity that expansion draws on. Its signals are valued as of
+        the read's own time, so a read learnt late is worth less."""
         self._remember(request.user_id, request.item_ids)
+        at = min(request.time, self._clock())
         missed = request.statuses == RowStatus.MISS
         for item_id, was_missed in zip(request.item_ids, missed, strict=True):
             if was_missed:
-                self._offer(request.user_id, item_id, Policy.MISS, 1.0)
+                self._offer(request.user_id, item_id, Policy.MISS, 1.0, at)
         if Policy.REFRESH in self.settings.policies:
-            self._offer_refresh(request)
+            self._offer_refresh(request, at)
 
     def take(self, max_pairs: int | None = None) -> list[Speculated]:
         """The best pairs not already fresh, as many as the budget allows since the last take
@@ -150,8 +157,8 @@ class Speculator:
         allowed = self._spendable()
         if max_pairs is not None:
             allowed = min(allowed, max_pairs)
-        if len(self._heap) < allowed:
-            self._expand(allowed - len(self._heap))
+        if len(self._queued) < allowed:
+            self._expand(allowed)
         chosen: list[Speculated] = []
         while self._heap and len(chosen) < allowed:
             batch = self._pop(allowed - len(chosen))
@@ -187,17 +194,22 @@ class Speculator:
         self._tokens_at = now
         return int(self._tokens)
 
-    def _offer(self, user_id: str, item_id: str, policy: Policy, score: float) -> None:
+    def _offer(self, user_id: str, item_id: str, policy: Policy, score: float, at: float) -> None:
+        """A signal of `policy` at time `at` that `(user_id, item_id)` will be requested."""
+        if policy not in self.settings.policies:
+            return
         value = self.settings.weights[policy] * score
         pair = (user_id, item_id)
-        if policy not in self.settings.policies or value <= 0 or self._in_flight(pair):
+        if value <= 0 or self._in_flight(pair):
             return
-        priority = (
-            math.log(value) + (self._clock() - self._started_at) / self.settings.decay_seconds
-        )
+        priority = math.log(value) + (at - self._started_at) / self.settings.decay_seconds
         queued = self._queued.get(pair)
         if queued is not None:
-            priority = _log_sum(queued.priority, priority)
+            if policy in EXPANSION:
+                if queued.priority >= priority:
+                    return
+            else:
+                priority = _log_sum(queued.priority, priority)
             weights = self.settings.weights
             policy = max(queued.policy, policy, key=lambda known: weights[known])
         elif len(self._queued) >= self.settings.max_queued_pairs:
@@ -259,7 +271,7 @@ class Speculator:
                     kept.append(entry)
         return kept
 
-    def _offer_refresh(self, request: LoggedRequest) -> None:
+    def _offer_refresh(self, request: LoggedRequest, at: float) -> None:
         served = [
             item
             for item, status in zip(request.item_ids, request.statuses, strict=True)
@@ -271,7 +283,7 @@ class Speculator:
         fresh_until = self._fresh_until(request.user_id, served)
         for item_id, until in zip(served, fresh_until, strict=True):
             if until < horizon:
-                self._offer(request.user_id, item_id, Policy.REFRESH, 1.0)
+                self._offer(request.user_id, item_id, Policy.REFRESH, 1.0, at)
 
     def _remember(self, user_id: str, item_ids: Sequence[str]) -> None:
         recent = self._recent.pop(user_id, {})
@@ -299,9 +311,10 @@ class Speculator:
                 self._covisits[item_id] = Counter(dict(neighbours.most_common(keep)))
 
     def _forget_rare_items(self) -> None:
-        """Keeps the memory of items bounded under item churn: the more requested half stays."""
+        """Keeps the memory of items bounded under item churn: the more requested half stays,
+        and its counts are halved so that what is popular now can overtake what was."""
         kept = self._popularity.most_common(self.settings.max_tracked_items // 2)
-        self._popularity = Counter(dict(kept))
+        self._popularity = Counter({item: (count + 1) // 2 for item, count in kept})
         self._covisits = {
             item: neighbours
             for item, neighbours in self._covisits.items()
@@ -312,22 +325,23 @@ class Speculator:
         """Offers covisit, then popular pairs for the most recently active users, until `room`
         pairs are queued."""
         users = list(reversed(self._recent))
+        now = self._clock()
         if Policy.COVISIT in self.settings.policies:
             for user_id in users:
-                if len(self._heap) >= room:
+                if len(self._queued) >= room:
                     return
-                self._offer_neighbours(user_id)
+                self._offer_neighbours(user_id, now)
         if Policy.POPULAR in self.settings.policies and self._popularity:
             top = self._popularity.most_common(self.settings.neighbours_per_item)
             most = top[0][1]
             for user_id in users:
-                if len(self._heap) >= room:
+                if len(self._queued) >= room:
                     return
                 for item_id, count in top:
                     if item_id not in self._recent[user_id]:
-                        self._offer(user_id, item_id, Policy.POPULAR, count / most)
+                        self._offer(user_id, item_id, Policy.POPULAR, count / most, now)
 
-    def _offer_neighbours(self, user_id: str) -> None:
+    def _offer_neighbours(self, user_id: str, now: float) -> None:
         seen = self._recent[user_id]
         scores: Counter[str] = Counter()
         for item_id in seen:
@@ -340,7 +354,7 @@ class Speculator:
             return
         most = max(scores.values())
         for other, count in scores.most_common(self.settings.neighbours_per_item):
-            self._offer(user_id, other, Policy.COVISIT, count / most)
+            self._offer(user_id, other, Policy.COVISIT, count / most, now)
 
 
 def _log_sum(a: float, b: float) -> float:

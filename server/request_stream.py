@@ -30,6 +30,14 @@ def decode_request(fields: dict[bytes, bytes]) -> LoggedRequest | None:
     """The request in a stream entry, or None for an entry that is not one of ours."""
     try:
         user_id, items, statuses, at = json.loads(fields[b"request"])
+        well_formed = (
+            isinstance(user_id, str)
+            and all(isinstance(item, str) for item in items)
+            and all(isinstance(status, int) and 0 <= status <= 255 for status in statuses)
+            and len(items) == len(statuses)
+        )
+        if not well_formed:
+            return None
         return LoggedRequest(user_id, tuple(items), np.array(statuses, np.uint8), float(at))
     except (KeyError, ValueError, TypeError):
         return None

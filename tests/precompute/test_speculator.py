@@ -1,6 +1,8 @@
 """The speculator's policies on small hand-built logs, with a clock and a store the test holds
 (a unit test of the logic above the store: the real store is exercised by the replay)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -161,3 +163,12 @@ def test_under_item_churn_only_the_more_requested_items_are_remembered(world: Wo
     speculator.observe(world.request("d", ["hot"], [HIT]))
     assert speculator.tracked_items <= 10
     assert ("d", "warm", Policy.COVISIT) in pairs(speculator.take())
+
+
+def test_a_read_learnt_late_is_valued_as_of_when_it_happened(world: World) -> None:
+    speculator = world.speculator(rate=1, policies=frozenset({Policy.MISS}))
+    speculator.observe(world.request("recent", ["a"], [MISS]))
+    world.now += 1
+    late = world.request("late", ["a"], [MISS])
+    speculator.observe(dataclasses.replace(late, time=world.now - 120))
+    assert pairs(speculator.take()) == {("recent", "a", Policy.MISS)}

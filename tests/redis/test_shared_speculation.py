@@ -2,6 +2,7 @@
 over gRPC shipping its reads, and a real `solaris precompute` process that speculates on them."""
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -14,12 +15,13 @@ from solaris.precompute.export import ExportReport
 from solaris.precompute.shared_speculation import LEASE_KEY, SharedSpeculation
 from solaris.precompute.speculator import Policy, SpeculationSettings
 from solaris.server.app import Sidecar
+from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
 from solaris.server.settings import ServeSettings
 from solaris.server.store import Freshness, RowStatus
-from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task
+from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 from solaris.v1 import embedding_store_pb2 as pb
 from tests.conftest import DIM
 from tests.redis.conftest import NO_DAEMON, RedisProcess, batch_get, started, wait_until
@@ -37,6 +39,17 @@ def log_misses(server: RedisProcess, user: str, items: list[str]) -> None:
     statuses = np.full(len(items), RowStatus.MISS, np.uint8)
     request = LoggedRequest(user, tuple(items), statuses, time.time())
     server.client().xadd(REQUEST_STREAM_KEY, encode_request(request))
+
+
+def daemons_joined(server: RedisProcess) -> None:
+    """What a daemon does on start: make the work stream's consumer group."""
+    server.client().xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+
+
+def added_tasks(server: RedisProcess) -> list[PrefetchTask]:
+    entries = server.client().xrange(STREAM_KEY)
+    tasks = [decode_task(entry_id.decode(), fields) for entry_id, fields in entries]
+    return [task for task in tasks if task is not None]
 
 
 def waiting_tasks(server: RedisProcess) -> int:
@@ -85,8 +98,9 @@ async def test_a_sidecars_misses_become_hits_with_no_prefetch_at_all(
 def test_one_speculator_leads_and_another_takes_over_when_it_stops(
     redis_server: RedisProcess,
 ) -> None:
-    first = speculation(redis_server, lease_seconds=0.5)
-    second = speculation(redis_server, lease_seconds=0.5)
+    daemons_joined(redis_server)
+    first = speculation(redis_server, lease_seconds=2)
+    second = speculation(redis_server, lease_seconds=2)
     first.start()
     assert wait_until(lambda: first.stats.leading, timeout=5)
     second.start()
@@ -102,9 +116,7 @@ def test_one_speculator_leads_and_another_takes_over_when_it_stops(
         assert wait_until(lambda: second.stats.requests_read == 1, timeout=5)
     finally:
         second.stop()
-    entries = redis_server.client().xrange(STREAM_KEY)
-    tasks = [decode_task(entry_id.decode(), fields) for entry_id, fields in entries]
-    assert [(task.user_id, task.item_ids) for task in tasks if task] == [
+    assert [(task.user_id, task.item_ids) for task in added_tasks(redis_server)] == [
         ("user-1", ("a",)),
         ("user-2", ("b",)),
     ]
@@ -114,7 +126,7 @@ def test_no_work_is_added_while_the_daemons_have_enough_waiting(
     redis_server: RedisProcess,
 ) -> None:
     client = redis_server.client()
-    client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+    daemons_joined(redis_server)
     speculator = speculation(
         redis_server, SpeculationSettings(5.0, frozenset({Policy.MISS})), max_waiting_tasks=3
     )
@@ -133,6 +145,7 @@ def test_no_work_is_added_while_the_daemons_have_enough_waiting(
 
 def test_a_pair_already_fresh_in_redis_is_not_added(redis_server: RedisProcess) -> None:
     asyncio.run(write_v1(redis_server, "user-1", "fresh"))
+    daemons_joined(redis_server)
     speculator = speculation(redis_server)
     speculator.start()
     try:
@@ -141,10 +154,54 @@ def test_a_pair_already_fresh_in_redis_is_not_added(redis_server: RedisProcess) 
         assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
     finally:
         speculator.stop()
-    (_, fields), *_ = redis_server.client().xrange(STREAM_KEY)
-    task = decode_task("0-1", fields)
-    assert task is not None
-    assert task.item_ids == ("missing",)
+    assert [task.item_ids for task in added_tasks(redis_server)] == [("missing",)]
+
+
+def test_nothing_is_added_while_no_daemon_has_joined(redis_server: RedisProcess) -> None:
+    speculator = speculation(redis_server)
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        log_misses(redis_server, "user-1", ["a"])
+        assert wait_until(lambda: speculator.stats.waits_for_backlog > 2, timeout=5)
+        assert speculator.stats.pairs_added == 0
+        daemons_joined(redis_server)
+        assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
+    finally:
+        speculator.stop()
+
+
+def test_added_work_carries_the_users_latest_prefetch_history(redis_server: RedisProcess) -> None:
+    daemons_joined(redis_server)
+    speculator = speculation(redis_server)
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        hinted = PrefetchTask("user-1", ("p",), history=("seen-1", "seen-2"))
+        redis_server.client().xadd(STREAM_KEY, encode_task(hinted))
+        time.sleep(0.3)
+        log_misses(redis_server, "user-1", ["m"])
+        assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
+    finally:
+        speculator.stop()
+    added = added_tasks(redis_server)[-1]
+    assert (added.item_ids, added.history) == (("m",), ("seen-1", "seen-2"))
+
+
+def test_a_malformed_read_is_skipped_and_the_next_one_learnt(redis_server: RedisProcess) -> None:
+    daemons_joined(redis_server)
+    speculator = speculation(redis_server)
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        bad = json.dumps(["user-1", ["a", "b"], [1], 0.0])
+        redis_server.client().xadd(REQUEST_STREAM_KEY, {"request": bad})
+        log_misses(redis_server, "user-2", ["c"])
+        assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
+    finally:
+        speculator.stop()
+    assert speculator.stats.malformed_reads == 1
+    assert speculator.stats.requests_read == 1
 
 
 def test_freshness_is_read_from_headers_and_a_bad_value_is_never_fresh(
