@@ -25,6 +25,7 @@ from solaris.server.l1 import MemoryStore
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
 from solaris.server.store import FLOAT32, RowStatus
+from solaris.server.work_stream import GROUP, STREAM_KEY
 
 DIM = 128
 BUDGET = 100_000.0
@@ -69,6 +70,7 @@ def embedded_rate(requests: list[LoggedRequest], policies: frozenset[Policy]) ->
 def shared_rate(url: str, requests: list[LoggedRequest], policies: frozenset[Policy]) -> float:
     client = redis.Redis.from_url(url)
     client.flushall()
+    client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
     speculation = SharedSpeculation(
         redis.Redis.from_url(url), SpeculationSettings(BUDGET, policies), DIM, "bench"
     )

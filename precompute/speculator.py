@@ -68,8 +68,9 @@ class SpeculationSettings:
     recent_items_per_user: int = 200
     neighbours_per_item: int = 20
     """Co-visited items kept per item, most frequent first."""
-    covisit_items_per_request: int = 50
-    """Co-visitation counts the first this many items of a request (the cost is their square)."""
+    covisit_items_per_request: int = 20
+    """Co-visitation counts the first this many items of a request (the cost is their square),
+    and expansion starts from a user's latest this many items."""
     max_tracked_items: int = 20_000
     """Items whose popularity and neighbours are kept (each keeps up to 4 x neighbours_per_item
     counts); past this the rarer half is forgotten and the rest's counts halved."""
@@ -128,6 +129,8 @@ class Speculator:
         self._tokens = 0.0
         self._tokens_at = clock()
         self._recent: OrderedDict[str, dict[str, None]] = OrderedDict()
+        self._unexpanded: OrderedDict[str, None] = OrderedDict()
+        """Users with a request since their last expansion, most recent last."""
         self._covisits: dict[str, Counter[str]] = {}
         self._popularity: Counter[str] = Counter()
         self._handed_out: OrderedDict[Pair, float] = OrderedDict()
@@ -144,10 +147,8 @@ class Speculator:
         the read's own time, so a read learnt late is worth less."""
         self._remember(request.user_id, request.item_ids)
         at = min(request.time, self._clock())
-        missed = request.statuses == RowStatus.MISS
-        for item_id, was_missed in zip(request.item_ids, missed, strict=True):
-            if was_missed:
-                self._offer(request.user_id, item_id, Policy.MISS, 1.0, at)
+        for index in np.flatnonzero(request.statuses == RowStatus.MISS):
+            self._offer(request.user_id, request.item_ids[index], Policy.MISS, 1.0, at)
         if Policy.REFRESH in self.settings.policies:
             self._offer_refresh(request, at)
 
@@ -272,11 +273,7 @@ class Speculator:
         return kept
 
     def _offer_refresh(self, request: LoggedRequest, at: float) -> None:
-        served = [
-            item
-            for item, status in zip(request.item_ids, request.statuses, strict=True)
-            if status != RowStatus.MISS
-        ]
+        served = [request.item_ids[i] for i in np.flatnonzero(request.statuses != RowStatus.MISS)]
         if not served:
             return
         horizon = self._clock() + self.settings.refresh_window_seconds
@@ -291,8 +288,11 @@ class Speculator:
         while len(recent) > self.settings.recent_items_per_user:
             del recent[next(iter(recent))]
         self._recent[user_id] = recent
+        self._unexpanded.pop(user_id, None)
+        self._unexpanded[user_id] = None
         if len(self._recent) > self.settings.recent_users:
-            self._recent.popitem(last=False)
+            forgotten, _ = self._recent.popitem(last=False)
+            self._unexpanded.pop(forgotten, None)
         self._popularity.update(item_ids)
         self._count_covisits(item_ids)
         if len(self._popularity) > self.settings.max_tracked_items:
@@ -303,10 +303,11 @@ class Speculator:
         if Policy.COVISIT not in self.settings.policies:
             return
         unique = list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
+        keep = self.settings.neighbours_per_item
         for item_id in unique:
             neighbours = self._covisits.setdefault(item_id, Counter())
-            neighbours.update(other for other in unique if other != item_id)
-            keep = self.settings.neighbours_per_item
+            neighbours.update(unique)
+            del neighbours[item_id]
             if len(neighbours) > 4 * keep:
                 self._covisits[item_id] = Counter(dict(neighbours.most_common(keep)))
 
@@ -322,34 +323,34 @@ class Speculator:
         }
 
     def _expand(self, room: int) -> None:
-        """Offers covisit, then popular pairs for the most recently active users, until `room`
-        pairs are queued."""
-        users = list(reversed(self._recent))
+        """Offers covisit and popular pairs to users who made a request since they were last
+        expanded, most recent first, until `room` pairs are queued. Each request earns its
+        user one expansion: an idle speculator does no work, and a busy one does it once."""
         now = self._clock()
-        if Policy.COVISIT in self.settings.policies:
-            for user_id in users:
-                if len(self._queued) >= room:
-                    return
-                self._offer_neighbours(user_id, now)
-        if Policy.POPULAR in self.settings.policies and self._popularity:
+        top: list[tuple[str, int]] = []
+        if Policy.POPULAR in self.settings.policies:
             top = self._popularity.most_common(self.settings.neighbours_per_item)
-            most = top[0][1]
-            for user_id in users:
-                if len(self._queued) >= room:
-                    return
-                for item_id, count in top:
-                    if item_id not in self._recent[user_id]:
-                        self._offer(user_id, item_id, Policy.POPULAR, count / most, now)
+        while self._unexpanded and len(self._queued) < room:
+            user_id, _ = self._unexpanded.popitem()
+            if Policy.COVISIT in self.settings.policies:
+                self._offer_neighbours(user_id, now)
+            if top:
+                self._offer_popular(user_id, top, now)
+
+    def _offer_popular(self, user_id: str, top: list[tuple[str, int]], now: float) -> None:
+        most = top[0][1]
+        seen = self._recent[user_id]
+        for item_id, count in top:
+            if item_id not in seen:
+                self._offer(user_id, item_id, Policy.POPULAR, count / most, now)
 
     def _offer_neighbours(self, user_id: str, now: float) -> None:
         seen = self._recent[user_id]
         scores: Counter[str] = Counter()
+        for item_id in list(seen)[-self.settings.covisit_items_per_request :]:
+            scores.update(self._covisits.get(item_id, {}))
         for item_id in seen:
-            for other, count in self._covisits.get(item_id, Counter()).most_common(
-                self.settings.neighbours_per_item
-            ):
-                if other not in seen:
-                    scores[other] += count
+            scores.pop(item_id, None)
         if not scores:
             return
         most = max(scores.values())

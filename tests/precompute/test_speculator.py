@@ -172,3 +172,15 @@ def test_a_read_learnt_late_is_valued_as_of_when_it_happened(world: World) -> No
     late = world.request("late", ["a"], [MISS])
     speculator.observe(dataclasses.replace(late, time=world.now - 120))
     assert pairs(speculator.take()) == {("recent", "a", Policy.MISS)}
+
+
+def test_each_request_earns_its_user_one_expansion(world: World) -> None:
+    speculator = world.speculator(policies=frozenset({Policy.COVISIT}))
+    for user in ("a", "b"):
+        speculator.observe(world.request(user, ["x", "y"], [HIT, HIT]))
+    speculator.observe(world.request("c", ["x"], [HIT]))
+    world.stale_at[("c", "y")] = world.now + 1000
+    for _ in range(5):
+        world.now += 1
+        assert speculator.take() == []
+    assert speculator.stats.skipped_fresh == 1
