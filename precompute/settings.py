@@ -40,6 +40,12 @@ class PrecomputeSettings:
     speculation_decay_seconds: float = setting(
         60.0, "A signal's value falls by a factor of e every this many seconds.", minimum=1
     )
+    speculator_shards: int = setting(
+        1,
+        "With --redis: users are split among this many shared speculators, each led by "
+        "another daemon (at most the number of daemons); raise it when one cannot keep up.",
+        minimum=1,
+    )
     history_users: int = setting(
         100_000, "Users whose latest Prefetch history is kept, least recent dropped.", minimum=1
     )

@@ -6,6 +6,9 @@ speculators choose the same pair.
 
 The lease is a Redis key with an expiry that its holder renews; when the holder stops or
 dies, another daemon takes it once it expires and starts learning afresh from new reads.
+Where one speculator cannot follow the fleet's reads, `shards` splits the users (by a stable
+hash) among that many speculators, each under a lease of its own and a share of the budget;
+a daemon leads at most one shard.
 Prefetch work keeps going straight to the work stream (the ranker's own word needs no
 guessing); the speculator adds work only while the daemons have little waiting, so it fills
 their idle capacity and keeps at most about `max_waiting_tasks` ahead of new Prefetch work.
@@ -16,11 +19,13 @@ the latest one, so whichever daemon takes them computes with it.
 import contextlib
 import logging
 import os
+import random
 import socket
 import threading
 import uuid
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import redis
@@ -40,7 +45,7 @@ from solaris.server.settings import ServeSettings
 from solaris.server.tiered import REDIS_ERRORS
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 
-LEASE_KEY = "solaris:speculator"
+LEASE_PREFIX = "solaris:speculator"
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -60,24 +65,48 @@ _PAUSE_SECONDS = 1.0
 logger = logging.getLogger("solaris.precompute")
 
 
-class Lease:
-    """Held by one holder at a time, for `seconds` after its last renewal."""
+def lease_key(shard: int, shards: int) -> str:
+    return f"{LEASE_PREFIX}:{shard}-of-{shards}"
 
-    def __init__(self, client: redis.Redis, seconds: float) -> None:
+
+def shard_of(user_id: str, shards: int) -> int:
+    """The same in every process (unlike `hash`)."""
+    return zlib.crc32(user_id.encode()) % shards
+
+
+class Lease:
+    """One of `shards` leases, each held by one holder at a time for `seconds` after its last
+    renewal; a holder holds at most one."""
+
+    def __init__(self, client: redis.Redis, seconds: float, shards: int = 1) -> None:
         self.client = client
         self.ms = int(seconds * 1000)
+        self.shards = shards
+        self.shard: int | None = None
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     def hold(self) -> bool:
-        """Takes the lease if free, renews it if ours; False if another holds it."""
-        if self.client.set(LEASE_KEY, self.holder, nx=True, px=self.ms):
-            return True
-        return bool(self._renew(keys=[LEASE_KEY], args=[self.holder, self.ms]))
+        """Renews the shard held, or takes a free one (trying them from a random one, so that
+        daemons starting together spread out); False if none is ours."""
+        if self.shard is not None:
+            key = lease_key(self.shard, self.shards)
+            if self._renew(keys=[key], args=[self.holder, self.ms]):
+                return True
+            self.shard = None
+        first = random.randrange(self.shards)
+        for offset in range(self.shards):
+            shard = (first + offset) % self.shards
+            if self.client.set(lease_key(shard, self.shards), self.holder, nx=True, px=self.ms):
+                self.shard = shard
+                return True
+        return False
 
     def release(self) -> None:
-        self._release(keys=[LEASE_KEY], args=[self.holder])
+        if self.shard is not None:
+            self._release(keys=[lease_key(self.shard, self.shards)], args=[self.holder])
+            self.shard = None
 
 
 @dataclass
@@ -104,14 +133,15 @@ class SharedSpeculation:
         max_waiting_tasks: int = 200,
         work_stream_length: int = 1_000_000,
         history_users: int = 100_000,
+        shards: int = 1,
     ) -> None:
         """`max_waiting_tasks`: work entries no daemon has taken yet above which the
-        speculator adds none."""
+        speculator adds none. `settings.budget_pairs_per_second` is this shard's share."""
         self.client = client
         self.settings = settings
         self.dim = dim
         self.model_version = model_version
-        self.lease = Lease(client, lease_seconds)
+        self.lease = Lease(client, lease_seconds, shards)
         self.max_waiting_tasks = max_waiting_tasks
         self.work_stream_length = work_stream_length
         self.stats = SharedSpeculationStats()
@@ -128,9 +158,8 @@ class SharedSpeculation:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if self.stats.leading:
-            with contextlib.suppress(*REDIS_ERRORS):  # if not released, it expires
-                self.lease.release()
+        with contextlib.suppress(*REDIS_ERRORS):  # if not released, it expires
+            self.lease.release()
         self.client.close()
 
     def _run(self) -> None:
@@ -167,7 +196,8 @@ class SharedSpeculation:
             newest = self.client.xrevrange(key, count=1)
             self._cursors[key] = newest[0][0].decode() if newest else "0-0"
         self.stats.leading = True
-        logger.info("speculating for every sidecar (lease %s)", self.lease.holder)
+        lease = self.lease
+        logger.info("speculating, shard %d of %d (%s)", lease.shard, lease.shards, lease.holder)
 
     def _lose_lead(self) -> None:
         if self.stats.leading:
@@ -194,13 +224,18 @@ class SharedSpeculation:
         if request is None:
             self.stats.malformed_reads += 1
             return
+        if not self._ours(request.user_id):
+            return
         self._speculator.observe(request)
         self.stats.requests_read += 1
 
     def _learn_history(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         task = decode_task(entry_id, fields)
-        if task is not None and task.history:
+        if task is not None and task.history and self._ours(task.user_id):
             self._histories.update(task.user_id, task.history)
+
+    def _ours(self, user_id: str) -> bool:
+        return self.lease.shards == 1 or shard_of(user_id, self.lease.shards) == self.lease.shard
 
     def _waiting_tasks(self) -> int:
         """Entries of the work stream no daemon has read yet. With no daemon in the group
@@ -246,11 +281,14 @@ def shared_speculation(
     off); it speculates only while it holds the lease."""
     if not precompute.policies:
         return None
+    speculation = precompute.speculation_settings()
+    shards = precompute.speculator_shards
     return SharedSpeculation(
         connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS),
-        precompute.speculation_settings(),
+        replace(speculation, budget_pairs_per_second=speculation.budget_pairs_per_second / shards),
         settings.dim,
         model_version,
         work_stream_length=settings.work_stream_length,
         history_users=precompute.history_users,
+        shards=shards,
     )

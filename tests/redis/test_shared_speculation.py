@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from solaris.precompute.export import ExportReport
-from solaris.precompute.shared_speculation import LEASE_KEY, SharedSpeculation
+from solaris.precompute.shared_speculation import SharedSpeculation, lease_key, shard_of
 from solaris.precompute.speculator import Policy, SpeculationSettings
 from solaris.server.app import Sidecar
 from solaris.server.prefetch_queue import PrefetchTask
@@ -27,6 +27,7 @@ from tests.conftest import DIM
 from tests.redis.conftest import NO_DAEMON, RedisProcess, batch_get, started, wait_until
 
 MISSES_ONLY = SpeculationSettings(100.0, frozenset({Policy.MISS}))
+LEASE_KEY = lease_key(0, 1)
 
 
 def speculation(
@@ -120,6 +121,29 @@ def test_one_speculator_leads_and_another_takes_over_when_it_stops(
         ("user-1", ("a",)),
         ("user-2", ("b",)),
     ]
+
+
+def test_sharded_speculators_split_the_users_between_them(redis_server: RedisProcess) -> None:
+    daemons_joined(redis_server)
+    first = speculation(redis_server, shards=2)
+    second = speculation(redis_server, shards=2)
+    for speculator in (first, second):
+        speculator.start()
+    try:
+        assert wait_until(lambda: first.stats.leading and second.stats.leading, timeout=10)
+        shards = [first.lease.shard, second.lease.shard]
+        assert sorted(shards) == [0, 1]  # type: ignore[type-var]
+        users = [f"user-{n}" for n in range(20)]
+        for user in users:
+            log_misses(redis_server, user, ["a"])
+        assert wait_until(lambda: first.stats.pairs_added + second.stats.pairs_added == 20, 10)
+    finally:
+        for speculator in (first, second):
+            speculator.stop()
+    for speculator, shard in zip((first, second), shards, strict=True):
+        mine = [user for user in users if shard_of(user, 2) == shard]
+        assert speculator.stats.requests_read == len(mine)
+    assert sorted(task.user_id for task in added_tasks(redis_server)) == sorted(users)
 
 
 def test_no_work_is_added_while_the_daemons_have_enough_waiting(
