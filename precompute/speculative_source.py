@@ -61,7 +61,7 @@ class SpeculativeSource:
             for hint in hints:
                 if hint.history:
                     self._histories[hint.user_id] = hint.history
-                self.speculator.hint(hint.user_id, hint.item_ids)
+                self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)
             chosen = self.speculator.take()
         by_user: dict[str, list[str]] = {}
         for entry in chosen:

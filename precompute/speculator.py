@@ -30,6 +30,7 @@ import numpy as np
 
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
+from solaris.server.validation import MAX_PRIORITY
 
 Pair = tuple[str, str]
 FreshUntil = Callable[[str, Sequence[str]], np.ndarray]
@@ -135,11 +136,13 @@ class Speculator:
         self._popularity: Counter[str] = Counter()
         self._handed_out: OrderedDict[Pair, float] = OrderedDict()
 
-    def hint(self, user_id: str, item_ids: Iterable[str]) -> None:
-        """A Prefetch: the ranker will score these soon."""
+    def hint(self, user_id: str, item_ids: Iterable[str], priority: int = 0) -> None:
+        """A Prefetch: the ranker will score these soon. Its priority (0 to 1000) raises the
+        hint's value up to twice that of a plain one."""
         now = self._clock()
+        score = 1.0 + priority / MAX_PRIORITY
         for item_id in item_ids:
-            self._offer(user_id, item_id, Policy.PREFETCH, 1.0, now)
+            self._offer(user_id, item_id, Policy.PREFETCH, score, now)
 
     def observe(self, request: LoggedRequest) -> None:
         """A read the sidecar answered: misses and soon-stale pairs to compute, and the

@@ -184,3 +184,10 @@ def test_each_request_earns_its_user_one_expansion(world: World) -> None:
         world.now += 1
         assert speculator.take() == []
     assert speculator.stats.skipped_fresh == 1
+
+
+def test_a_higher_priority_hint_goes_first(world: World) -> None:
+    speculator = world.speculator(rate=1)
+    speculator.hint("u", ["plain"])
+    speculator.hint("u", ["urgent"], priority=500)
+    assert pairs(speculator.take()) == {("u", "urgent", Policy.PREFETCH)}
