@@ -43,7 +43,8 @@ class PrecomputeSettings:
     speculator_shards: int = setting(
         1,
         "With --redis: users are split among this many shared speculators, each led by "
-        "another daemon (at most the number of daemons); raise it when one cannot keep up.",
+        "another daemon (at most the number of daemons; the same on every daemon); raise it "
+        "when one cannot keep up.",
         minimum=1,
     )
     history_users: int = setting(

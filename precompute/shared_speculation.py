@@ -33,7 +33,7 @@ import redis.exceptions
 
 from solaris.precompute.daemon import HistoryBook
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.precompute.speculator import SpeculationSettings, Speculator
+from solaris.precompute.speculator import Speculated, SpeculationSettings, Speculator
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import (
     DAEMON_REDIS_TIMEOUT_SECONDS,
@@ -146,6 +146,7 @@ class SharedSpeculation:
         self.work_stream_length = work_stream_length
         self.stats = SharedSpeculationStats()
         self._speculator: Speculator | None = None
+        self._led_shard: int | None = None
         self._histories = HistoryBook(history_users)
         self._cursors = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
         self._stop = threading.Event()
@@ -160,6 +161,7 @@ class SharedSpeculation:
             self._thread.join()
         with contextlib.suppress(*REDIS_ERRORS):  # if not released, it expires
             self.lease.release()
+        self._lose_lead()
         self.client.close()
 
     def _run(self) -> None:
@@ -177,24 +179,35 @@ class SharedSpeculation:
                 self._stop.wait(_PAUSE_SECONDS)
 
     def _step(self) -> None:
-        if not self.lease.hold():
-            self._lose_lead()
+        if not self._lead():
             self._stop.wait(self.lease.ms / 3000)
             return
-        if self._speculator is None:
-            self._take_lead()
         self._read_streams()
-        if self._waiting_tasks() >= self.max_waiting_tasks:
+        waiting = self._waiting_tasks()
+        if waiting >= self.max_waiting_tasks:
             self.stats.waits_for_backlog += 1
             return
-        self._add_work()
+        if self._lead():  # again: the round may have outlasted the lease
+            self._add_work(self.max_waiting_tasks - waiting)
+
+    def _lead(self) -> bool:
+        """Holds a lease and speculates for its shard; False when no lease is ours. A lease
+        lost and another taken means another shard's users: learnt afresh."""
+        if not self.lease.hold():
+            self._lose_lead()
+            return False
+        if self._speculator is None or self._led_shard != self.lease.shard:
+            self._lose_lead()
+            self._take_lead()
+        return True
 
     def _take_lead(self) -> None:
         """Starts from the newest entries: older ones are served already or out of date."""
-        self._speculator = Speculator(self.settings, self._fresh_until)
         for key in self._cursors:
             newest = self.client.xrevrange(key, count=1)
             self._cursors[key] = newest[0][0].decode() if newest else "0-0"
+        self._speculator = Speculator(self.settings, self._fresh_until)
+        self._led_shard = self.lease.shard
         self.stats.leading = True
         lease = self.lease
         logger.info("speculating, shard %d of %d (%s)", lease.shard, lease.shards, lease.holder)
@@ -203,6 +216,7 @@ class SharedSpeculation:
         if self.stats.leading:
             logger.info("no longer the speculator")
         self._speculator = None
+        self._led_shard = None
         self.stats.leading = False
 
     def _read_streams(self) -> None:
@@ -253,22 +267,36 @@ class SharedSpeculation:
         after = b"(" + group["last-delivered-id"]
         return len(self.client.xrange(STREAM_KEY, after, "+", count=self.max_waiting_tasks))
 
-    def _add_work(self) -> None:
-        assert self._speculator is not None
-        chosen = self._speculator.take()
-        by_user: dict[str, list[str]] = {}
-        for entry in chosen:
-            by_user.setdefault(entry.user_id, []).append(entry.item_id)
-        if not by_user:
+    def _add_work(self, max_tasks: int) -> None:
+        """Up to `max_tasks` tasks (one per user, best pairs first); what does not fit, or
+        does not reach the stream, goes back to the queue."""
+        speculator = self._speculator
+        assert speculator is not None
+        by_user: dict[str, list[Speculated]] = {}
+        for entry in speculator.take():
+            by_user.setdefault(entry.user_id, []).append(entry)
+        users = list(by_user)
+        speculator.put_back(entry for user in users[max_tasks:] for entry in by_user[user])
+        added = [by_user[user] for user in users[:max_tasks]]
+        if not added:
             return
+        try:
+            self._xadd_tasks(added)
+        except Exception:
+            speculator.put_back(entry for entries in added for entry in entries)
+            raise
+        self.stats.tasks_added += len(added)
+        self.stats.pairs_added += sum(len(entries) for entries in added)
+
+    def _xadd_tasks(self, tasks: list[list[Speculated]]) -> None:
+        """Each list holds one user's pairs."""
         with self.client.pipeline(transaction=False) as pipe:
-            for user_id, items in by_user.items():
-                history = self._histories.get(user_id)
-                task = encode_task(PrefetchTask(user_id, tuple(items), history))
+            for entries in tasks:
+                user_id = entries[0].user_id
+                items = tuple(entry.item_id for entry in entries)
+                task = encode_task(PrefetchTask(user_id, items, self._histories.get(user_id)))
                 pipe.xadd(STREAM_KEY, task, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
-        self.stats.tasks_added += len(by_user)
-        self.stats.pairs_added += len(chosen)
 
     def _fresh_until(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
         return read_stale_at(self.client, self.dim, self.model_version, user_id, item_ids)

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 
+from solaris.precompute.daemon import HistoryBook
 from solaris.precompute.speculator import Speculator
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
 from solaris.server.request_log import LoggedRequest
@@ -20,14 +21,18 @@ _HINTS_PER_TAKE = 1_000
 
 class SpeculativeSource:
     def __init__(
-        self, queue: PrefetchQueue, speculator: Speculator, buffered_reads: int = 10_000
+        self,
+        queue: PrefetchQueue,
+        speculator: Speculator,
+        history_users: int,
+        buffered_reads: int = 10_000,
     ) -> None:
         self.queue = queue
         self.speculator = speculator
         self.dropped_reads = 0
         self._reads: deque[LoggedRequest] = deque(maxlen=buffered_reads)
         self._lock = threading.Lock()
-        self._histories: dict[str, tuple[str, ...]] = {}
+        self._histories = HistoryBook(history_users)
 
     def observe(self, request: LoggedRequest) -> None:
         """Called on the serving path: an append, nothing more."""
@@ -59,14 +64,13 @@ class SpeculativeSource:
             while self._reads:
                 self.speculator.observe(self._reads.popleft())
             for hint in hints:
-                if hint.history:
-                    self._histories[hint.user_id] = hint.history
+                self._histories.update(hint.user_id, hint.history)
                 self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)
             chosen = self.speculator.take()
         by_user: dict[str, list[str]] = {}
         for entry in chosen:
             by_user.setdefault(entry.user_id, []).append(entry.item_id)
         return [
-            PrefetchTask(user, tuple(items), self._histories.pop(user, ()))
+            PrefetchTask(user, tuple(items), self._histories.get(user))
             for user, items in by_user.items()
         ]

@@ -166,7 +166,12 @@ class Speculator:
         chosen: list[Speculated] = []
         while self._heap and len(chosen) < allowed:
             batch = self._pop(allowed - len(chosen))
-            chosen += self._not_fresh(batch)
+            try:
+                chosen += self._not_fresh(batch)
+            except Exception:  # the store did not answer: nothing taken is lost
+                for entry in chosen + batch:
+                    self._requeue(entry)
+                raise
         self._tokens -= len(chosen)
         now = self._clock()
         for entry in chosen:
@@ -176,6 +181,15 @@ class Speculator:
         while len(self._handed_out) > self.settings.max_queued_pairs:
             self._handed_out.popitem(last=False)
         return chosen
+
+    def put_back(self, entries: Iterable[Speculated]) -> None:
+        """Taken but not passed on (the work stream did not take them): queued again as they
+        were, and the budget they used given back."""
+        for entry in entries:
+            self._handed_out.pop((entry.user_id, entry.item_id), None)
+            self.stats.handed_out[entry.policy] -= 1
+            self._tokens += 1
+            self._requeue(entry)
 
     def done(self, pairs: Iterable[Pair]) -> None:
         """These pairs are computed and stored: no longer in flight."""
@@ -227,6 +241,13 @@ class Speculator:
             self.stats.queued[policy] += 1
             if self._on_queue is not None:
                 self._on_queue(entry)
+
+    def _requeue(self, entry: Speculated) -> None:
+        pair = (entry.user_id, entry.item_id)
+        queued = self._queued.get(pair)
+        if queued is None or queued.priority < entry.priority:
+            self._queued[pair] = entry
+            heapq.heappush(self._heap, (-entry.priority, next(self._order), entry))
 
     def _drop_least_valuable(self) -> None:
         """Keeps the better half of a full queue: dropping half at once keeps the cost of
@@ -287,7 +308,9 @@ class Speculator:
 
     def _remember(self, user_id: str, item_ids: Sequence[str]) -> None:
         recent = self._recent.pop(user_id, {})
-        recent.update(dict.fromkeys(item_ids))
+        for item_id in self._recency_order(item_ids):
+            recent.pop(item_id, None)
+            recent[item_id] = None
         while len(recent) > self.settings.recent_items_per_user:
             del recent[next(iter(recent))]
         self._recent[user_id] = recent
@@ -301,11 +324,22 @@ class Speculator:
         if len(self._popularity) > self.settings.max_tracked_items:
             self._forget_rare_items()
 
+    def _head(self, item_ids: Sequence[str]) -> list[str]:
+        """The items of a request that co-visitation counts, and expansion starts from."""
+        return list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
+
+    def _recency_order(self, item_ids: Sequence[str]) -> list[str]:
+        """A request's items in the order a user's recent items take them: the head last, so
+        that a user's newest items are the head of their latest request."""
+        head = self._head(item_ids)
+        in_head = set(head)
+        return [item for item in item_ids if item not in in_head] + head
+
     def _count_covisits(self, item_ids: Sequence[str]) -> None:
         """Items asked for in one request co-occur; each item keeps its strongest neighbours."""
         if Policy.COVISIT not in self.settings.policies:
             return
-        unique = list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
+        unique = self._head(item_ids)
         keep = self.settings.neighbours_per_item
         for item_id in unique:
             neighbours = self._covisits.setdefault(item_id, Counter())

@@ -190,7 +190,7 @@ class Sidecar:
         if not precompute.policies:
             return self.prefetch_queue
         speculator = Speculator(precompute.speculation_settings(), self.l1.fresh_until)
-        source = SpeculativeSource(self.prefetch_queue, speculator)
+        source = SpeculativeSource(self.prefetch_queue, speculator, precompute.history_users)
         self.request_log.listeners.append(source.observe)
         return source
 

@@ -7,6 +7,7 @@ the newest requests and counts the ones it dropped.
 import asyncio
 import json
 import logging
+import math
 from collections import deque
 
 import numpy as np
@@ -35,6 +36,8 @@ def decode_request(fields: dict[bytes, bytes]) -> LoggedRequest | None:
             and all(isinstance(item, str) for item in items)
             and all(isinstance(status, int) and 0 <= status <= 255 for status in statuses)
             and len(items) == len(statuses)
+            and isinstance(at, int | float)
+            and math.isfinite(at)
         )
         if not well_formed:
             return None

@@ -191,3 +191,35 @@ def test_a_higher_priority_hint_goes_first(world: World) -> None:
     speculator.hint("u", ["plain"])
     speculator.hint("u", ["urgent"], priority=500)
     assert pairs(speculator.take()) == {("u", "urgent", Policy.PREFETCH)}
+
+
+def test_expansion_starts_from_the_items_co_visitation_counted(world: World) -> None:
+    speculator = world.speculator(policies=frozenset({Policy.COVISIT}), covisit_items_per_request=2)
+    speculator.observe(world.request("a", ["x", "y"], [HIT, HIT]))
+    speculator.observe(world.request("c", ["x", "tail-1", "tail-2"], [HIT, HIT, HIT]))
+    assert ("c", "y", Policy.COVISIT) in pairs(speculator.take())
+
+
+def test_nothing_taken_is_lost_when_the_store_does_not_answer(world: World) -> None:
+    speculator = world.speculator(rate=2)
+    speculator.hint("u", ["a", "b"])
+
+    def unreachable(user_id: str, item_ids: list[str]) -> np.ndarray:
+        raise ConnectionError("store down")
+
+    speculator._fresh_until = unreachable
+    with pytest.raises(ConnectionError):
+        speculator.take()
+    speculator._fresh_until = world.fresh_until
+    assert {entry.item_id for entry in speculator.take()} == {"a", "b"}
+
+
+def test_pairs_put_back_are_handed_out_again_within_the_same_budget(world: World) -> None:
+    speculator = world.speculator(rate=2)
+    speculator.hint("u", ["a", "b"], priority=500)
+    speculator.hint("u", ["c"])
+    taken = speculator.take()
+    assert len(taken) == 2
+    speculator.put_back(taken)
+    assert speculator.take() == taken
+    assert speculator.take() == []

@@ -146,23 +146,56 @@ def test_sharded_speculators_split_the_users_between_them(redis_server: RedisPro
     assert sorted(task.user_id for task in added_tasks(redis_server)) == sorted(users)
 
 
-def test_no_work_is_added_while_the_daemons_have_enough_waiting(
+def test_a_speculator_moved_to_another_shard_forgets_the_users_of_the_last(
     redis_server: RedisProcess,
 ) -> None:
     client = redis_server.client()
-    daemons_joined(redis_server)
+    speculator = speculation(redis_server, shards=2)
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        first = speculator.lease.shard
+        users = [f"user-{n}" for n in range(20)]
+        old_users = [user for user in users if shard_of(user, 2) == first]
+        for user in old_users:
+            log_misses(redis_server, user, ["a"])
+        assert wait_until(lambda: speculator.stats.requests_read == len(old_users), timeout=5)
+        client.set(lease_key(first, 2), "another-daemon", px=60_000)  # type: ignore[arg-type]
+        assert wait_until(lambda: speculator.lease.shard not in (None, first), timeout=5)
+        time.sleep(0.3)  # for it to find where the streams end
+        daemons_joined(redis_server)
+        new_users = [user for user in users if user not in old_users]
+        for user in new_users:
+            log_misses(redis_server, user, ["a"])
+        assert wait_until(lambda: speculator.stats.pairs_added == len(new_users), timeout=5)
+        time.sleep(0.5)
+    finally:
+        speculator.stop()
+    assert sorted(task.user_id for task in added_tasks(redis_server)) == sorted(new_users)
+
+
+def test_no_work_is_added_past_what_the_daemons_may_have_waiting(
+    redis_server: RedisProcess,
+) -> None:
+    client = redis_server.client()
     speculator = speculation(
-        redis_server, SpeculationSettings(5.0, frozenset({Policy.MISS})), max_waiting_tasks=3
+        redis_server, SpeculationSettings(100.0, frozenset({Policy.MISS})), max_waiting_tasks=3
     )
     speculator.start()
     try:
         assert wait_until(lambda: speculator.stats.leading, timeout=5)
         for user in range(40):
             log_misses(redis_server, f"user-{user}", ["a"])
-        assert wait_until(lambda: speculator.stats.waits_for_backlog > 3, timeout=10)
-        assert waiting_tasks(redis_server) <= 3 + 5, "one round at most past the limit"
+        assert wait_until(lambda: speculator.stats.requests_read == 40, timeout=5)
+        time.sleep(1.0)  # a second's budget (100 pairs) saved up while no daemon had joined
+        daemons_joined(redis_server)
+        waits = speculator.stats.waits_for_backlog
+        assert wait_until(lambda: speculator.stats.waits_for_backlog > waits + 2, timeout=10)
+        assert waiting_tasks(redis_server) == 3
         client.xreadgroup(GROUP, "test", {STREAM_KEY: ">"})
-        assert wait_until(lambda: waiting_tasks(redis_server) >= 3, timeout=10)
+        assert wait_until(lambda: speculator.stats.tasks_added == 6, timeout=10)
+        time.sleep(0.3)
+        assert waiting_tasks(redis_server) == 3
     finally:
         speculator.stop()
 
@@ -218,13 +251,13 @@ def test_a_malformed_read_is_skipped_and_the_next_one_learnt(redis_server: Redis
     speculator.start()
     try:
         assert wait_until(lambda: speculator.stats.leading, timeout=5)
-        bad = json.dumps(["user-1", ["a", "b"], [1], 0.0])
-        redis_server.client().xadd(REQUEST_STREAM_KEY, {"request": bad})
+        for bad in (["user-1", ["a", "b"], [1], 0.0], ["user-1", ["a"], [1], float("nan")]):
+            redis_server.client().xadd(REQUEST_STREAM_KEY, {"request": json.dumps(bad)})
         log_misses(redis_server, "user-2", ["c"])
         assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
     finally:
         speculator.stop()
-    assert speculator.stats.malformed_reads == 1
+    assert speculator.stats.malformed_reads == 2
     assert speculator.stats.requests_read == 1
 
 
