@@ -72,7 +72,11 @@ def shared_rate(url: str, requests: list[LoggedRequest], policies: frozenset[Pol
     client.flushall()
     client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
     speculation = SharedSpeculation(
-        redis.Redis.from_url(url), SpeculationSettings(BUDGET, policies), DIM, "bench"
+        redis.Redis.from_url(url),
+        SpeculationSettings(BUDGET, policies),
+        DIM,
+        "bench",
+        max_waiting_tasks=len(requests),  # no daemon takes work here: never held back
     )
     speculation.start()
     while not speculation.stats.leading:

@@ -268,16 +268,14 @@ class SharedSpeculation:
         return len(self.client.xrange(STREAM_KEY, after, "+", count=self.max_waiting_tasks))
 
     def _add_work(self, max_tasks: int) -> None:
-        """Up to `max_tasks` tasks (one per user, best pairs first); what does not fit, or
-        does not reach the stream, goes back to the queue."""
+        """Up to `max_tasks` tasks, one per user; what does not reach the stream goes back to
+        the queue."""
         speculator = self._speculator
         assert speculator is not None
         by_user: dict[str, list[Speculated]] = {}
-        for entry in speculator.take():
+        for entry in speculator.take(max_users=max_tasks):
             by_user.setdefault(entry.user_id, []).append(entry)
-        users = list(by_user)
-        speculator.put_back(entry for user in users[max_tasks:] for entry in by_user[user])
-        added = [by_user[user] for user in users[:max_tasks]]
+        added = list(by_user.values())
         if not added:
             return
         try:

@@ -155,17 +155,21 @@ class Speculator:
         if Policy.REFRESH in self.settings.policies:
             self._offer_refresh(request, at)
 
-    def take(self, max_pairs: int | None = None) -> list[Speculated]:
+    def take(self, max_pairs: int | None = None, max_users: int | None = None) -> list[Speculated]:
         """The best pairs not already fresh, as many as the budget allows since the last take
-        (and at most `max_pairs`). Expansion fills what the queue leaves."""
+        (and at most `max_pairs`, of at most `max_users` users). Expansion fills what the
+        queue leaves."""
         allowed = self._spendable()
         if max_pairs is not None:
             allowed = min(allowed, max_pairs)
         if len(self._queued) < allowed:
             self._expand(allowed)
         chosen: list[Speculated] = []
-        while self._heap and len(chosen) < allowed:
-            batch = self._pop(allowed - len(chosen))
+        users: set[str] = set()
+        while len(chosen) < allowed:
+            batch = self._pop(allowed - len(chosen), users, max_users)
+            if not batch:
+                break
             try:
                 chosen += self._not_fresh(batch)
             except Exception:  # the store did not answer: nothing taken is lost
@@ -270,12 +274,18 @@ class Speculator:
         in_flight = self.settings.in_flight_seconds
         return handed_out_at is not None and self._clock() - handed_out_at < in_flight
 
-    def _pop(self, count: int) -> list[Speculated]:
-        """Up to `count` queued pairs, best first; entries a better offer replaced are skipped."""
+    def _pop(self, count: int, users: set[str], max_users: int | None) -> list[Speculated]:
+        """Up to `count` queued pairs, best first, while their users (added to `users`) number
+        at most `max_users`; entries a better offer replaced are skipped."""
         popped: list[Speculated] = []
         while self._heap and len(popped) < count:
-            _, _, entry = heapq.heappop(self._heap)
+            entry = self._heap[0][2]
             pair = (entry.user_id, entry.item_id)
+            if self._queued.get(pair) is entry and entry.user_id not in users:
+                if max_users is not None and len(users) >= max_users:
+                    break
+                users.add(entry.user_id)
+            heapq.heappop(self._heap)
             if self._queued.get(pair) is entry:
                 del self._queued[pair]
                 popped.append(entry)

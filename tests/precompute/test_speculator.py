@@ -223,3 +223,14 @@ def test_pairs_put_back_are_handed_out_again_within_the_same_budget(world: World
     speculator.put_back(taken)
     assert speculator.take() == taken
     assert speculator.take() == []
+
+
+def test_a_take_can_be_held_to_a_number_of_users(world: World) -> None:
+    speculator = world.speculator()
+    speculator.hint("first", ["a", "b"], priority=500)
+    speculator.hint("second", ["c"])
+    assert pairs(speculator.take(max_users=1)) == {
+        ("first", "a", Policy.PREFETCH),
+        ("first", "b", Policy.PREFETCH),
+    }
+    assert pairs(speculator.take()) == {("second", "c", Policy.PREFETCH)}
