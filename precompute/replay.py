@@ -11,7 +11,7 @@ Runtime and writes it to the store; requests are answered by the sidecar's own r
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ from solaris.precompute.model import ModelConfig
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
+    FreshUntil,
     Policy,
     Speculated,
     SpeculationSettings,
@@ -32,7 +33,7 @@ from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
 from solaris.server.request_log import LoggedRequest, RequestLog
 from solaris.server.settings import ServeSettings
-from solaris.server.store import FLOAT32, RowStatus
+from solaris.server.store import RowStatus
 
 Pair = tuple[str, str]
 ORACLE = "oracle"
@@ -109,7 +110,7 @@ class Oracle:
         requests: Sequence[Event],
         budget: float,
         horizon_seconds: float,
-        fresh_until: Callable[[str, Sequence[str]], np.ndarray],
+        fresh_until: FreshUntil,
         clock: SimulatedClock,
     ) -> None:
         self.requests = requests
@@ -136,7 +137,8 @@ class Oracle:
         for event in self.requests[self._first_open :]:
             if event.time > elapsed + self.horizon_seconds / 2 or len(chosen) >= int(self._tokens):
                 break
-            stale = self.fresh_until(event.user_id, event.item_ids) <= now
+            pairs = [(event.user_id, item) for item in event.item_ids]
+            stale = self.fresh_until(pairs) <= now
             for item, is_stale in zip(event.item_ids, stale, strict=True):
                 pair = (event.user_id, item)
                 if is_stale and self._may_hand_out(pair, now) and len(chosen) < int(self._tokens):
@@ -194,7 +196,10 @@ class Replay:
         )
         store = MemoryStore(settings.cache_bytes, settings.dim)
         queue = PrefetchQueue(1)
-        service = EmbeddingService(settings, store, RequestLog(1), queue, clock=clock)
+        request_log = RequestLog(1)
+        reads: list[LoggedRequest] = []
+        request_log.listeners.append(reads.append)
+        service = EmbeddingService(settings, store, request_log, queue, clock=clock)
         daemon = PrecomputeDaemon(
             self.runner,
             store,
@@ -205,9 +210,6 @@ class Replay:
             clock=clock,
         )
 
-        def fresh_until(user_id: str, item_ids: Sequence[str]) -> np.ndarray:
-            return store.read_now(user_id, item_ids, FLOAT32, clock()).times[:, 1]
-
         label = policy_set if isinstance(policy_set, str) else "+".join(sorted(policy_set))
         result = ReplayResult(label, budget)
         predicted: set[Pair] = set()
@@ -215,13 +217,13 @@ class Replay:
         if policy_set == ORACLE:
             requests = [event for event in self.events if not event.is_hint]
             speculator: Speculator | Oracle = Oracle(
-                requests, budget, self.ttl_seconds, fresh_until, clock
+                requests, budget, self.ttl_seconds, store.fresh_until, clock
             )
         else:
             policies = POLICY_SETS[policy_set] if isinstance(policy_set, str) else policy_set
             speculator = Speculator(
                 SpeculationSettings(budget, policies),
-                fresh_until,
+                store.fresh_until,
                 clock,
                 on_queue=lambda entry: predicted.add((entry.user_id, entry.item_id)),
             )
@@ -239,9 +241,8 @@ class Replay:
             answer = await service.batch_get(event.user_id, event.item_ids)
             self._score(event, answer.statuses, answer.ages_ms, predicted, computed, result)
             if isinstance(speculator, Speculator):
-                speculator.observe(
-                    LoggedRequest(event.user_id, event.item_ids, answer.statuses, clock())
-                )
+                speculator.observe(reads)
+            reads.clear()
         return result
 
     async def _compute(

@@ -40,6 +40,7 @@ from solaris.server.redis_store import (
     connect_blocking,
     read_stale_at,
 )
+from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
 from solaris.server.settings import ServeSettings
 from solaris.server.tiered import REDIS_ERRORS
@@ -223,25 +224,25 @@ class SharedSpeculation:
         """New reads to learn from, and new Prefetch tasks for their histories."""
         assert self._speculator is not None
         answer = self.client.xread(self._cursors, count=_READ_AT_MOST, block=_READ_BLOCK_MS)
+        reads: list[LoggedRequest] = []
         for key, entries in answer or []:
             stream = key.decode()
             for entry_id, fields in entries:
                 self._cursors[stream] = entry_id.decode()
                 if stream == REQUEST_STREAM_KEY:
-                    self._learn_read(fields)
+                    reads += self._our_read(fields)
                 else:
                     self._learn_history(entry_id.decode(), fields)
+        self._speculator.observe(reads)
+        self.stats.requests_read += len(reads)
 
-    def _learn_read(self, fields: dict[bytes, bytes]) -> None:
-        assert self._speculator is not None
+    def _our_read(self, fields: dict[bytes, bytes]) -> list[LoggedRequest]:
+        """The read in a request stream entry, if well formed and of this shard's users."""
         request = decode_request(fields)
         if request is None:
             self.stats.malformed_reads += 1
-            return
-        if not self._ours(request.user_id):
-            return
-        self._speculator.observe(request)
-        self.stats.requests_read += 1
+            return []
+        return [request] if self._ours(request.user_id) else []
 
     def _learn_history(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         task = decode_task(entry_id, fields)
@@ -296,8 +297,8 @@ class SharedSpeculation:
                 pipe.xadd(STREAM_KEY, task, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
 
-    def _fresh_until(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
-        return read_stale_at(self.client, self.dim, self.model_version, user_id, item_ids)
+    def _fresh_until(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        return read_stale_at(self.client, self.dim, self.model_version, pairs)
 
 
 def shared_speculation(

@@ -61,8 +61,8 @@ class SpeculativeSource:
     def _take_now(self) -> list[PrefetchTask]:
         hints = self.queue.take(max_tasks=_HINTS_PER_TAKE, timeout=0)
         with self._lock:
-            while self._reads:
-                self.speculator.observe(self._reads.popleft())
+            reads = [self._reads.popleft() for _ in range(len(self._reads))]
+            self.speculator.observe(reads)
             for hint in hints:
                 self._histories.update(hint.user_id, hint.history)
                 self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)

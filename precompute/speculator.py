@@ -33,8 +33,9 @@ from solaris.server.store import RowStatus
 from solaris.server.validation import MAX_PRIORITY
 
 Pair = tuple[str, str]
-FreshUntil = Callable[[str, Sequence[str]], np.ndarray]
-"""`(user_id, item_ids) -> stale_at per item` (-inf for a pair the store lacks)."""
+FreshUntil = Callable[[Sequence[Pair]], np.ndarray]
+"""`pairs -> stale_at per pair` (-inf for a pair the store lacks). One call covers many pairs,
+so that a store across the network answers a batch of reads in one round trip."""
 
 
 class Policy(StrEnum):
@@ -144,16 +145,22 @@ class Speculator:
         for item_id in item_ids:
             self._offer(user_id, item_id, Policy.PREFETCH, score, now)
 
-    def observe(self, request: LoggedRequest) -> None:
-        """A read the sidecar answered: misses and soon-stale pairs to compute, and the
-        co-visitation and popularity that expansion draws on. Its signals are valued as of
-        the read's own time, so a read learnt late is worth less."""
-        self._remember(request.user_id, request.item_ids)
-        at = min(request.time, self._clock())
-        for index in np.flatnonzero(request.statuses == RowStatus.MISS):
-            self._offer(request.user_id, request.item_ids[index], Policy.MISS, 1.0, at)
-        if Policy.REFRESH in self.settings.policies:
-            self._offer_refresh(request, at)
+    def observe(self, requests: Iterable[LoggedRequest]) -> None:
+        """Reads the sidecar answered: misses and soon-stale pairs to compute, and the
+        co-visitation and popularity that expansion draws on. Each read's signals are valued
+        as of its own time, so a read learnt late is worth less."""
+        refresh = Policy.REFRESH in self.settings.policies
+        horizon = self._clock() + self.settings.refresh_window_seconds
+        for request in requests:
+            self._remember(request.user_id, request.item_ids)
+            at = min(request.time, self._clock())
+            missed = request.statuses == RowStatus.MISS
+            for index in np.flatnonzero(missed):
+                self._offer(request.user_id, request.item_ids[index], Policy.MISS, 1.0, at)
+            if refresh:
+                due = ~missed & (request.stale_at < horizon)
+                for index in np.flatnonzero(due):
+                    self._offer(request.user_id, request.item_ids[index], Policy.REFRESH, 1.0, at)
 
     def take(self, max_pairs: int | None = None, max_users: int | None = None) -> list[Speculated]:
         """The best pairs not already fresh, as many as the budget allows since the last take
@@ -292,29 +299,10 @@ class Speculator:
         return popped
 
     def _not_fresh(self, entries: list[Speculated]) -> list[Speculated]:
-        now = self._clock()
-        kept = []
-        by_user: dict[str, list[Speculated]] = {}
-        for entry in entries:
-            by_user.setdefault(entry.user_id, []).append(entry)
-        for user_id, wanted in by_user.items():
-            fresh_until = self._fresh_until(user_id, [entry.item_id for entry in wanted])
-            for entry, until in zip(wanted, fresh_until, strict=True):
-                if until > now:
-                    self.stats.skipped_fresh += 1
-                else:
-                    kept.append(entry)
-        return kept
-
-    def _offer_refresh(self, request: LoggedRequest, at: float) -> None:
-        served = [request.item_ids[i] for i in np.flatnonzero(request.statuses != RowStatus.MISS)]
-        if not served:
-            return
-        horizon = self._clock() + self.settings.refresh_window_seconds
-        fresh_until = self._fresh_until(request.user_id, served)
-        for item_id, until in zip(served, fresh_until, strict=True):
-            if until < horizon:
-                self._offer(request.user_id, item_id, Policy.REFRESH, 1.0, at)
+        fresh_until = self._fresh_until([(entry.user_id, entry.item_id) for entry in entries])
+        fresh = fresh_until > self._clock()
+        self.stats.skipped_fresh += int(fresh.sum())
+        return [entry for entry, is_fresh in zip(entries, fresh, strict=True) if not is_fresh]
 
     def _remember(self, user_id: str, item_ids: Sequence[str]) -> None:
         recent = self._recent.pop(user_id, {})

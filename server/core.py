@@ -110,7 +110,9 @@ class EmbeddingService:
         rows = await self.store.read(user_id, item_ids, dtype, deadline)
         now = self.clock()
         result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
-        self.request_log.append(LoggedRequest(user_id, tuple(item_ids), result.statuses, now))
+        self.request_log.append(
+            LoggedRequest(user_id, tuple(item_ids), result.statuses, now, rows.times[:, 1])
+        )
         if self.metrics is not None:
             self.metrics.observe(result.statuses, time.perf_counter() - started)
         return result

@@ -77,11 +77,11 @@ class MemoryStore:
     async def close(self) -> None:
         """Nothing to release: the tables live as long as the store."""
 
-    def fresh_until(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
+    def fresh_until(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Each pair's stale_at (-inf if not held), without touching recency: for speculation."""
         get = self._slots.get
         with self._lock:
-            slots = np.array([get((user_id, item), -1) for item in item_ids], dtype=np.int64)
+            slots = np.array([get(pair, -1) for pair in pairs], dtype=np.int64)
             stale_at = self._times[np.maximum(slots, 0), 1]
         return np.where(slots >= 0, stale_at, -np.inf)
 

@@ -141,17 +141,17 @@ def _header_fits(records: np.ndarray, dim: int, model_version: str) -> np.ndarra
 
 
 def read_stale_at(
-    client: redis.Redis, dim: int, model_version: str, user_id: str, item_ids: Sequence[str]
+    client: redis.Redis, dim: int, model_version: str, pairs: Sequence[tuple[str, str]]
 ) -> np.ndarray:
-    """When each pair goes stale (-inf if not stored), reading only the values' headers: a
-    speculator asks this of every pair it considers, so it fetches tens of bytes, not the
-    embeddings."""
+    """When each (user, item) pair goes stale (-inf if not stored), in one round trip, reading
+    only the values' headers: a speculator asks this of every pair it considers, so it fetches
+    tens of bytes, not the embeddings."""
     layout = value_layout(0, model_version)
     with client.pipeline(transaction=False) as pipe:
-        for item_id in item_ids:
+        for user_id, item_id in pairs:
             pipe.getrange(pair_key(model_version, user_id, item_id), 0, layout.itemsize - 1)
         headers: list[bytes] = pipe.execute()
-    stale_at = np.full(len(item_ids), -np.inf)
+    stale_at = np.full(len(pairs), -np.inf)
     fits = [i for i, header in enumerate(headers) if len(header) == layout.itemsize]
     records = np.frombuffer(b"".join(headers[i] for i in fits), layout)
     valid = _header_fits(records, dim, model_version)

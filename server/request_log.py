@@ -12,12 +12,15 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class LoggedRequest:
-    """One answered read. `statuses` holds a RowStatus value per item, in request order."""
+    """One answered read. `statuses` holds a RowStatus value per item, in request order, and
+    `stale_at` when each served row goes stale (meaningless for a miss): the speculator's
+    refresh needs it, and the sidecar has it at hand."""
 
     user_id: str
     item_ids: tuple[str, ...]
     statuses: np.ndarray
     time: float
+    stale_at: np.ndarray
 
 
 class RequestLog:

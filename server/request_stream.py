@@ -23,27 +23,40 @@ logger = logging.getLogger("solaris.redis")
 
 
 def encode_request(request: LoggedRequest) -> dict[str, str]:
+    """JSON: `[user, items, statuses, time, stale_at]`, a stale_at that is not finite as null."""
     statuses = [int(status) for status in request.statuses]
-    return {"request": json.dumps([request.user_id, request.item_ids, statuses, request.time])}
+    stale_at = [float(at) if math.isfinite(at) else None for at in request.stale_at]
+    fields = [request.user_id, request.item_ids, statuses, request.time, stale_at]
+    return {"request": json.dumps(fields)}
 
 
 def decode_request(fields: dict[bytes, bytes]) -> LoggedRequest | None:
-    """The request in a stream entry, or None for an entry that is not one of ours."""
+    """The request in a stream entry, or None for an entry that is not one of ours. An entry
+    from a sidecar that predates `stale_at` reads as never going stale (no refresh)."""
     try:
-        user_id, items, statuses, at = json.loads(fields[b"request"])
+        user_id, items, statuses, at, *rest = json.loads(fields[b"request"])
+        stale_at = rest[0] if rest else [math.inf] * len(items)
         well_formed = (
             isinstance(user_id, str)
             and all(isinstance(item, str) for item in items)
             and all(isinstance(status, int) and 0 <= status <= 255 for status in statuses)
-            and len(items) == len(statuses)
-            and isinstance(at, int | float)
-            and math.isfinite(at)
+            and len(items) == len(statuses) == len(stale_at)
+            and _is_time(at)
+            and all(until is None or isinstance(until, int | float) for until in stale_at)
         )
         if not well_formed:
             return None
-        return LoggedRequest(user_id, tuple(items), np.array(statuses, np.uint8), float(at))
+        stale = np.array([-math.inf if until is None else until for until in stale_at], float)
+        if np.isnan(stale).any():
+            return None
+        statuses_array = np.array(statuses, np.uint8)
+        return LoggedRequest(user_id, tuple(items), statuses_array, float(at), stale)
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 class RequestShipper:

@@ -23,8 +23,8 @@ class World:
     def clock(self) -> float:
         return self.now
 
-    def fresh_until(self, user_id: str, item_ids: list[str]) -> np.ndarray:
-        return np.array([self.stale_at.get((user_id, i), -np.inf) for i in item_ids])
+    def fresh_until(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        return np.array([self.stale_at.get(pair, -np.inf) for pair in pairs])
 
     def speculator(self, rate: float = 1000.0, **settings: object) -> Speculator:
         chosen = SpeculationSettings(budget_pairs_per_second=rate, **settings)  # type: ignore[arg-type]
@@ -33,7 +33,10 @@ class World:
         return speculator
 
     def request(self, user_id: str, items: list[str], statuses: list[int]) -> LoggedRequest:
-        return LoggedRequest(user_id, tuple(items), np.array(statuses, np.uint8), self.now)
+        stale_at = np.array([self.stale_at.get((user_id, i), -np.inf) for i in items])
+        return LoggedRequest(
+            user_id, tuple(items), np.array(statuses, np.uint8), self.now, stale_at
+        )
 
 
 @pytest.fixture
@@ -48,10 +51,10 @@ def pairs(taken: list) -> set[tuple[str, str, Policy]]:
 def test_a_missed_list_is_computed_with_the_miss_policy_and_not_without_it(world: World) -> None:
     request = world.request("u", ["a", "b"], [MISS, MISS])
     with_miss = world.speculator()
-    with_miss.observe(request)
+    with_miss.observe([request])
     assert pairs(with_miss.take()) == {("u", "a", Policy.MISS), ("u", "b", Policy.MISS)}
     without = world.speculator(policies=frozenset({Policy.PREFETCH}))
-    without.observe(request)
+    without.observe([request])
     assert without.take() == []
 
 
@@ -77,7 +80,7 @@ def test_the_budget_is_respected_and_does_not_pile_up(world: World) -> None:
 def test_stronger_signals_go_first_and_a_pair_is_queued_once(world: World) -> None:
     speculator = world.speculator(rate=2)
     world.now += 1
-    speculator.observe(world.request("u", ["m"], [MISS]))
+    speculator.observe([world.request("u", ["m"], [MISS])])
     speculator.hint("u", ["p", "m"])
     speculator.hint("u", ["p"])
     assert len(speculator) == 2
@@ -88,7 +91,7 @@ def test_a_pair_about_to_go_stale_is_refreshed(world: World) -> None:
     speculator = world.speculator(policies=frozenset({Policy.REFRESH}), refresh_window_seconds=60)
     world.stale_at[("u", "soon")] = world.now + 30
     world.stale_at[("u", "later")] = world.now + 600
-    speculator.observe(world.request("u", ["soon", "later"], [HIT, HIT]))
+    speculator.observe([world.request("u", ["soon", "later"], [HIT, HIT])])
     world.now += 31
     assert pairs(speculator.take()) == {("u", "soon", Policy.REFRESH)}
 
@@ -96,16 +99,16 @@ def test_a_pair_about_to_go_stale_is_refreshed(world: World) -> None:
 def test_covisited_items_are_offered_to_a_recent_user(world: World) -> None:
     speculator = world.speculator(policies=frozenset({Policy.COVISIT}))
     for user in ("a", "b"):
-        speculator.observe(world.request(user, ["x", "y"], [HIT, HIT]))
-    speculator.observe(world.request("c", ["x"], [HIT]))
+        speculator.observe([world.request(user, ["x", "y"], [HIT, HIT])])
+    speculator.observe([world.request("c", ["x"], [HIT])])
     assert ("c", "y", Policy.COVISIT) in pairs(speculator.take())
 
 
 def test_popular_items_fill_what_is_left(world: World) -> None:
     speculator = world.speculator(policies=frozenset({Policy.POPULAR}))
     for user in ("a", "b", "c"):
-        speculator.observe(world.request(user, ["hot"], [HIT]))
-    speculator.observe(world.request("d", ["cold"], [HIT]))
+        speculator.observe([world.request(user, ["hot"], [HIT])])
+    speculator.observe([world.request("d", ["cold"], [HIT])])
     assert ("d", "hot", Policy.POPULAR) in pairs(speculator.take())
 
 
@@ -113,40 +116,40 @@ def test_a_pair_handed_out_is_not_handed_out_again_while_in_flight(world: World)
     speculator = world.speculator(in_flight_seconds=30)
     speculator.hint("u", ["a"])
     assert len(speculator.take()) == 1
-    speculator.observe(world.request("u", ["a"], [MISS]))
+    speculator.observe([world.request("u", ["a"], [MISS])])
     world.now += 1
     assert speculator.take() == []
     world.now += 30
-    speculator.observe(world.request("u", ["a"], [MISS]))
+    speculator.observe([world.request("u", ["a"], [MISS])])
     assert pairs(speculator.take()) == {("u", "a", Policy.MISS)}
 
 
 def test_a_recent_miss_goes_before_an_older_one(world: World) -> None:
     speculator = world.speculator(rate=1, policies=frozenset({Policy.MISS}))
-    speculator.observe(world.request("old", ["a"], [MISS]))
+    speculator.observe([world.request("old", ["a"], [MISS])])
     world.now += 30
-    speculator.observe(world.request("new", ["a"], [MISS]))
+    speculator.observe([world.request("new", ["a"], [MISS])])
     assert pairs(speculator.take()) == {("new", "a", Policy.MISS)}
 
 
 def test_a_pair_asked_for_twice_goes_before_one_asked_for_once(world: World) -> None:
     speculator = world.speculator(rate=1, policies=frozenset({Policy.MISS}))
-    speculator.observe(world.request("u", ["once", "twice"], [MISS, MISS]))
-    speculator.observe(world.request("u", ["twice"], [MISS]))
+    speculator.observe([world.request("u", ["once", "twice"], [MISS, MISS])])
+    speculator.observe([world.request("u", ["twice"], [MISS])])
     assert pairs(speculator.take()) == {("u", "twice", Policy.MISS)}
 
 
 def test_a_pair_keeps_the_strongest_policy_that_asked_for_it(world: World) -> None:
     speculator = world.speculator()
     speculator.hint("u", ["a"])
-    speculator.observe(world.request("u", ["a"], [MISS]))
+    speculator.observe([world.request("u", ["a"], [MISS])])
     assert pairs(speculator.take()) == {("u", "a", Policy.PREFETCH)}
 
 
 def test_a_full_queue_drops_its_least_valuable_half(world: World) -> None:
     speculator = world.speculator(rate=1000, max_queued_pairs=4)
     for item in ("old1", "old2", "old3", "old4"):
-        speculator.observe(world.request("u", [item], [MISS]))
+        speculator.observe([world.request("u", [item], [MISS])])
         world.now += 1
     speculator.hint("u", ["new"])
     assert len(speculator) == 3
@@ -157,28 +160,28 @@ def test_a_full_queue_drops_its_least_valuable_half(world: World) -> None:
 def test_under_item_churn_only_the_more_requested_items_are_remembered(world: World) -> None:
     speculator = world.speculator(max_tracked_items=10)
     for user in ("a", "b"):
-        speculator.observe(world.request(user, ["hot", "warm"], [HIT, HIT]))
+        speculator.observe([world.request(user, ["hot", "warm"], [HIT, HIT])])
     for item in range(20):
-        speculator.observe(world.request("c", [f"new-{item}"], [HIT]))
-    speculator.observe(world.request("d", ["hot"], [HIT]))
+        speculator.observe([world.request("c", [f"new-{item}"], [HIT])])
+    speculator.observe([world.request("d", ["hot"], [HIT])])
     assert speculator.tracked_items <= 10
     assert ("d", "warm", Policy.COVISIT) in pairs(speculator.take())
 
 
 def test_a_read_learnt_late_is_valued_as_of_when_it_happened(world: World) -> None:
     speculator = world.speculator(rate=1, policies=frozenset({Policy.MISS}))
-    speculator.observe(world.request("recent", ["a"], [MISS]))
+    speculator.observe([world.request("recent", ["a"], [MISS])])
     world.now += 1
     late = world.request("late", ["a"], [MISS])
-    speculator.observe(dataclasses.replace(late, time=world.now - 120))
+    speculator.observe([dataclasses.replace(late, time=world.now - 120)])
     assert pairs(speculator.take()) == {("recent", "a", Policy.MISS)}
 
 
 def test_each_request_earns_its_user_one_expansion(world: World) -> None:
     speculator = world.speculator(policies=frozenset({Policy.COVISIT}))
     for user in ("a", "b"):
-        speculator.observe(world.request(user, ["x", "y"], [HIT, HIT]))
-    speculator.observe(world.request("c", ["x"], [HIT]))
+        speculator.observe([world.request(user, ["x", "y"], [HIT, HIT])])
+    speculator.observe([world.request("c", ["x"], [HIT])])
     world.stale_at[("c", "y")] = world.now + 1000
     for _ in range(5):
         world.now += 1
@@ -195,8 +198,8 @@ def test_a_higher_priority_hint_goes_first(world: World) -> None:
 
 def test_expansion_starts_from_the_items_co_visitation_counted(world: World) -> None:
     speculator = world.speculator(policies=frozenset({Policy.COVISIT}), covisit_items_per_request=2)
-    speculator.observe(world.request("a", ["x", "y"], [HIT, HIT]))
-    speculator.observe(world.request("c", ["x", "tail-1", "tail-2"], [HIT, HIT, HIT]))
+    speculator.observe([world.request("a", ["x", "y"], [HIT, HIT])])
+    speculator.observe([world.request("c", ["x", "tail-1", "tail-2"], [HIT, HIT, HIT])])
     assert ("c", "y", Policy.COVISIT) in pairs(speculator.take())
 
 
@@ -204,7 +207,7 @@ def test_nothing_taken_is_lost_when_the_store_does_not_answer(world: World) -> N
     speculator = world.speculator(rate=2)
     speculator.hint("u", ["a", "b"])
 
-    def unreachable(user_id: str, item_ids: list[str]) -> np.ndarray:
+    def unreachable(pairs: list[tuple[str, str]]) -> np.ndarray:
         raise ConnectionError("store down")
 
     speculator._fresh_until = unreachable

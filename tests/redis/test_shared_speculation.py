@@ -38,7 +38,7 @@ def speculation(
 
 def log_misses(server: RedisProcess, user: str, items: list[str]) -> None:
     statuses = np.full(len(items), RowStatus.MISS, np.uint8)
-    request = LoggedRequest(user, tuple(items), statuses, time.time())
+    request = LoggedRequest(user, tuple(items), statuses, time.time(), np.full(len(items), -np.inf))
     server.client().xadd(REQUEST_STREAM_KEY, encode_request(request))
 
 
@@ -269,11 +269,12 @@ def test_freshness_is_read_from_headers_and_a_bad_value_is_never_fresh(
     client.set(pair_key("v1", "user-1", "garbage"), b"\x00" * 40)
     items = ["good", "garbage", "absent"]
 
-    stale_at = read_stale_at(client, DIM, "v1", "user-1", items)
+    stale_at = read_stale_at(client, DIM, "v1", [("user-1", item) for item in items])
 
     assert stale_at.tolist() == [freshness.stale_at, -np.inf, -np.inf]
-    assert read_stale_at(client, DIM + 1, "v1", "user-1", ["good"]).tolist() == [-np.inf]
-    assert read_stale_at(client, DIM, "v2", "user-1", ["good"]).tolist() == [-np.inf]
+    good = [("user-1", "good")]
+    assert read_stale_at(client, DIM + 1, "v1", good).tolist() == [-np.inf]
+    assert read_stale_at(client, DIM, "v2", good).tolist() == [-np.inf]
 
 
 async def write_v1(server: RedisProcess, user: str, item: str) -> Freshness:

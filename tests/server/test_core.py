@@ -66,3 +66,16 @@ async def test_a_passed_deadline_does_no_work(service: EmbeddingService) -> None
 async def test_put_refuses_vectors_of_the_wrong_shape(service: EmbeddingService) -> None:
     with pytest.raises(ValueError, match="shape"):
         await service.put("u", ["a", "b"], np.zeros((2, DIM + 1), np.float32), "v1")
+
+
+async def test_the_request_log_says_when_each_served_row_goes_stale(
+    service: EmbeddingService,
+) -> None:
+    now = time.time()
+    await store_at(service, "fresh", now)
+
+    await service.batch_get("u", ["fresh", "absent"])
+
+    (logged,) = service.request_log.snapshot()
+    assert logged.statuses.tolist() == [RowStatus.HIT, RowStatus.MISS]
+    assert logged.stale_at[0] == pytest.approx(now + 60)
