@@ -22,12 +22,12 @@ import numpy as np
 
 from solaris.precompute.features import UserWork
 from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.speculator import Pair
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
 from solaris.server.tiered import REDIS_ERRORS
 
-Pair = tuple[str, str]
 _POLL_SECONDS = 0.2
 _PAUSE = 1.0
 logger = logging.getLogger("solaris.precompute")
@@ -71,6 +71,7 @@ class DaemonStats:
     poison_pairs_dropped: int = 0
     write_failures: int = 0
     source_errors: int = 0
+    loop_errors: int = 0
 
 
 class HistoryBook:
@@ -143,9 +144,9 @@ class PrecomputeDaemon:
                     logger.warning("Redis unreachable (%r); retrying in %.0fs", error, _PAUSE)
                     self._stopping.wait(_PAUSE)
                 except Exception:
-                    # A bug must not silently stop the daemon: log it, and the unacknowledged
-                    # tasks are retried (here, or by another daemon once claimed).
-                    self.stats.source_errors += 1
+                    # A bug must not silently stop the daemon. Unacknowledged tasks on the work
+                    # stream are claimed again; those from the in-process queue are lost.
+                    self.stats.loop_errors += 1
                     logger.exception("precompute loop failed; retrying in %.0fs", _PAUSE)
                     self._stopping.wait(_PAUSE)
             loop.run(self.store.close())

@@ -22,10 +22,12 @@ from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
     FreshUntil,
+    Pair,
     Policy,
     Speculated,
     SpeculationSettings,
     Speculator,
+    by_user,
 )
 from solaris.precompute.traffic import Event
 from solaris.server.core import EmbeddingService
@@ -35,7 +37,6 @@ from solaris.server.request_log import LoggedRequest, RequestLog
 from solaris.server.settings import ServeSettings
 from solaris.server.store import RowStatus
 
-Pair = tuple[str, str]
 ORACLE = "oracle"
 POLICY_SETS: dict[str, frozenset[Policy]] = {
     "no speculation": frozenset({Policy.MISS}),
@@ -255,13 +256,15 @@ class Replay:
         taken = speculator.take()
         if not taken:
             return
-        by_user: dict[str, list[str]] = {}
         for entry in taken:
-            by_user.setdefault(entry.user_id, []).append(entry.item_id)
             computed.add((entry.user_id, entry.item_id), str(entry.policy))
             result.computed_by[str(entry.policy)] += 1
+        tasks = [
+            PrefetchTask(user, tuple(entry.item_id for entry in entries))
+            for user, entries in by_user(taken).items()
+        ]
         before = daemon.stats.pairs_computed
-        await daemon.process([PrefetchTask(user, tuple(items)) for user, items in by_user.items()])
+        await daemon.process(tasks)
         result.computed += daemon.stats.pairs_computed - before
         if isinstance(speculator, Speculator):
             speculator.done((entry.user_id, entry.item_id) for entry in taken)

@@ -33,7 +33,12 @@ import redis.exceptions
 
 from solaris.precompute.daemon import HistoryBook
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.precompute.speculator import Speculated, SpeculationSettings, Speculator
+from solaris.precompute.speculator import (
+    Speculated,
+    SpeculationSettings,
+    Speculator,
+    by_user,
+)
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import (
     DAEMON_REDIS_TIMEOUT_SECONDS,
@@ -273,10 +278,7 @@ class SharedSpeculation:
         the queue."""
         speculator = self._speculator
         assert speculator is not None
-        by_user: dict[str, list[Speculated]] = {}
-        for entry in speculator.take(max_users=max_tasks):
-            by_user.setdefault(entry.user_id, []).append(entry)
-        added = list(by_user.values())
+        added = list(by_user(speculator.take(max_users=max_tasks)).values())
         if not added:
             return
         try:

@@ -6,12 +6,11 @@ The serving path only appends each answered read to a bounded buffer; the daemon
 feeds the buffer to the speculator when it next takes work, so speculation costs a read
 nothing but that append."""
 
-import threading
 import time
 from collections import deque
 
 from solaris.precompute.daemon import HistoryBook
-from solaris.precompute.speculator import Speculator
+from solaris.precompute.speculator import Speculator, by_user
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
 from solaris.server.request_log import LoggedRequest
 
@@ -31,7 +30,6 @@ class SpeculativeSource:
         self.speculator = speculator
         self.dropped_reads = 0
         self._reads: deque[LoggedRequest] = deque(maxlen=buffered_reads)
-        self._lock = threading.Lock()
         self._histories = HistoryBook(history_users)
 
     def observe(self, request: LoggedRequest) -> None:
@@ -52,25 +50,18 @@ class SpeculativeSource:
 
     def ack(self, tasks: list[PrefetchTask]) -> None:
         """The tasks' pairs are stored: the speculator may hand them out again once stale."""
-        with self._lock:
-            self.speculator.done((task.user_id, item) for task in tasks for item in task.item_ids)
+        self.speculator.done((task.user_id, item) for task in tasks for item in task.item_ids)
 
     def close(self) -> None:
         """Nothing to release."""
 
     def _take_now(self) -> list[PrefetchTask]:
         hints = self.queue.take(max_tasks=_HINTS_PER_TAKE, timeout=0)
-        with self._lock:
-            reads = [self._reads.popleft() for _ in range(len(self._reads))]
-            self.speculator.observe(reads)
-            for hint in hints:
-                self._histories.update(hint.user_id, hint.history)
-                self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)
-            chosen = self.speculator.take()
-        by_user: dict[str, list[str]] = {}
-        for entry in chosen:
-            by_user.setdefault(entry.user_id, []).append(entry.item_id)
+        self.speculator.observe([self._reads.popleft() for _ in range(len(self._reads))])
+        for hint in hints:
+            self._histories.update(hint.user_id, hint.history)
+            self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)
         return [
-            PrefetchTask(user, tuple(items), self._histories.get(user))
-            for user, items in by_user.items()
+            PrefetchTask(user, tuple(entry.item_id for entry in entries), self._histories.get(user))
+            for user, entries in by_user(self.speculator.take()).items()
         ]

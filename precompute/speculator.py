@@ -9,7 +9,8 @@ pair missed once, and a fresh miss before one from minutes ago.
 Policies, strongest signal first:
   prefetch  the ranker said the user will score these items (Prefetch hints);
   miss      the pair was requested and missed: the user's next request will likely want it;
-  refresh   the pair was requested and will expire soon: compute it again before it does;
+  refresh   the pair was requested and goes stale soon: computed again once it is stale
+            (never while fresh), while it is still served as STALE, before it expires;
   covisit   items that other users' requests show together with this user's recent
             candidates (co-visitation), for users active recently;
   popular   the most requested items, for users active recently.
@@ -305,8 +306,9 @@ class Speculator:
         return [entry for entry, is_fresh in zip(entries, fresh, strict=True) if not is_fresh]
 
     def _remember(self, user_id: str, item_ids: Sequence[str]) -> None:
+        head = self._head(item_ids)
         recent = self._recent.pop(user_id, {})
-        for item_id in self._recency_order(item_ids):
+        for item_id in self._recency_order(item_ids, head):
             recent.pop(item_id, None)
             recent[item_id] = None
         while len(recent) > self.settings.recent_items_per_user:
@@ -318,7 +320,7 @@ class Speculator:
             forgotten, _ = self._recent.popitem(last=False)
             self._unexpanded.pop(forgotten, None)
         self._popularity.update(item_ids)
-        self._count_covisits(item_ids)
+        self._count_covisits(head)
         if len(self._popularity) > self.settings.max_tracked_items:
             self._forget_rare_items()
 
@@ -326,18 +328,16 @@ class Speculator:
         """The items of a request that co-visitation counts, and expansion starts from."""
         return list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
 
-    def _recency_order(self, item_ids: Sequence[str]) -> list[str]:
+    def _recency_order(self, item_ids: Sequence[str], head: list[str]) -> list[str]:
         """A request's items in the order a user's recent items take them: the head last, so
         that a user's newest items are the head of their latest request."""
-        head = self._head(item_ids)
         in_head = set(head)
         return [item for item in item_ids if item not in in_head] + head
 
-    def _count_covisits(self, item_ids: Sequence[str]) -> None:
-        """Items asked for in one request co-occur; each item keeps its strongest neighbours."""
+    def _count_covisits(self, unique: list[str]) -> None:
+        """The head of one request co-occurs; each item keeps its strongest neighbours."""
         if Policy.COVISIT not in self.settings.policies:
             return
-        unique = self._head(item_ids)
         keep = self.settings.neighbours_per_item
         for item_id in unique:
             neighbours = self._covisits.setdefault(item_id, Counter())
@@ -391,6 +391,15 @@ class Speculator:
         most = max(scores.values())
         for other, count in scores.most_common(self.settings.neighbours_per_item):
             self._offer(user_id, other, Policy.COVISIT, count / most, now)
+
+
+def by_user(entries: Iterable[Speculated]) -> dict[str, list[Speculated]]:
+    """Entries grouped into one list per user (a task each), users in order of their first
+    entry."""
+    grouped: dict[str, list[Speculated]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.user_id, []).append(entry)
+    return grouped
 
 
 def _log_sum(a: float, b: float) -> float:

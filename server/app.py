@@ -165,6 +165,10 @@ class Sidecar:
             lambda: self.prefetch_queue.pairs,
         )
         daemon_values(live, lambda: self.daemon.stats if self.daemon is not None else None)
+        live.counters["solaris_speculator_reads_dropped"] = (
+            "Reads the embedded speculator never learnt from: its buffer was full.",
+            self._speculator_reads_dropped,
+        )
         speculation_values(
             live, lambda: self.speculation.stats if self.speculation is not None else None
         )
@@ -183,6 +187,10 @@ class Sidecar:
                 lambda: shipper.dropped,
             )
         return live
+
+    def _speculator_reads_dropped(self) -> int:
+        source = self.daemon.source if self.daemon is not None else None
+        return source.dropped_reads if isinstance(source, SpeculativeSource) else 0
 
     def _embedded_source(self, precompute: PrecomputeSettings) -> WorkSource:
         """The Prefetch queue as it comes, or (with speculation on) through the speculator,

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.settings import DEFAULT_MODEL_DIR, PrecomputeSettings
 from solaris.server import settings as settings_module
 from solaris.server.app import serve_until_signalled
 from solaris.server.logs import configure_logging
@@ -108,7 +108,7 @@ def add_replay_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         help="Log: log seconds per replay second (1440: a day a minute).",
     )
     replay.add_argument("--plot", default="replay.png", help="Where to write the PNG plot.")
-    replay.add_argument("--model-dir", default="~/.cache/solaris/models")
+    replay.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
     replay.add_argument(
         "--make-log",
         metavar="PATH",

@@ -82,6 +82,7 @@ def daemon_values(live: LiveValues, stats: Callable[[], "DaemonStats | None"]) -
         "solaris_poison_pairs_dropped": ("poison_pairs_dropped", "Pairs the model fails on."),
         "solaris_pairs_already_fresh": ("pairs_already_fresh", "Work skipped: already fresh."),
         "solaris_store_write_failures": ("write_failures", "Batches not stored (Redis down)."),
+        "solaris_precompute_loop_errors": ("loop_errors", "Unexpected errors in the daemon loop."),
     }
     for name, (attribute, help_text) in names.items():
         live.counters[name] = (help_text, _stat_reader(stats, attribute))

@@ -170,8 +170,9 @@ async def test_with_speculation_off_only_prefetch_work_is_computed(
         async with grpc.aio.insecure_channel(sidecar.address) as channel:
             stub = EmbeddingStoreStub(channel)
             await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["m1"]))
-            await asyncio.sleep(0.5)
-            answer = await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["m1"]))
+            await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["p1"]))
+            await batch_get_when_all_hit(stub, "u", ["p1"])  # the daemon has done its work
+            answer = await stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["m1", "p1"]))
     finally:
         await sidecar.stop(grace=0)
-    assert list(answer.statuses) == [pb.MISS]
+    assert list(answer.statuses) == [pb.MISS, pb.HIT]

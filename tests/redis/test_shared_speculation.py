@@ -161,8 +161,8 @@ def test_a_speculator_moved_to_another_shard_forgets_the_users_of_the_last(
             log_misses(redis_server, user, ["a"])
         assert wait_until(lambda: speculator.stats.requests_read == len(old_users), timeout=5)
         client.set(lease_key(first, 2), "another-daemon", px=60_000)  # type: ignore[arg-type]
-        assert wait_until(lambda: speculator.lease.shard not in (None, first), timeout=5)
-        time.sleep(0.3)  # for it to find where the streams end
+        # Led, not only held: the streams' ends are found once it leads.
+        assert wait_until(lambda: speculator._led_shard not in (None, first), timeout=5)
         daemons_joined(redis_server)
         new_users = [user for user in users if user not in old_users]
         for user in new_users:
@@ -236,7 +236,7 @@ def test_added_work_carries_the_users_latest_prefetch_history(redis_server: Redi
         assert wait_until(lambda: speculator.stats.leading, timeout=5)
         hinted = PrefetchTask("user-1", ("p",), history=("seen-1", "seen-2"))
         redis_server.client().xadd(STREAM_KEY, encode_task(hinted))
-        time.sleep(0.3)
+        assert wait_until(lambda: speculator._histories.get("user-1") != (), timeout=5)
         log_misses(redis_server, "user-1", ["m"])
         assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
     finally:
