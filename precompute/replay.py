@@ -311,10 +311,14 @@ replay runs a small model through the same runner and daemon so that a sweep tak
 
 
 def sweep(
-    events: Sequence[Event], runner: OnnxRunner, budgets: Sequence[float], ttl_seconds: float
+    events: Sequence[Event],
+    runner: OnnxRunner,
+    budgets: Sequence[float],
+    ttl_seconds: float,
+    stale_seconds: float = 0.0,
 ) -> list[ReplayResult]:
     """Every policy set, then the oracle, at every budget."""
-    replay = Replay(events, runner, ttl_seconds)
+    replay = Replay(events, runner, ttl_seconds, stale_seconds)
     return [
         replay.run(policy_set, budget)
         for budget in budgets

@@ -97,6 +97,12 @@ def add_replay_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         "--budgets", default="25,100,400", help="Pairs per second, comma-separated."
     )
     replay.add_argument("--ttl-seconds", type=float, default=600.0)
+    replay.add_argument(
+        "--stale-seconds",
+        type=float,
+        default=0.0,
+        help="After the TTL, how long a pair is still served as STALE (refresh's window).",
+    )
     replay.add_argument("--duration", type=float, default=900.0, help="Synthetic: seconds.")
     replay.add_argument("--users", type=int, default=2_000, help="Synthetic: users.")
     replay.add_argument("--items", type=int, default=5_000, help="Synthetic: items.")
@@ -145,7 +151,7 @@ def replay(args: argparse.Namespace) -> int:
         title = f"synthetic, seed {args.seed}: {sum(not e.is_hint for e in events):,} requests"
     runner = OnnxRunner(reference_model(args.model_dir, REPLAY_MODEL), "cpu", 1)
     budgets = [float(budget) for budget in args.budgets.split(",")]
-    results = sweep(events, runner, budgets, args.ttl_seconds)
+    results = sweep(events, runner, budgets, args.ttl_seconds, args.stale_seconds)
     print(title)
     print(format_report(results))
     plot(results, args.plot, title)

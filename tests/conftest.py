@@ -1,7 +1,8 @@
 """Shared fixtures: a real sidecar on a real loopback socket, a stub talking to it, and a tiny
 reference model exported once per test session."""
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -24,6 +25,16 @@ TINY = ModelConfig(
     item_buckets=1000,
     user_buckets=100,
 )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Polls `condition()` until it holds or `timeout` passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from solaris.clients import EmbeddingClient
-from tests.clients.conftest import ThreadedSidecar, load_example_ranker, vectors, wait_for
-from tests.conftest import DIM
+from tests.clients.conftest import ThreadedSidecar, load_example_ranker, vectors
+from tests.conftest import DIM, wait_until
 
 example = load_example_ranker()
 Ranker, make_server = example.Ranker, example.make_server
@@ -51,7 +51,7 @@ def test_candidates_come_back_ranked_by_their_stored_embeddings(
     assert answer["ranked"] == [items[i] for i in np.argsort(-scores, kind="stable")]
     assert answer["from_store"] == 3
     assert answer["fallback_reason"] == "miss"
-    assert wait_for(lambda: threaded_sidecar.queued_pairs() == 1)
+    assert wait_until(lambda: threaded_sidecar.queued_pairs() == 1)
 
 
 def test_a_bad_request_is_a_400(ranker_url: tuple[str, Ranker]) -> None:

@@ -27,10 +27,9 @@ from tests.clients.conftest import (
     ThreadedSidecar,
     free_port,
     vectors,
-    wait_for,
 )
 from tests.clients.faulty_sidecar import start_slow_sidecar
-from tests.conftest import DIM
+from tests.conftest import DIM, wait_until
 
 SLACK = 0.25
 """What a call may take past its deadline: scheduling on a busy shared machine."""
@@ -112,8 +111,8 @@ def test_misses_are_prefetched_when_asked(threaded_sidecar: ThreadedSidecar) -> 
         client.batch_get("user", item_ids(3))
         assert threaded_sidecar.queued_pairs() == 0
         client.batch_get("user", item_ids(3), prefetch_misses=True)
-        assert wait_for(lambda: threaded_sidecar.queued_pairs() == 2)
-        assert wait_for(lambda: client.stats.prefetches_sent == 1)
+        assert wait_until(lambda: threaded_sidecar.queued_pairs() == 2)
+        assert wait_until(lambda: client.stats.prefetches_sent == 1)
 
 
 def test_a_sidecar_sleeping_past_the_deadline_yields_fallback_in_time(
@@ -167,7 +166,7 @@ def test_the_breaker_opens_after_failures_and_closes_once_the_sidecar_is_back(
         sidecar = ThreadedSidecar(ServeSettings(**{**vars(settings), "port": port}))
         try:
             sidecar.put("user", ["item-0"], vectors(1))
-            assert wait_for(
+            assert wait_until(
                 lambda: client.batch_get("user", ["item-0"]).fallback_reason is None, timeout=10
             )
             assert client.breaker_state == "closed"
@@ -210,7 +209,7 @@ def test_stats_count_what_was_served(threaded_sidecar: ThreadedSidecar, dead_add
 def test_prefetch_to_a_dead_sidecar_returns_at_once_and_is_counted(dead_address: str) -> None:
     with EmbeddingClient(dead_address, DIM) as client:
         client.prefetch("user", item_ids(3), history=["seen-1"])
-        assert wait_for(lambda: client.stats.prefetches_failed == 1)
+        assert wait_until(lambda: client.stats.prefetches_failed == 1)
 
 
 @pytest.mark.parametrize(
@@ -332,7 +331,7 @@ def test_prefetches_beyond_the_in_flight_limit_are_dropped(slow_sidecar: str) ->
         for _ in range(3):
             client.prefetch("user", ["a"])
         assert client.stats.prefetches_dropped == 1
-        assert wait_for(lambda: client.stats.prefetches_failed == 2)
+        assert wait_until(lambda: client.stats.prefetches_failed == 2)
         client.prefetch("user", ["a"])
         assert client.stats.prefetches_sent == 3
 

@@ -5,7 +5,7 @@ import dataclasses
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -109,12 +109,3 @@ async def batch_get(sidecar: Sidecar, user: str, items: list[str]) -> pb.BatchGe
         return await EmbeddingStoreStub(channel).BatchGet(
             pb.BatchGetRequest(user_id=user, item_ids=items), timeout=2
         )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False

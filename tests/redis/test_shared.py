@@ -28,13 +28,12 @@ from solaris.server.work_stream import GROUP, STREAM_KEY, StreamWorkQueue
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
-from tests.conftest import DIM
+from tests.conftest import DIM, wait_until
 from tests.redis.conftest import (
     NO_DAEMON,
     RedisProcess,
     batch_get,
     started,
-    wait_until,
 )
 
 

@@ -23,8 +23,8 @@ from solaris.server.settings import ServeSettings
 from solaris.server.store import Freshness, RowStatus
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 from solaris.v1 import embedding_store_pb2 as pb
-from tests.conftest import DIM
-from tests.redis.conftest import NO_DAEMON, RedisProcess, batch_get, started, wait_until
+from tests.conftest import DIM, wait_until
+from tests.redis.conftest import NO_DAEMON, RedisProcess, batch_get, started
 
 MISSES_ONLY = SpeculationSettings(100.0, frozenset({Policy.MISS}))
 LEASE_KEY = lease_key(0, 1)

@@ -17,9 +17,9 @@ from solaris.server.redis_store import MODEL_VERSION_KEY, RedisStore, connect
 from solaris.server.settings import ServeSettings
 from solaris.server.store import FLOAT32, Freshness
 from solaris.server.tiered import TieredStore
-from tests.conftest import DIM
+from tests.conftest import DIM, wait_until
 from tests.redis.conftest import RedisProcess
-from tests.redis.test_shared import stored_keys, submit_all, wait_until
+from tests.redis.test_shared import stored_keys, submit_all
 
 
 def freshness() -> Freshness:
