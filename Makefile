@@ -13,9 +13,12 @@ $(BIN)/python:
 
 # torch is pinned here, not in pyproject: our machines hold a CPU build of 2.13.0 in their local
 # wheel store, and an open range would fetch a newer CUDA build of several GB.
+# All four distributions, editable: each a plain path entry (a .pth line), not an import hook,
+# so mypy, pyright and IDEs follow the imports; see pyproject.toml.
 install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet \
+		-e ./protos -e ./clients -e '.[dev]' -e './precompute[replay]'
 
 serve: install
 	$(BIN)/solaris serve
@@ -38,6 +41,7 @@ check-protos: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p solaris.v1 -p solaris.wire -p solaris.clients -p solaris.server -p solaris.app -p solaris.precompute
 
 test: install check-protos lint
 	$(BIN)/pytest

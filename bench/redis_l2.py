@@ -159,7 +159,7 @@ def read_path(url: str, users: int, calls: int) -> None:
 def drain_rate(url: str, daemons: int, tasks: int, model_dir: str) -> float:
     client = redis.Redis.from_url(url)
     client.flushall()
-    command = [sys.executable, "-m", "solaris.server.cli", "--log-level", "WARNING"]
+    command = [sys.executable, "-m", "solaris.app.cli", "--log-level", "WARNING"]
     command += ["precompute", "--redis", url, "--model-dir", model_dir, "--batch-pairs", "256"]
     processes = [subprocess.Popen(command) for _ in range(daemons)]
     try:

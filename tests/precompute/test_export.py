@@ -66,7 +66,7 @@ def test_serve_refuses_a_wrong_model_at_start(tmp_path: Path) -> None:
     path = wrong_model(tmp_path / "wrong.onnx")
 
     finished = subprocess.run(
-        [sys.executable, "-m", "solaris.server.cli", "serve", "--port", "0", "--model", str(path)],
+        [sys.executable, "-m", "solaris.app.cli", "serve", "--port", "0", "--model", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -14,10 +14,10 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from solaris.app.daemon_process import daemon_l2, shared_daemon
 from solaris.precompute.export import ExportReport
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.precompute.shared import daemon_l2, shared_daemon
 from solaris.server.app import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key
@@ -130,7 +130,7 @@ def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
 ) -> None:
     tasks = [PrefetchTask(f"user-{n}", tuple(f"item-{k}" for k in range(8))) for n in range(300)]
     asyncio.run(submit_all(shared_settings, tasks))
-    command = [sys.executable, "-m", "solaris.server.cli", "precompute"]
+    command = [sys.executable, "-m", "solaris.app.cli", "precompute"]
     command += ["--redis", redis_server.url, "--model", str(tiny_model.path), "--dim", str(DIM)]
     command += ["--batch-pairs", "64", "--claim-idle-seconds", "1"]
     doomed = subprocess.Popen(command, stderr=subprocess.DEVNULL)

@@ -62,7 +62,7 @@ def speculating_daemon(
     redis_server: RedisProcess, tiny_model: ExportReport
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`solaris precompute` with the miss policy only, once it holds the speculator lease."""
-    command = [sys.executable, "-m", "solaris.server.cli", "precompute"]
+    command = [sys.executable, "-m", "solaris.app.cli", "precompute"]
     command += ["--redis", redis_server.url, "--model", str(tiny_model.path), "--dim", str(DIM)]
     command += ["--speculation", "miss", "--batch-wait-ms", "1"]
     daemon = subprocess.Popen(command, stderr=subprocess.DEVNULL)

@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
+from solaris.app.daemon_process import daemon_l2, shared_daemon
 from solaris.precompute.export import ExportReport
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.precompute.shared import daemon_l2, shared_daemon
 from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchTask

@@ -43,7 +43,7 @@ def sidecar_process(tiny_model: ExportReport) -> Iterator[tuple[subprocess.Popen
         [
             sys.executable,
             "-m",
-            "solaris.server.cli",
+            "solaris.app.cli",
             "serve",
             "--port",
             str(port),

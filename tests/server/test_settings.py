@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from solaris.app.logs import JsonFormatter
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import DEFAULT_WEIGHTS, Policy
-from solaris.server.logs import JsonFormatter
 from solaris.server.settings import (
     ServeSettings,
     SettingsError,
@@ -55,7 +55,7 @@ def test_bad_values_fail_naming_the_setting(
 
 def test_the_command_refuses_a_bad_setting_at_start() -> None:
     finished = subprocess.run(
-        [sys.executable, "-m", "solaris.server.cli", "serve", "--cache-bytes", "-5"],
+        [sys.executable, "-m", "solaris.app.cli", "serve", "--cache-bytes", "-5"],
         capture_output=True,
         text=True,
         timeout=60,

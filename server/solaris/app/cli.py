@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from solaris.app.logs import configure_logging
 from solaris.precompute.settings import DEFAULT_MODEL_DIR, PrecomputeSettings
 from solaris.server import settings as settings_module
 from solaris.server.app import serve_until_signalled
-from solaris.server.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`serve` or `precompute`: both read the same settings; a bad one exits 2, naming it."""
+    from solaris.app.daemon_process import run_until_signalled
     from solaris.precompute.runner import ModelContractError
-    from solaris.precompute.shared import run_until_signalled
 
     try:
         from_file = {}

@@ -19,11 +19,10 @@ from solaris.clients._latency import RecentDurations
 from solaris.clients._result import Embeddings, FallbackReason, RowStatus
 from solaris.clients._stats import ClientStats
 from solaris.v1 import embedding_store_pb2 as pb
+from solaris.wire import MAX_PRIORITY, max_message_bytes
 
 logger = logging.getLogger("solaris.clients")
 
-MAX_PRIORITY = 1000
-"""The sidecar's limit on Prefetch priority."""
 _WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
 _HIT, _MISS, _STALE = int(RowStatus.HIT), int(RowStatus.MISS), int(RowStatus.STALE)
 _FAILURES = {grpc.StatusCode.DEADLINE_EXCEEDED: FallbackReason.DEADLINE}
@@ -99,9 +98,7 @@ class Engine:
         the caller's deadline; keepalive so a dead connection is found; quick reconnects so a
         restarted sidecar is used again within a second."""
         options = self.options
-        request = options.max_items * (options.max_id_bytes + 8)
-        answer = options.max_items * (self.dim * 4 + 16)
-        limit = max(request, answer) + 64 * 1024
+        limit = max_message_bytes(options.max_items, options.max_id_bytes, 0, self.dim)
         return [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
+from solaris.precompute.embedded_speculation import SpeculativeSource
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.shared_speculation import SharedSpeculation, shared_speculation
-from solaris.precompute.speculative_source import SpeculativeSource
 from solaris.precompute.speculator import Speculator
 from solaris.server.core import EmbeddingService, WorkQueue
 from solaris.server.grpc_api.servicer import EmbeddingStoreServicer, add_to_server
@@ -225,12 +225,12 @@ class Sidecar:
     def _build_daemon(self, precompute: PrecomputeSettings) -> PrecomputeDaemon:
         # Here, not at the top: a sidecar that only serves never loads ONNX Runtime or the
         # exporter's PyTorch (about 190 MiB of a pod's memory limit).
-        from solaris.precompute.runner import open_runner
-        from solaris.precompute.shared import (
+        from solaris.app.daemon_process import (
             check_dim,
             daemon_l2,
             shared_daemon,
         )
+        from solaris.precompute.runner import open_runner
 
         runner = open_runner(precompute)
         check_dim(runner, self.settings.dim)

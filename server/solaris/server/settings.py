@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from solaris.wire import max_message_bytes
+
 ENV_PREFIX = "SOLARIS_"
 _SIZE_UNITS = {
     "": 1,
@@ -115,9 +117,7 @@ class ServeSettings:
     @property
     def max_message_bytes(self) -> int:
         """Largest gRPC message either way: a full-size request or answer, with room to spare."""
-        request = (self.max_items + self.max_history + 1) * (self.max_id_bytes + 8)
-        answer = self.max_items * (self.dim * 4 + 16)
-        return max(request, answer) + 64 * 1024
+        return max_message_bytes(self.max_items, self.max_id_bytes, self.max_history, self.dim)
 
 
 def check_minimums(settings: Any) -> None:

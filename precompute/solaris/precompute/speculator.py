@@ -31,7 +31,7 @@ import numpy as np
 
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
-from solaris.server.validation import MAX_PRIORITY
+from solaris.wire import MAX_PRIORITY
 
 Pair = tuple[str, str]
 FreshUntil = Callable[[Sequence[Pair]], np.ndarray]

@@ -6,7 +6,7 @@ import grpc
 
 from solaris.server.core import EmbeddingService
 from solaris.server.grpc_api import converters
-from solaris.server.grpc_api.errors import grpc_errors
+from solaris.server.grpc_api.status import grpc_errors
 from solaris.v1 import embedding_store_pb2 as pb
 
 

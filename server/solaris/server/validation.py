@@ -3,8 +3,7 @@
 from collections.abc import Sequence
 
 from solaris.server.errors import InvalidArgument
-
-MAX_PRIORITY = 1000
+from solaris.wire import MAX_PRIORITY
 
 
 def check_id(field: str, value: str, max_bytes: int) -> None:
