@@ -13,12 +13,12 @@ $(BIN)/python:
 
 # torch is pinned here, not in pyproject: our machines hold a CPU build of 2.13.0 in their local
 # wheel store, and an open range would fetch a newer CUDA build of several GB.
-# All four distributions, editable: each a plain path entry (a .pth line), not an import hook,
+# All three distributions, editable: each a plain path entry (a .pth line), not an import hook,
 # so mypy, pyright and IDEs follow the imports; see pyproject.toml.
 install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet \
-		-e ./protos -e ./clients -e '.[dev]' -e './precompute[replay]'
+		-e ./protos -e ./clients -e '.[dev,replay]'
 
 serve: install
 	$(BIN)/solaris serve
