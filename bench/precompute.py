@@ -101,12 +101,12 @@ def throughput_table(path: Path, batch_pairs: int, seconds: float, threads: int)
 def run_sidecar(model: str, ready: "multiprocessing.connection.Connection") -> None:
     import asyncio
 
+    from solaris.app.compose import build_sidecar
     from solaris.precompute.settings import PrecomputeSettings
-    from solaris.server.app import Sidecar
     from solaris.server.settings import ServeSettings
 
     async def main() -> None:
-        sidecar = Sidecar(
+        sidecar = build_sidecar(
             ServeSettings(port=0, prefetch_queue_pairs=1_000_000), PrecomputeSettings(model=model)
         )
         await sidecar.start()

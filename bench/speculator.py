@@ -60,7 +60,7 @@ def logged_requests(count: int) -> list[LoggedRequest]:
 
 def embedded_rate(requests: list[LoggedRequest], policies: frozenset[Policy]) -> float:
     store = MemoryStore(256 * 1024**2, DIM)
-    speculator = Speculator(SpeculationSettings(BUDGET, policies), store.fresh_until)
+    speculator = Speculator(SpeculationSettings(BUDGET, policies), store.stale_at)
     start = time.perf_counter()
     for first in range(0, len(requests), 100):
         speculator.observe(requests[first : first + 100])

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
+from solaris.app.compose import SidecarParts, sidecar_parts
 from solaris.precompute.export import ExportReport, export_model
 from solaris.precompute.model import ModelConfig
-from solaris.server.app import Sidecar
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import Sidecar
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
 DIM = 8
@@ -57,8 +58,14 @@ def settings() -> ServeSettings:
 
 
 @pytest.fixture
-async def sidecar(settings: ServeSettings) -> AsyncIterator[Sidecar]:
-    running = Sidecar(settings)
+def parts(settings: ServeSettings) -> SidecarParts:
+    """A serve-only sidecar's parts, to look inside the sidecar the `sidecar` fixture runs."""
+    return sidecar_parts(settings)
+
+
+@pytest.fixture
+async def sidecar(parts: SidecarParts) -> AsyncIterator[Sidecar]:
+    running = parts.sidecar()
     await running.start()
     yield running
     await running.stop(grace=0)

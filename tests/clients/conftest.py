@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from solaris.server.app import Sidecar
+from solaris.app.compose import sidecar_parts
 from solaris.server.settings import ServeSettings
 from tests.clients.faulty_sidecar import start_slow_sidecar
 from tests.conftest import DIM
@@ -31,7 +31,8 @@ class ThreadedSidecar:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.sidecar = Sidecar(settings)
+        self.parts = sidecar_parts(settings)
+        self.sidecar = self.parts.sidecar()
         self._run(self.sidecar.start())
 
     @property
@@ -42,7 +43,7 @@ class ThreadedSidecar:
         self._run(self.sidecar.service.put(user_id, item_ids, vectors, MODEL_VERSION))
 
     def queued_pairs(self) -> int:
-        return self.sidecar.prefetch_queue.pairs
+        return self.parts.prefetch_queue.pairs
 
     def stop(self) -> None:
         self._run(self.sidecar.stop(grace=0))

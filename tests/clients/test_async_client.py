@@ -5,8 +5,9 @@ import time
 
 import numpy as np
 
+from solaris.app.compose import SidecarParts
 from solaris.clients import AsyncEmbeddingClient, ClientOptions, FallbackReason, RowStatus
-from solaris.server.app import Sidecar
+from solaris.server.sidecar import Sidecar
 from tests.clients.conftest import MODEL_VERSION, vectors
 from tests.clients.test_sync_client import SLACK, item_ids
 from tests.conftest import DIM
@@ -53,12 +54,14 @@ async def test_the_breaker_opens_on_a_dead_sidecar(dead_address: str) -> None:
     assert then.fallback_reason is FallbackReason.BREAKER_OPEN
 
 
-async def test_misses_are_prefetched_in_the_background(sidecar: Sidecar) -> None:
+async def test_misses_are_prefetched_in_the_background(
+    sidecar: Sidecar, parts: SidecarParts
+) -> None:
     async with AsyncEmbeddingClient(sidecar.address, DIM, deadline=5) as client:
         answer = await client.batch_get("user", item_ids(3), prefetch_misses=True)
         for _ in range(100):
-            if sidecar.prefetch_queue.pairs == 3:
+            if parts.prefetch_queue.pairs == 3:
                 break
             await asyncio.sleep(0.02)
     assert answer.fallback_reason is FallbackReason.MISS
-    assert sidecar.prefetch_queue.pairs == 3
+    assert parts.prefetch_queue.pairs == 3

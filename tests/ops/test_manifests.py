@@ -10,8 +10,8 @@ import pytest
 
 from solaris.app.cli import build_parser
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.app import SERVICE_NAME
 from solaris.server.settings import ENV_PREFIX, ServeSettings, from_sources
+from solaris.server.sidecar import SERVICE_NAME
 from tests.clients.conftest import load_example_ranker
 from tests.ops.manifests import OVERLAYS, Container, containers, find, rendered, tool
 

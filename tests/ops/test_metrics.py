@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from solaris.server.app import Sidecar
+from solaris.app.compose import build_sidecar, sidecar_parts
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import Sidecar
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
@@ -19,7 +20,7 @@ from tests.conftest import DIM
 
 @pytest.fixture
 async def measured(settings: ServeSettings) -> AsyncIterator[Sidecar]:
-    sidecar = Sidecar(dataclasses.replace(settings, metrics_port=free_port()))
+    sidecar = build_sidecar(dataclasses.replace(settings, metrics_port=free_port()))
     await sidecar.start()
     yield sidecar
     await sidecar.stop(grace=0)
@@ -53,6 +54,16 @@ async def test_counters_match_what_was_served(measured: Sidecar) -> None:
     assert samples["solaris_read_seconds_count"] == 2
     assert samples["solaris_read_items_sum"] == 4
     assert samples["solaris_l1_entries"] == 2
-    assert samples["solaris_l1_bytes"] == measured.l1.nbytes > 0
+    assert samples["solaris_l1_bytes"] > 0
     assert samples["solaris_prefetch_queue_pairs"] == 2
-    assert samples["solaris_runner_pairs_total"] == 0
+
+
+def test_each_part_registers_its_values_once_and_only_parts_that_run_do(
+    settings: ServeSettings,
+) -> None:
+    """A serve-only sidecar has no runner, so it exports no runner counters."""
+    parts = sidecar_parts(settings)
+    names = {metric.name for metric in parts.registry.collect()}
+    parts.sidecar()
+    assert {"solaris_l1_bytes", "solaris_prefetch_queue_pairs"} <= names
+    assert not {name for name in names if name.startswith(("solaris_runner", "solaris_redis"))}

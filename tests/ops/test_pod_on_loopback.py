@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from solaris.server.app import SERVICE_NAME
+from solaris.server.sidecar import SERVICE_NAME
 from tests.clients.conftest import free_port
 from tests.ops.manifests import REPO, Container, containers, tool
 from tests.ops.test_metrics import scrape

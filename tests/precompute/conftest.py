@@ -5,10 +5,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from solaris.app.compose import SidecarParts, sidecar_parts
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.app import Sidecar
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import Sidecar
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
 
@@ -18,11 +19,16 @@ def precompute_settings(tiny_model: ExportReport) -> PrecomputeSettings:
 
 
 @pytest.fixture
-async def embedded(
+def embedded_parts(
     settings: ServeSettings, precompute_settings: PrecomputeSettings
-) -> AsyncIterator[Sidecar]:
+) -> SidecarParts:
+    return sidecar_parts(settings, precompute_settings)
+
+
+@pytest.fixture
+async def embedded(embedded_parts: SidecarParts) -> AsyncIterator[Sidecar]:
     """A sidecar with the daemon running in-process, as `solaris serve` runs by default."""
-    running = Sidecar(settings, precompute_settings)
+    running = embedded_parts.sidecar()
     await running.start()
     yield running
     await running.stop(grace=0)

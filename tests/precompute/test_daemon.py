@@ -10,15 +10,16 @@ import grpc
 import numpy as np
 import pytest
 
+from solaris.app.compose import SidecarParts, build_sidecar
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.export import ExportReport
 from solaris.precompute.features import UserWork
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.app import Sidecar
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import Sidecar
 from solaris.server.store import FLOAT32, RowStatus
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
@@ -60,17 +61,17 @@ async def test_prefetched_pairs_are_served_as_the_model_computes_them(
 
 
 async def test_fresh_pairs_are_not_computed_again(
-    embedded: Sidecar, stub: EmbeddingStoreStub
+    embedded: Sidecar, embedded_parts: SidecarParts, stub: EmbeddingStoreStub
 ) -> None:
     await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a", "b"]))
     await batch_get_when_all_hit(stub, "u", ["a", "b"])
-    computed = embedded.daemon.model.pairs_computed
+    computed = daemon_of(embedded_parts).model.pairs_computed
 
     again = await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a", "b", "c"]))
     await batch_get_when_all_hit(stub, "u", ["a", "b", "c"])
 
     assert (again.queued, again.already_fresh) == (1, 2)
-    assert embedded.daemon.model.pairs_computed == computed + 1
+    assert daemon_of(embedded_parts).model.pairs_computed == computed + 1
 
 
 async def test_the_daemon_itself_skips_pairs_made_fresh_after_they_were_queued(
@@ -96,7 +97,7 @@ def settings(settings: ServeSettings) -> ServeSettings:
 
 
 async def test_an_expired_pair_is_a_miss_and_is_computed_again(
-    embedded: Sidecar, stub: EmbeddingStoreStub
+    embedded: Sidecar, embedded_parts: SidecarParts, stub: EmbeddingStoreStub
 ) -> None:
     await stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a"]))
     await batch_get_when_all_hit(stub, "u", ["a"])
@@ -109,7 +110,7 @@ async def test_an_expired_pair_is_a_miss_and_is_computed_again(
     assert list(expired.statuses) == [pb.MISS]
     assert again.queued == 1
     assert list(refreshed.statuses) == [pb.HIT]
-    assert embedded.daemon.model.pairs_computed == 2
+    assert daemon_of(embedded_parts).model.pairs_computed == 2
 
 
 class FailsOnItem:
@@ -143,7 +144,7 @@ async def test_a_poison_pair_is_dropped_and_its_batch_mates_are_stored(
 
     await daemon.process([PrefetchTask("u", items), PrefetchTask("v", ("e",))])
 
-    rows = await daemon.store.read("u", list(items), FLOAT32)
+    rows = await daemon.store.read("u", list(items), FLOAT32, time.time())
     statuses = rows.statuses(time.time()).tolist()
     assert statuses == [RowStatus.HIT, RowStatus.HIT, RowStatus.MISS, RowStatus.HIT, RowStatus.HIT]
     assert daemon.stats.poison_pairs_dropped == 1
@@ -164,7 +165,7 @@ async def test_a_missed_read_is_computed_by_speculation_without_a_prefetch(
 async def test_with_speculation_off_only_prefetch_work_is_computed(
     settings: ServeSettings, precompute_settings: PrecomputeSettings
 ) -> None:
-    sidecar = Sidecar(settings, dataclasses.replace(precompute_settings, speculation=""))
+    sidecar = build_sidecar(settings, dataclasses.replace(precompute_settings, speculation=""))
     await sidecar.start()
     try:
         async with grpc.aio.insecure_channel(sidecar.address) as channel:
@@ -176,3 +177,8 @@ async def test_with_speculation_off_only_prefetch_work_is_computed(
     finally:
         await sidecar.stop(grace=0)
     assert list(answer.statuses) == [pb.MISS, pb.HIT]
+
+
+def daemon_of(parts: SidecarParts) -> PrecomputeDaemon:
+    assert parts.daemon is not None
+    return parts.daemon

@@ -11,10 +11,11 @@ import grpc
 import pytest
 import redis
 
+from solaris.app.compose import build_sidecar
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.app import Sidecar
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import Sidecar
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
@@ -90,7 +91,7 @@ def with_daemon(tiny_model: ExportReport) -> PrecomputeSettings:
 
 
 async def started(settings: ServeSettings, precompute: PrecomputeSettings) -> Sidecar:
-    sidecar = Sidecar(settings, precompute)
+    sidecar = build_sidecar(settings, precompute)
     await sidecar.start()
     return sidecar
 

@@ -41,36 +41,36 @@ async def test_rows_come_back_as_written_in_request_order(store: Store) -> None:
     written = vectors(3)
     freshness = fresh()
     await store.write("user", ["a", "b", "c"], written, freshness)
-    rows = await store.read("user", ["c", "x", "a"], FLOAT32)
+    rows = await store.read("user", ["c", "x", "a"], FLOAT32, time.time())
     assert np.array_equal(rows.values[[0, 2]], written[[2, 0]])
     assert not rows.values[1].any()
     assert list(rows.statuses(time.time())) == [RowStatus.HIT, RowStatus.MISS, RowStatus.HIT]
-    assert np.allclose(rows.times[0], freshness[1:])
+    assert np.allclose(rows.times[0].tolist(), freshness[1:])
     assert rows.model_version == VERSION
 
 
 async def test_float16_reads_are_the_float32_rows_cast(store: Store) -> None:
     written = vectors(2)
     await store.write("user", ["a", "b"], written, fresh())
-    rows = await store.read("user", ["a", "b"], FLOAT16)
+    rows = await store.read("user", ["a", "b"], FLOAT16, time.time())
     assert rows.values.dtype == FLOAT16
     assert np.array_equal(rows.values, written.astype(FLOAT16))
 
 
 async def test_users_do_not_see_each_others_rows(store: Store) -> None:
     await store.write("user-1", ["a"], vectors(1), fresh())
-    rows = await store.read("user-2", ["a"], FLOAT32)
+    rows = await store.read("user-2", ["a"], FLOAT32, time.time())
     assert list(rows.statuses(time.time())) == [RowStatus.MISS]
 
 
 async def test_a_row_past_its_ttl_is_stale_then_gone(store: Store) -> None:
     await store.write("user", ["a"], vectors(1), fresh(ttl=0.05, stale=0.15))
     await asyncio.sleep(0.1)
-    assert list((await store.read("user", ["a"], FLOAT32)).statuses(time.time())) == [
+    assert list((await store.read("user", ["a"], FLOAT32, time.time())).statuses(time.time())) == [
         RowStatus.STALE
     ]
     await asyncio.sleep(0.15)
-    assert list((await store.read("user", ["a"], FLOAT32)).statuses(time.time())) == [
+    assert list((await store.read("user", ["a"], FLOAT32, time.time())).statuses(time.time())) == [
         RowStatus.MISS
     ]
 
@@ -105,7 +105,7 @@ async def test_a_corrupt_value_is_a_counted_miss(redis_server: RedisProcess) -> 
     good = raw.get(pair_key(VERSION, "user", "b"))
     assert good is not None
     raw.set(pair_key(VERSION, "user", "b"), b"\x09" + good[1:])
-    rows = await store.read("user", ["a", "b", "c"], FLOAT32)
+    rows = await store.read("user", ["a", "b", "c"], FLOAT32, time.time())
     await client.aclose()
     assert list(rows.statuses(time.time())) == [RowStatus.MISS, RowStatus.MISS, RowStatus.HIT]
     assert store.corrupt_values == 2
@@ -118,8 +118,8 @@ async def test_a_sidecar_reads_the_version_the_daemons_published(
     writer = RedisStore(client, DIM, VERSION)
     await writer.write("user", ["a"], vectors(1), fresh())
     reader = RedisStore(client, DIM, version_refresh_seconds=0)
-    assert (await reader.read("user", ["a"], FLOAT32)).model_version == ""
+    assert (await reader.read("user", ["a"], FLOAT32, time.time())).model_version == ""
     redis_server.client().set("solaris:model-version", VERSION)
-    rows = await reader.read("user", ["a"], FLOAT32)
+    rows = await reader.read("user", ["a"], FLOAT32, time.time())
     await client.aclose()
     assert rows.model_version == VERSION

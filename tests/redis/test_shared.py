@@ -14,16 +14,17 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from solaris.app.daemon_process import daemon_l2, shared_daemon
+from solaris.app.compose import daemon_l2, shared_daemon
 from solaris.precompute.export import ExportReport
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.app import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.store import Freshness
+from solaris.server.tiered import TieredStore
 from solaris.server.work_stream import GROUP, STREAM_KEY, StreamWorkQueue
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
@@ -63,18 +64,18 @@ async def test_a_write_goes_to_both_tiers_and_a_read_fills_l1(
     writer = await started(shared_settings, NO_DAEMON)
     reader = await started(dataclasses.replace(shared_settings, port=0), NO_DAEMON)
     sidecars += [writer, reader]
-    writer.l2.use_version("v1")
-    reader.l2.use_version("v1")
+    tiers(writer).l2.use_version("v1")
+    tiers(reader).l2.use_version("v1")
     vectors = np.random.default_rng(0).standard_normal((2, DIM)).astype(np.float32)
     await writer.service.put("user", ["a", "b"], vectors, "v1")
-    assert len(writer.l1) == 2
-    assert len(reader.l1) == 0
+    assert len(tiers(writer).l1) == 2
+    assert len(tiers(reader).l1) == 0
     answer = await batch_get(reader, "user", ["a", "b"])
     assert list(answer.statuses) == [pb.HIT, pb.HIT]
     assert np.frombuffer(answer.embeddings, np.float32).reshape(2, DIM).tolist() == (
         vectors.tolist()
     )
-    assert len(reader.l1) == 2
+    assert len(tiers(reader).l1) == 2
 
 
 async def test_two_sidecars_see_each_others_precomputed_pairs(
@@ -212,8 +213,7 @@ async def test_a_corrupt_value_is_served_as_a_miss_and_counted(
     redis_server.client().set(pair_key("v1", "user", "bad"), b"\x01\x01not a header")
     answer = await batch_get(sidecar, "user", ["good", "bad"])
     assert list(answer.statuses) == [pb.HIT, pb.MISS]
-    assert sidecar.l2 is not None
-    assert sidecar.l2.corrupt_values == 1
+    assert tiers(sidecar).l2.corrupt_values == 1
 
 
 async def write_to_redis(server: RedisProcess, user: str, item: str) -> None:
@@ -262,3 +262,9 @@ async def test_every_sidecars_reads_reach_one_request_stream(
         if request is not None
     )
     assert logged == [("user-1", ("a", "b"), [pb.MISS, pb.MISS]), ("user-2", ("c",), [pb.MISS])]
+
+
+def tiers(sidecar: Sidecar) -> TieredStore:
+    store = sidecar.service.store
+    assert isinstance(store, TieredStore)
+    return store

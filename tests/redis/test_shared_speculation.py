@@ -14,12 +14,12 @@ import pytest
 from solaris.precompute.export import ExportReport
 from solaris.precompute.shared_speculation import SharedSpeculation, lease_key, shard_of
 from solaris.precompute.speculator import Policy, SpeculationSettings
-from solaris.server.app import Sidecar
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
 from solaris.server.settings import ServeSettings
+from solaris.server.sidecar import Sidecar
 from solaris.server.store import Freshness, RowStatus
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 from solaris.v1 import embedding_store_pb2 as pb

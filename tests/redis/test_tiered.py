@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from solaris.app.daemon_process import daemon_l2, shared_daemon
+from solaris.app.compose import daemon_l2, shared_daemon
 from solaris.precompute.export import ExportReport
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
@@ -42,7 +42,7 @@ async def test_a_read_cut_short_by_its_deadline_does_not_mark_redis_down(
 ) -> None:
     client = connect(redis_server.url, 0.5)
     tiered = TieredStore(MemoryStore(1024**2, DIM), RedisStore(client, DIM, "v1"), 0.5)
-    await tiered.read("user", ["a"], FLOAT32, deadline=time.monotonic())
+    await tiered.read("user", ["a"], FLOAT32, time.time(), deadline=time.monotonic())
     await client.aclose()
     assert tiered.reachability.up
     assert tiered.reachability.errors == 0

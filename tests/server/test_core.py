@@ -79,3 +79,24 @@ async def test_the_request_log_says_when_each_served_row_goes_stale(
     (logged,) = service.request_log.snapshot()
     assert logged.statuses.tolist() == [RowStatus.HIT, RowStatus.MISS]
     assert logged.stale_at[0] == pytest.approx(now + 60)
+
+
+async def test_under_a_simulated_clock_an_expired_pair_is_zero_filled_and_dropped() -> None:
+    """The store reads time from the service's clock, not the machine's: a replay hours ahead
+    of real time sees a pair expire when its clock says so."""
+    simulated = [time.time() + 10_000.0]
+    store = MemoryStore(1024**2, DIM)
+    settings = ServeSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
+    service = EmbeddingService(
+        settings, store, RequestLog(1000), PrefetchQueue(100), clock=lambda: simulated[0]
+    )
+    await service.put("u", ["a"], np.ones((1, DIM), np.float32), "v1")
+    assert (await service.batch_get("u", ["a"])).statuses.tolist() == [RowStatus.HIT]
+
+    simulated[0] += 91.0
+    result = await service.batch_get("u", ["a"])
+
+    assert result.statuses.tolist() == [RowStatus.MISS]
+    assert not result.values.any()
+    assert result.model_version == ""
+    assert len(store) == 0

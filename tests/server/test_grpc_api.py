@@ -4,7 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
-from solaris.server.app import Sidecar
+from solaris.app.compose import SidecarParts
+from solaris.server.sidecar import Sidecar
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM
@@ -60,7 +61,7 @@ async def test_batch_get_is_logged_with_statuses(
 
     await stub.BatchGet(pb.BatchGetRequest(user_id="u1", item_ids=["a", "b"]))
 
-    [logged] = sidecar.request_log.snapshot()
+    [logged] = sidecar.service.request_log.snapshot()
     assert (logged.user_id, logged.item_ids) == ("u1", ("a", "b"))
     assert logged.statuses.tolist() == [pb.HIT, pb.MISS]
 
@@ -79,7 +80,7 @@ async def test_get_returns_one_pair(sidecar: Sidecar, stub: EmbeddingStoreStub) 
 
 
 async def test_prefetch_queues_only_pairs_not_already_fresh(
-    sidecar: Sidecar, stub: EmbeddingStoreStub
+    sidecar: Sidecar, parts: SidecarParts, stub: EmbeddingStoreStub
 ) -> None:
     await sidecar.service.put("u1", ["a"], vectors(1), "v1")
 
@@ -90,7 +91,7 @@ async def test_prefetch_queues_only_pairs_not_already_fresh(
     )
 
     assert (response.queued, response.already_fresh) == (2, 1)
-    [task] = sidecar.prefetch_queue.take(max_tasks=10, timeout=0)
+    [task] = parts.prefetch_queue.take(max_tasks=10, timeout=0)
     assert (task.user_id, task.item_ids, task.history, task.priority) == (
         "u1",
         ("b", "c"),
@@ -100,7 +101,7 @@ async def test_prefetch_queues_only_pairs_not_already_fresh(
 
 
 async def test_full_prefetch_queue_is_resource_exhausted_and_keeps_what_was_queued(
-    sidecar: Sidecar, stub: EmbeddingStoreStub
+    sidecar: Sidecar, parts: SidecarParts, stub: EmbeddingStoreStub
 ) -> None:
     first = [f"i{n}" for n in range(8)]
     await stub.Prefetch(pb.PrefetchRequest(user_id="u1", item_ids=first))
@@ -110,7 +111,7 @@ async def test_full_prefetch_queue_is_resource_exhausted_and_keeps_what_was_queu
 
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "prefetch queue full" in refused.value.details()
-    tasks = sidecar.prefetch_queue.take(max_tasks=10, timeout=0)
+    tasks = parts.prefetch_queue.take(max_tasks=10, timeout=0)
     assert [(t.user_id, t.item_ids) for t in tasks] == [("u1", tuple(first))]
 
 
@@ -182,6 +183,6 @@ async def test_bad_input_stores_and_logs_nothing(
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.BatchGet(pb.BatchGetRequest(user_id="u1", item_ids=["a", ""]))
 
-    assert sidecar.request_log.snapshot() == []
+    assert sidecar.service.request_log.snapshot() == []
     response = await stub.BatchGet(pb.BatchGetRequest(user_id="u1", item_ids=["a"]))
     np.testing.assert_array_equal(decode(response)[0], stored[0])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solaris.server.app import Sidecar
+from solaris.server.sidecar import Sidecar
 from tests.conftest import DIM
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).with_name("grpcurl"))

@@ -44,7 +44,8 @@ def _yield_cpu_to_serving() -> None:
 
 
 class WorkSource(Protocol):
-    """Where pairs to compute come from: the Prefetch queue, later the speculator."""
+    """Where pairs to compute come from: the Prefetch queue, the embedded speculator, or the
+    shared work stream."""
 
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]: ...
 
@@ -187,7 +188,8 @@ class PrecomputeDaemon:
         pairs: list[Pair] = []
         for user_id, items in items_by_user.items():
             wanted = list(items)
-            fresh = (await self.store.read(user_id, wanted, FLOAT32)).statuses(now) == RowStatus.HIT
+            rows = await self.store.read(user_id, wanted, FLOAT32, now)
+            fresh = rows.statuses(now) == RowStatus.HIT
             self.stats.pairs_already_fresh += int(fresh.sum())
             pairs.extend(
                 (user_id, item) for item, done in zip(wanted, fresh, strict=True) if not done

@@ -18,7 +18,9 @@ _IDLE_SECONDS = 0.02
 _HINTS_PER_TAKE = 1_000
 
 
-class SpeculativeSource:
+class EmbeddedSpeculation:
+    """The embedded daemon's work source with speculation on."""
+
     def __init__(
         self,
         queue: PrefetchQueue,

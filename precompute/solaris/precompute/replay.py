@@ -218,13 +218,13 @@ class Replay:
         if policy_set == ORACLE:
             requests = [event for event in self.events if not event.is_hint]
             speculator: Speculator | Oracle = Oracle(
-                requests, budget, self.ttl_seconds, store.fresh_until, clock
+                requests, budget, self.ttl_seconds, store.stale_at, clock
             )
         else:
             policies = POLICY_SETS[policy_set] if isinstance(policy_set, str) else policy_set
             speculator = Speculator(
                 SpeculationSettings(budget, policies),
-                store.fresh_until,
+                store.stale_at,
                 clock,
                 on_queue=lambda entry: predicted.add((entry.user_id, entry.item_id)),
             )

@@ -29,8 +29,9 @@ EXPECTED_INPUTS = {name: ("tensor(int64)", 2 if name == "history" else 1) for na
 EXPECTED_OUTPUTS = {OUTPUT_NAMES[0]: ("tensor(float)", 2)}
 
 
-class ModelContractError(ValueError):
-    """A model file whose inputs or outputs are not the ones the runner feeds and reads."""
+class ModelContractError(SettingsError):
+    """A model file whose inputs or outputs are not the ones the runner feeds and reads: the
+    `model` setting names a file that cannot serve."""
 
 
 class OnnxRunner:

@@ -3,7 +3,6 @@ default); `precompute` runs the daemon alone against the shared Redis; `export-m
 the reference model to ONNX and checks it."""
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 from solaris.app.logs import configure_logging
 from solaris.precompute.settings import DEFAULT_MODEL_DIR, PrecomputeSettings
 from solaris.server import settings as settings_module
-from solaris.server.app import serve_until_signalled
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`serve` or `precompute`: both read the same settings; a bad one exits 2, naming it."""
-    from solaris.app.daemon_process import run_until_signalled
-    from solaris.precompute.runner import ModelContractError
+    from solaris.app.processes import run_daemon, run_sidecar
 
     try:
         from_file = {}
@@ -75,10 +72,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             args, settings_type=PrecomputeSettings, file_values=from_file
         )
         if args.command == "precompute":
-            run_until_signalled(settings, precompute)
+            run_daemon(settings, precompute)
         else:
-            asyncio.run(serve_until_signalled(settings, precompute))
-    except (settings_module.SettingsError, ModelContractError) as error:
+            run_sidecar(settings, precompute)
+    except settings_module.SettingsError as error:
         parser.error(str(error))
     return 0
 

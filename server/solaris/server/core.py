@@ -105,13 +105,13 @@ class EmbeddingService:
     async def _read(
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, deadline: float | None
     ) -> BatchResult:
-        _check_deadline(deadline)
+        _check_deadline(deadline, "before the store was read")
         started = time.perf_counter()
-        rows = await self.store.read(user_id, item_ids, dtype, deadline)
         now = self.clock()
+        rows = await self.store.read(user_id, item_ids, dtype, now, deadline)
         result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
         self.request_log.append(
-            LoggedRequest(user_id, tuple(item_ids), result.statuses, now, rows.times[:, 1])
+            LoggedRequest(user_id, tuple(item_ids), result.statuses, now, rows.times["stale_at"])
         )
         if self.metrics is not None:
             self.metrics.observe(result.statuses, time.perf_counter() - started)
@@ -133,10 +133,11 @@ class EmbeddingService:
             "history", history, settings.max_history, settings.max_id_bytes, allow_empty=True
         )
         check_priority(priority)
-        _check_deadline(deadline)
+        _check_deadline(deadline, "before the pairs were queued")
         unique_items = list(dict.fromkeys(item_ids))
-        rows = await self.store.read(user_id, unique_items, FLOAT32)
-        fresh = rows.statuses(self.clock()) == RowStatus.HIT
+        now = self.clock()
+        rows = await self.store.read(user_id, unique_items, FLOAT32, now, deadline)
+        fresh = rows.statuses(now) == RowStatus.HIT
         wanted = tuple(
             item for item, is_fresh in zip(unique_items, fresh, strict=True) if not is_fresh
         )
@@ -145,6 +146,6 @@ class EmbeddingService:
         return PrefetchResult(queued=len(wanted), already_fresh=len(unique_items) - len(wanted))
 
 
-def _check_deadline(deadline: float | None) -> None:
+def _check_deadline(deadline: float | None, work: str) -> None:
     if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded("deadline passed before the store was read")
+        raise DeadlineExceeded(f"deadline passed {work}")

@@ -12,19 +12,17 @@ avoids. The lock lets the precompute worker threads and the event loop share the
 """
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
-from solaris.server.store import FLOAT16, FLOAT32, Freshness, Rows
+from solaris.server.store import FLOAT16, FLOAT32, NEVER_STORED, TIMES, Freshness, Rows
 
 PairKey = tuple[str, str]
 # What a row costs beyond its vectors and times: the index's dict entry, the key tuple, and
 # the two id strings' object headers. Id lengths are added per entry.
 INDEX_OVERHEAD_BYTES = 250
-_NEVER_STORED = (0.0, -np.inf, -np.inf)
 
 
 class MemoryStore:
@@ -33,7 +31,7 @@ class MemoryStore:
     def __init__(self, max_bytes: int, dim: int) -> None:
         self.dim = dim
         self.max_bytes = max_bytes
-        self.row_bytes = dim * (FLOAT32.itemsize + FLOAT16.itemsize) + 3 * 8 + 4
+        self.row_bytes = dim * (FLOAT32.itemsize + FLOAT16.itemsize) + TIMES.itemsize + 4
         capacity = max_bytes // (self.row_bytes + INDEX_OVERHEAD_BYTES)
         if capacity < 1:
             raise ValueError(f"cache_bytes: {max_bytes} cannot hold one {dim}-dim embedding")
@@ -41,7 +39,7 @@ class MemoryStore:
         # np.zeros maps pages lazily: memory in use grows with the entries, up to the cap.
         self._float32 = np.zeros((capacity, dim), FLOAT32)
         self._float16 = np.zeros((capacity, dim), FLOAT16)
-        self._times = np.zeros((capacity, 3), np.float64)
+        self._times = np.zeros(capacity, TIMES)
         self._version_of_row = np.zeros(capacity, np.int32)
         self._versions: list[str] = []
         self._slots: OrderedDict[PairKey, int] = OrderedDict()
@@ -65,31 +63,30 @@ class MemoryStore:
         user_id: str,
         item_ids: Sequence[str],
         dtype: np.dtype,
+        now: float,
         deadline: float | None = None,
     ) -> Rows:
-        return self.read_now(user_id, item_ids, dtype)
+        return self.read_sync(user_id, item_ids, dtype, now)
 
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
-        self.write_now(user_id, item_ids, vectors, freshness)
+        self.write_sync(user_id, item_ids, vectors, freshness)
 
     async def close(self) -> None:
         """Nothing to release: the tables live as long as the store."""
 
-    def fresh_until(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    def stale_at(self, pairs: Sequence[PairKey]) -> np.ndarray:
         """Each pair's stale_at (-inf if not held), without touching recency: for speculation."""
         get = self._slots.get
         with self._lock:
             slots = np.array([get(pair, -1) for pair in pairs], dtype=np.int64)
-            stale_at = self._times[np.maximum(slots, 0), 1]
+            stale_at = self._times["stale_at"][np.maximum(slots, 0)]
         return np.where(slots >= 0, stale_at, -np.inf)
 
-    def read_now(
-        self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, now: float | None = None
-    ) -> Rows:
-        """The rows for `item_ids`; reading a row makes it the most recently used."""
-        now = time.time() if now is None else now
+    def read_sync(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, now: float) -> Rows:
+        """The rows for `item_ids` as of `now`; reading a row makes it the most recently used,
+        and a row expired by `now` is zero-filled and dropped."""
         keys = [(user_id, item) for item in item_ids]
         with self._lock:
             slots = np.array(self._touch(keys), dtype=np.int64)
@@ -98,18 +95,19 @@ class MemoryStore:
             table = self._float16 if dtype == FLOAT16 else self._float32
             values = table[rows]
             times = self._times[rows]
-            times[~found] = _NEVER_STORED
-            live = now < times[:, 2]
+            live = found & (now < times["expires_at"])
             self._drop_expired(keys, found & ~live)
             version = self._newest_version(rows, times, live)
+        times[~live] = NEVER_STORED
         values[~live] = 0
         return Rows(values, times, version)
 
-    def write_now(
+    def write_sync(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
         """Stores row i of `vectors` for the i-th item, evicting least recently used rows."""
-        self.write_rows(user_id, item_ids, vectors, np.array(freshness[1:]), freshness[0])
+        times = np.array(tuple(freshness[1:]), TIMES)
+        self.write_rows(user_id, item_ids, vectors, times, freshness.model_version)
 
     def write_rows(
         self,
@@ -119,8 +117,8 @@ class MemoryStore:
         times: np.ndarray,
         model_version: str,
     ) -> None:
-        """Like write_now, with `times` (computed_at, stale_at, expires_at) per row or shared:
-        how rows read from L2, each with its own times, fill L1."""
+        """Like write_sync, with `times` (TIMES records) per row or one for all: how rows read
+        from L2, each with its own times, fill L1."""
         vectors = np.asarray(vectors, dtype=FLOAT32)
         if vectors.shape != (len(item_ids), self.dim):
             raise ValueError(
@@ -153,7 +151,7 @@ class MemoryStore:
     def _newest_version(self, rows: np.ndarray, times: np.ndarray, live: np.ndarray) -> str:
         if not live.any():
             return ""
-        newest = np.flatnonzero(live)[np.argmax(times[live, 0])]
+        newest = np.flatnonzero(live)[np.argmax(times["computed_at"][live])]
         return self._versions[self._version_of_row[rows[newest]]]
 
     def _claim(self, key: PairKey) -> int:

@@ -7,19 +7,19 @@ scrapes. Each process (and each sidecar in a test) has its own registry.
 """
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from http.server import HTTPServer
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from solaris.server.l1 import MemoryStore
+from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.redis_store import RedisStore
+from solaris.server.request_stream import RequestShipper
 from solaris.server.store import RowStatus
-
-if TYPE_CHECKING:
-    from solaris.precompute.daemon import DaemonStats
-    from solaris.precompute.shared_speculation import SharedSpeculationStats
+from solaris.server.tiered import Reachability
 
 READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 REQUEST_ITEMS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4096)
@@ -53,64 +53,60 @@ class ReadMetrics:
         self._items.observe(len(statuses))
 
 
-@dataclass(eq=False)
 class LiveValues(Collector):
-    """Gauges and counters read from live objects at scrape time: name -> (help, read)."""
+    """Gauges and counters read from live objects at scrape time. Each component's values are
+    registered once, by a typed function beside it, from the process's composition root."""
 
-    gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
-    counters: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._counters: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self._gauges[name] = (help_text, read)
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self._counters[name] = (help_text, read)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        for name, (help_text, read) in self.gauges.items():
+        for name, (help_text, read) in self._gauges.items():
             yield GaugeMetricFamily(name, help_text, value=read())
-        for name, (help_text, read) in self.counters.items():
+        for name, (help_text, read) in self._counters.items():
             yield CounterMetricFamily(name, help_text, value=read())
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[HTTPServer, int]:
     """Starts the /metrics HTTP server on a thread; returns it and the port it bound."""
     server, _ = start_http_server(port, addr=host, registry=registry)
     return server, server.server_port
 
 
-def daemon_values(live: LiveValues, stats: Callable[[], "DaemonStats | None"]) -> None:
-    """The precompute daemon's counters, read from `stats()` (None before it starts)."""
-    names = {
-        "solaris_runner_pairs": ("pairs_computed", "Pairs the model computed and stored."),
-        "solaris_runner_batches": ("batches", "Model batches run."),
-        "solaris_runner_failed_batches": ("failed_batches", "Model batches that raised."),
-        "solaris_poison_pairs_dropped": ("poison_pairs_dropped", "Pairs the model fails on."),
-        "solaris_pairs_already_fresh": ("pairs_already_fresh", "Work skipped: already fresh."),
-        "solaris_store_write_failures": ("write_failures", "Batches not stored (Redis down)."),
-        "solaris_precompute_loop_errors": ("loop_errors", "Unexpected errors in the daemon loop."),
-    }
-    for name, (attribute, help_text) in names.items():
-        live.counters[name] = (help_text, _stat_reader(stats, attribute))
+def l1_values(live: LiveValues, l1: MemoryStore) -> None:
+    live.gauge("solaris_l1_bytes", "Bytes the L1 holds, as capped.", lambda: l1.nbytes)
+    live.gauge("solaris_l1_entries", "Pairs the L1 holds.", lambda: len(l1))
+    live.counter("solaris_l1_evictions", "L1 rows evicted.", lambda: l1.evictions)
 
 
-def speculation_values(
-    live: LiveValues, stats: Callable[[], "SharedSpeculationStats | None"]
-) -> None:
-    """The shared speculator's counters, read from `stats()` (None where there is none)."""
-    live.gauges["solaris_speculator_leading"] = (
-        "1 while this process is the speculator for every sidecar.",
-        _stat_reader(stats, "leading"),
+def prefetch_queue_values(live: LiveValues, queue: PrefetchQueue) -> None:
+    live.gauge(
+        "solaris_prefetch_queue_pairs",
+        "Pairs waiting in the in-process Prefetch queue.",
+        lambda: queue.pairs,
     )
-    names = {
-        "solaris_speculator_requests_read": ("requests_read", "Reads learnt from, all sidecars."),
-        "solaris_speculator_pairs_added": ("pairs_added", "Pairs added to the work stream."),
-        "solaris_speculator_backlog_waits": (
-            "waits_for_backlog",
-            "Rounds that added nothing: the daemons had enough work waiting.",
-        ),
-    }
-    for name, (attribute, help_text) in names.items():
-        live.counters[name] = (help_text, _stat_reader(stats, attribute))
 
 
-def _stat_reader(stats: Callable[[], object | None], attribute: str) -> Callable[[], float]:
-    def read() -> float:
-        current = stats()
-        return float(getattr(current, attribute)) if current is not None else 0.0
+def redis_values(live: LiveValues, reachability: Reachability, l2: RedisStore) -> None:
+    live.gauge("solaris_redis_up", "1 while Redis answers.", lambda: int(reachability.up))
+    live.counter("solaris_redis_errors", "Redis calls failed.", lambda: reachability.errors)
+    live.counter(
+        "solaris_redis_corrupt_values",
+        "Redis values read as misses: header did not fit.",
+        lambda: l2.corrupt_values,
+    )
 
-    return read
+
+def shipper_values(live: LiveValues, shipper: RequestShipper) -> None:
+    live.counter(
+        "solaris_request_log_dropped",
+        "Logged requests not shipped to Redis.",
+        lambda: shipper.dropped,
+    )

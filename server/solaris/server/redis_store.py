@@ -22,7 +22,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from solaris.server.store import FLOAT32, Freshness, Rows
+from solaris.server.store import FLOAT32, Freshness, Rows, never_stored
 
 FORMAT_VERSION = 1
 DTYPE_FLOAT32 = 1
@@ -31,7 +31,6 @@ PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
 DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
 """Off the serving path, a daemon can wait longer for Redis than a read can."""
 _UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
-_NEVER_STORED = (0.0, -np.inf, -np.inf)
 logger = logging.getLogger("solaris.redis")
 
 
@@ -84,16 +83,15 @@ def decode_values(blobs: Sequence[bytes | None], dim: int, model_version: str) -
     dim or version) are rows never stored. Vectorised: one parse for the whole batch."""
     layout = value_layout(dim, model_version)
     values = np.zeros((len(blobs), dim), FLOAT32)
-    times = _never(len(blobs))
+    times = never_stored(len(blobs))
     present = [i for i, blob in enumerate(blobs) if blob is not None]
     fits = [i for i in present if len(blobs[i]) == layout.itemsize]  # type: ignore[arg-type]
     records = np.frombuffer(b"".join(blobs[i] for i in fits), layout)  # type: ignore[misc]
     valid = _header_fits(records, dim, model_version)
     rows = np.array(fits, dtype=np.int64)[valid]
     values[rows] = records["values"][valid]
-    times[rows, 0] = records["computed_at"][valid]
-    times[rows, 1] = records["stale_at"][valid]
-    times[rows, 2] = records["expires_at"][valid]
+    for column in ("computed_at", "stale_at", "expires_at"):
+        times[column][rows] = records[column][valid]
     return Decoded(values, times, len(present) - len(rows))
 
 
@@ -185,22 +183,33 @@ class RedisStore:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def read(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype) -> Rows:
+    async def read(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        dtype: np.dtype,
+        now: float,
+        deadline: float | None = None,
+    ) -> Rows:
+        """`deadline` is the caller's to keep (TieredStore wraps this read in a timeout)."""
         version = await self._current_version()
         if not version:
-            return Rows(np.zeros((len(item_ids), self.dim), dtype), _never(len(item_ids)), "")
+            return Rows(np.zeros((len(item_ids), self.dim), dtype), never_stored(len(item_ids)), "")
         blobs = await self.client.mget([pair_key(version, user_id, item) for item in item_ids])
         decoded = decode_values(blobs, self.dim, version)
         if decoded.corrupt:
             self.corrupt_values += decoded.corrupt
             logger.warning("%d corrupt values for user %r read as misses", decoded.corrupt, user_id)
-        found = decoded.times[:, 2] > -np.inf
-        return Rows(decoded.values.astype(dtype), decoded.times, version if found.any() else "")
+        expired = decoded.times["expires_at"] <= now
+        decoded.times[expired] = never_stored(1)
+        decoded.values[expired] = 0
+        found = not expired.all()
+        return Rows(decoded.values.astype(dtype), decoded.times, version if found else "")
 
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
-        ttl_ms = int((freshness.expires_at - time.time()) * 1000)
+        ttl_ms = int((freshness.expires_at - freshness.computed_at) * 1000)
         if ttl_ms <= 0:
             return
         blobs = encode_values(np.asarray(vectors, FLOAT32), freshness)
@@ -221,7 +230,3 @@ class RedisStore:
             if published:  # a missing key (Redis restarted) keeps the last version known
                 self.model_version = published.decode(errors="replace")
         return self.model_version
-
-
-def _never(rows: int) -> np.ndarray:
-    return np.tile(np.array(_NEVER_STORED), (rows, 1))

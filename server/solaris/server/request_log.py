@@ -1,5 +1,6 @@
-"""The request log: every read the sidecar answered, kept for the speculator and for joins
-with training data. Bounded in rows (requested pairs); the oldest requests go first.
+"""The request log: every read the sidecar answered, handed to its listeners (the embedded
+speculator, the Redis request stream) and kept, bounded in rows (requested pairs; the oldest
+requests go first), for whoever reads it back.
 """
 
 import threading

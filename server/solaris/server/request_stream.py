@@ -73,6 +73,19 @@ class RequestShipper:
         self.shipped = 0
         self.dropped = 0
         self._buffer: deque[LoggedRequest] = deque(maxlen=buffer_requests)
+        self._shipping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Ships in the background, from the running event loop, until `stop`."""
+        self._shipping = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        """Stops shipping, then ships what the buffer still holds, once."""
+        if self._shipping is not None:
+            self._shipping.cancel()
+            await asyncio.gather(self._shipping, return_exceptions=True)
+            self._shipping = None
+        await self.ship()
 
     def append(self, request: LoggedRequest) -> None:
         if len(self._buffer) == self._buffer.maxlen:

@@ -1,5 +1,5 @@
-"""The store interface every tier implements (L1 in memory; L2 on Redis later), and the
-batch types that cross it. A read answers a whole BatchGet as arrays, never as per-row
+"""The store interface every tier implements (L1 in memory, L2 on Redis), and the batch types
+that cross it. A read answers a whole BatchGet as arrays, never as per-row
 objects: the serving path stays vectorised and the garbage collector has nothing to track.
 """
 
@@ -12,6 +12,15 @@ import numpy as np
 
 FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")
+TIMES = np.dtype([("computed_at", "<f8"), ("stale_at", "<f8"), ("expires_at", "<f8")])
+"""A row's times, wall-clock seconds: computed, HIT until `stale_at`, STALE until `expires_at`."""
+NEVER_STORED = np.array((0.0, -np.inf, -np.inf), TIMES)
+"""The times of a row the store does not hold: expired since forever."""
+
+
+def never_stored(rows: int) -> np.ndarray:
+    """Times for `rows` rows the store does not hold."""
+    return np.full(rows, NEVER_STORED, TIMES)
 
 
 class RowStatus(IntEnum):
@@ -46,8 +55,8 @@ class Freshness(NamedTuple):
 class Rows:
     """A batch read: row i answers the i-th requested item.
 
-    Rows the store does not hold are zero in `values` and have `expires_at` of -inf.
-    `times` is (n, 3): computed_at, stale_at, expires_at.
+    Rows the store does not hold (never stored, or expired by the `now` of the read) are zero
+    in `values` and have the times of NEVER_STORED. `times` is an array of TIMES records.
     """
 
     values: np.ndarray
@@ -56,17 +65,16 @@ class Rows:
 
     def statuses(self, now: float) -> np.ndarray:
         """HIT while fresh, STALE in the grace window, MISS once expired or never stored."""
-        hit = now < self.times[:, 1]
-        live = now < self.times[:, 2]
+        hit = now < self.times["stale_at"]
+        live = now < self.times["expires_at"]
         status = np.where(hit, RowStatus.HIT, np.where(live, RowStatus.STALE, RowStatus.MISS))
         return status.astype(np.uint8)
 
     def ages_ms(self, now: float) -> np.ndarray:
         """Milliseconds since each live row was computed; 0 for a MISS."""
-        live = now < self.times[:, 2]
-        return np.where(live, np.maximum(0.0, now - self.times[:, 0]) * 1000.0, 0.0).astype(
-            np.uint32
-        )
+        live = now < self.times["expires_at"]
+        age_ms = np.maximum(0.0, now - self.times["computed_at"]) * 1000.0
+        return np.where(live, age_ms, 0.0).astype(np.uint32)
 
 
 class Store(Protocol):
@@ -79,10 +87,13 @@ class Store(Protocol):
         user_id: str,
         item_ids: Sequence[str],
         dtype: np.dtype,
+        now: float,
         deadline: float | None = None,
     ) -> Rows:
-        """The stored rows for `item_ids`, in order, as `dtype` (FLOAT32 or FLOAT16). A tier
-        that waits on the network gives up by `deadline` (a time.monotonic() instant)."""
+        """The rows for `item_ids`, in order, as `dtype` (FLOAT32 or FLOAT16). A row expired by
+        `now` (the caller's clock: wall-clock seconds, or a replay's simulated ones) is read as
+        never stored, zero-filled. A tier that waits on the network gives up by `deadline` (a
+        time.monotonic() instant)."""
         ...
 
     async def close(self) -> None:

@@ -3,7 +3,7 @@ memory with what Redis had; writes go to both.
 
 Redis failing never fails a read. A read that Redis cannot answer in time is answered from L1
 alone (misses as misses); Redis is then left alone for a backoff that doubles up to 5 s, and
-the next read after it is the probe. Changes are logged once and reported to `on_change`
+the next read after it is the probe. Changes are logged once and reported to whoever watches
 (the sidecar's health service).
 """
 
@@ -30,12 +30,16 @@ logger = logging.getLogger("solaris.redis")
 class Reachability:
     """Whether Redis is worth asking now, with exponential backoff after failures."""
 
-    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.up = True
         self.errors = 0
-        self._on_change = on_change
+        self._watchers: list[Callable[[bool], None]] = []
         self._retry_at = 0.0
         self._backoff = _FIRST_BACKOFF_SECONDS
+
+    def watch(self, on_change: Callable[[bool], None]) -> None:
+        """Calls `on_change(up)` each time Redis is lost or found again."""
+        self._watchers.append(on_change)
 
     def worth_trying(self) -> bool:
         return self.up or time.monotonic() >= self._retry_at
@@ -58,11 +62,13 @@ class Reachability:
             self._notify()
 
     def _notify(self) -> None:
-        if self._on_change is not None:
-            self._on_change(self.up)
+        for on_change in self._watchers:
+            on_change(self.up)
 
 
 class TieredStore:
+    """L1 (memory) in front of L2 (Redis), as one Store."""
+
     def __init__(
         self,
         l1: MemoryStore,
@@ -82,17 +88,17 @@ class TieredStore:
         user_id: str,
         item_ids: Sequence[str],
         dtype: np.dtype,
+        now: float,
         deadline: float | None = None,
     ) -> Rows:
-        now = time.time()
-        rows = self.l1.read_now(user_id, item_ids, dtype, now)
-        lacking = np.flatnonzero(rows.times[:, 2] <= now)
+        rows = self.l1.read_sync(user_id, item_ids, dtype, now)
+        lacking = np.flatnonzero(rows.times["expires_at"] <= now)
         if not lacking.size or not self.reachability.worth_trying():
             return rows
-        wanted = [item_ids[i] for i in lacking]
+        wanted = [item_ids[int(i)] for i in lacking]
         timeout = self._timeout(deadline)
         try:
-            found = await asyncio.wait_for(self.l2.read(user_id, wanted, FLOAT32), timeout)
+            found = await asyncio.wait_for(self.l2.read(user_id, wanted, FLOAT32, now), timeout)
         except REDIS_ERRORS as error:
             # Running out of the caller's deadline says nothing about Redis.
             if not (isinstance(error, TimeoutError) and timeout < self.timeout_seconds):
@@ -121,7 +127,7 @@ class TieredStore:
             self.reachability.failed(error)
             raise Unavailable(f"Redis unreachable: not stored ({error!r})") from error
         self.reachability.succeeded()
-        self.l1.write_now(user_id, item_ids, vectors, freshness)
+        self.l1.write_sync(user_id, item_ids, vectors, freshness)
 
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:
@@ -139,7 +145,7 @@ class TieredStore:
         dtype: np.dtype,
         now: float,
     ) -> Rows:
-        live = found.times[:, 2] > now
+        live = found.times["expires_at"] > now
         if not live.any():
             return rows
         self.l2_hits += int(live.sum())

@@ -1,4 +1,6 @@
-"""The EmbeddingStore servicer: unpacks each request, calls the core, packs the answer."""
+"""The EmbeddingStore handlers: unpack each request, call the core, pack the answer. Registered
+by hand (not through the generated servicer base class) so that request parsing can name a
+field holding bad UTF-8."""
 
 import time
 
@@ -10,7 +12,7 @@ from solaris.server.grpc_api.status import grpc_errors
 from solaris.v1 import embedding_store_pb2 as pb
 
 
-class EmbeddingStoreServicer:
+class EmbeddingStoreHandlers:
     """gRPC handlers for solaris.v1.EmbeddingStore."""
 
     def __init__(self, service: EmbeddingService) -> None:
@@ -48,7 +50,7 @@ class EmbeddingStoreServicer:
         return converters.prefetch_response(result.queued, result.already_fresh)
 
 
-def add_to_server(servicer: EmbeddingStoreServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: EmbeddingStoreHandlers, server: grpc.aio.Server) -> None:
     """Registers the servicer with request parsing that names a field holding bad UTF-8."""
     service = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
     handlers = {

@@ -1,0 +1,253 @@
+"""The composition root: builds each deployment's parts from its settings, in one place.
+
+`solaris serve` is one of two deployments, and both give the same set of parts (`SidecarParts`):
+- embedded (no --redis): the store is L1 alone, Prefetch work goes to the in-process queue, and
+  the daemon (if any) reads that queue, through the embedded speculator when speculation is on;
+- shared (--redis): L1 in front of Redis, Prefetch work to the shared stream, reads shipped to
+  the request stream, and the daemon (if any) takes work from the stream beside the shared
+  speculator.
+`solaris precompute` builds the shared daemon alone (`daemon_parts`).
+
+The model stack is imported only where a daemon is built, so a serve-only sidecar never loads
+ONNX Runtime or PyTorch.
+"""
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
+from solaris.precompute.embedded_speculation import EmbeddedSpeculation
+from solaris.precompute.metrics import (
+    daemon_values,
+    embedded_speculation_values,
+    shared_speculation_values,
+    stream_source_values,
+)
+from solaris.precompute.settings import PrecomputeSettings
+from solaris.precompute.shared_speculation import SharedSpeculation
+from solaris.precompute.speculator import Speculator
+from solaris.server.background import Background, OnThread
+from solaris.server.core import EmbeddingService, WorkQueue
+from solaris.server.l1 import MemoryStore
+from solaris.server.metrics import (
+    LiveValues,
+    ReadMetrics,
+    l1_values,
+    prefetch_queue_values,
+    redis_values,
+    shipper_values,
+)
+from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.redis_store import (
+    DAEMON_REDIS_TIMEOUT_SECONDS,
+    RedisStore,
+    connect,
+    connect_blocking,
+    redacted,
+)
+from solaris.server.request_log import RequestLog
+from solaris.server.request_stream import RequestShipper
+from solaris.server.settings import ServeSettings, SettingsError
+from solaris.server.sidecar import Sidecar
+from solaris.server.store import Store
+from solaris.server.tiered import Reachability, TieredStore
+from solaris.server.work_stream import StreamWorkQueue, StreamWorkSource
+
+if TYPE_CHECKING:
+    from solaris.precompute.runner import OnnxRunner
+
+logger = logging.getLogger("solaris.app")
+
+
+@dataclass
+class SidecarParts:
+    """What one `solaris serve` process is made of, whichever the deployment."""
+
+    settings: ServeSettings
+    l1: MemoryStore
+    request_log: RequestLog
+    prefetch_queue: PrefetchQueue
+    live: LiveValues
+    registry: CollectorRegistry
+    store: Store
+    """What reads and writes go to: L1, or L1 in front of Redis."""
+    work_queue: WorkQueue
+    """Where Prefetch work goes: the in-process queue, or the shared stream."""
+    l2: RedisStore | None = None
+    reachability: Reachability | None = None
+    background: list[Background] = field(default_factory=list)
+    daemon: PrecomputeDaemon | None = None
+
+    def sidecar(self) -> Sidecar:
+        """The sidecar serving these parts (build it once: it registers its read metrics)."""
+        metrics = ReadMetrics(self.registry)
+        service = EmbeddingService(
+            self.settings, self.store, self.request_log, self.work_queue, metrics
+        )
+        return Sidecar(self.settings, service, self.registry, self.background, self.reachability)
+
+
+def build_sidecar(settings: ServeSettings, precompute: PrecomputeSettings | None = None) -> Sidecar:
+    """The sidecar for these settings, with its daemon when `precompute` asks for one."""
+    return sidecar_parts(settings, precompute).sidecar()
+
+
+def sidecar_parts(
+    settings: ServeSettings, precompute: PrecomputeSettings | None = None
+) -> SidecarParts:
+    parts = _local_parts(settings)
+    if settings.redis:
+        _share_over_redis(parts, settings.redis)
+    if precompute is not None and precompute.precompute:
+        _add_daemon(parts, precompute)
+    return parts
+
+
+def _local_parts(settings: ServeSettings) -> SidecarParts:
+    """The embedded deployment's parts: everything in this process's memory."""
+    l1 = MemoryStore(settings.l1_bytes, settings.dim)
+    prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
+    registry = CollectorRegistry()
+    live = LiveValues()
+    registry.register(live)
+    l1_values(live, l1)
+    prefetch_queue_values(live, prefetch_queue)
+    request_log = RequestLog(settings.request_log_rows)
+    return SidecarParts(
+        settings, l1, request_log, prefetch_queue, live, registry, l1, prefetch_queue
+    )
+
+
+def _share_over_redis(parts: SidecarParts, url: str) -> None:
+    """L1 in front of Redis, Prefetch work to the shared stream, reads to the request stream."""
+    settings = parts.settings
+    timeout = settings.redis_timeout_ms / 1000
+    client = connect(url, timeout)
+    parts.l2 = RedisStore(client, settings.dim)
+    parts.reachability = Reachability()
+    parts.store = TieredStore(parts.l1, parts.l2, timeout, parts.reachability)
+    parts.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout)
+    shipper = RequestShipper(client, settings.request_stream_length, timeout)
+    parts.request_log.listeners.append(shipper.append)
+    parts.background.append(shipper)
+    redis_values(parts.live, parts.reachability, parts.l2)
+    shipper_values(parts.live, shipper)
+    logger.info("shared store and work queue on %s", redacted(url))
+
+
+def _add_daemon(parts: SidecarParts, precompute: PrecomputeSettings) -> None:
+    settings = parts.settings
+    runner = open_checked_runner(precompute, settings.dim)
+    if parts.l2 is None:
+        parts.daemon = _embedded_daemon(parts, precompute, runner)
+    else:
+        parts.l2.use_version(runner.model_version)
+        store = TieredStore(
+            parts.l1, daemon_l2(settings, runner.model_version), DAEMON_REDIS_TIMEOUT_SECONDS
+        )
+        parts.daemon = shared_daemon(settings, precompute, runner, store)
+        speculation = shared_speculation(settings, precompute, runner.model_version)
+        if speculation is not None:
+            parts.background.append(OnThread(speculation))
+            shared_speculation_values(parts.live, speculation)
+    parts.background.insert(0, OnThread(parts.daemon))
+    daemon_values(parts.live, parts.daemon)
+
+
+def _embedded_daemon(
+    parts: SidecarParts, precompute: PrecomputeSettings, runner: "OnnxRunner"
+) -> PrecomputeDaemon:
+    """The daemon reads the Prefetch queue as it comes, or (with speculation on) through the
+    speculator, which also learns from every read this sidecar answers."""
+    source: WorkSource = parts.prefetch_queue
+    if precompute.policies:
+        speculator = Speculator(precompute.speculation_settings(), parts.l1.stale_at)
+        embedded = EmbeddedSpeculation(parts.prefetch_queue, speculator, precompute.history_users)
+        parts.request_log.listeners.append(embedded.observe)
+        embedded_speculation_values(parts.live, embedded)
+        source = embedded
+    settings = parts.settings
+    return PrecomputeDaemon(
+        runner, parts.store, source, precompute, settings.ttl_seconds, settings.stale_seconds
+    )
+
+
+def open_checked_runner(precompute: PrecomputeSettings, dim: int) -> "OnnxRunner":
+    """The model's runner (importing the model stack here, and only here), once its width is
+    the store's."""
+    from solaris.precompute.runner import open_runner
+
+    runner = open_runner(precompute)
+    if runner.dim != dim:
+        raise SettingsError(
+            f"dim: the model {runner.path} makes {runner.dim}-wide embeddings, but dim is {dim}"
+        )
+    return runner
+
+
+def daemon_l2(settings: ServeSettings, model_version: str) -> RedisStore:
+    """A RedisStore of the daemon's own: its client belongs to the daemon's event loop."""
+    client = connect(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
+    return RedisStore(client, settings.dim, model_version)
+
+
+def shared_daemon(
+    settings: ServeSettings, precompute: PrecomputeSettings, runner: "OnnxRunner", store: Store
+) -> PrecomputeDaemon:
+    """A daemon taking work from the shared stream."""
+    client = connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
+    source = StreamWorkSource(client, settings.claim_idle_seconds, runner.model_version)
+    return PrecomputeDaemon(
+        runner, store, source, precompute, settings.ttl_seconds, settings.stale_seconds
+    )
+
+
+def shared_speculation(
+    settings: ServeSettings, precompute: PrecomputeSettings, model_version: str
+) -> SharedSpeculation | None:
+    """The candidate for the one speculator over every sidecar's reads (None with speculation
+    off); it speculates only while it holds the lease."""
+    if not precompute.policies:
+        return None
+    speculation = precompute.speculation_settings()
+    shards = precompute.speculator_shards
+    return SharedSpeculation(
+        connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS),
+        replace(speculation, budget_pairs_per_second=speculation.budget_pairs_per_second / shards),
+        settings.dim,
+        model_version,
+        work_stream_length=settings.work_stream_length,
+        history_users=precompute.history_users,
+        shards=shards,
+    )
+
+
+@dataclass
+class DaemonParts:
+    """What one `solaris precompute` process is made of."""
+
+    daemon: PrecomputeDaemon
+    speculation: SharedSpeculation | None
+    registry: CollectorRegistry
+    model_version: str
+
+
+def daemon_parts(settings: ServeSettings, precompute: PrecomputeSettings) -> DaemonParts:
+    """The shared daemon alone: work from the stream, results to Redis, the shared speculator."""
+    if not settings.redis:
+        raise SettingsError("redis: solaris precompute needs --redis, the shared store and queue")
+    runner = open_checked_runner(precompute, settings.dim)
+    daemon = shared_daemon(settings, precompute, runner, daemon_l2(settings, runner.model_version))
+    speculation = shared_speculation(settings, precompute, runner.model_version)
+    registry = CollectorRegistry()
+    live = LiveValues()
+    registry.register(live)
+    daemon_values(live, daemon)
+    if isinstance(daemon.source, StreamWorkSource):
+        stream_source_values(live, daemon.source)
+    if speculation is not None:
+        shared_speculation_values(live, speculation)
+    return DaemonParts(daemon, speculation, registry, runner.model_version)
