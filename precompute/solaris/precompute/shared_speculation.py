@@ -18,11 +18,8 @@ the latest one, so whichever daemon takes them computes with it.
 
 import contextlib
 import logging
-import os
 import random
-import socket
 import threading
-import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import redis
 import redis.exceptions
+from redis.typing import KeyT, StreamIdT
 
 from solaris.precompute.daemon import HistoryBook
 from solaris.precompute.settings import PrecomputeSettings
@@ -45,6 +43,7 @@ from solaris.server.redis_store import (
     connect_blocking,
     read_stale_at,
 )
+from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
 from solaris.server.settings import ServeSettings
@@ -89,7 +88,7 @@ class Lease:
         self.ms = int(seconds * 1000)
         self.shards = shards
         self.shard: int | None = None
-        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.holder = process_name()
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -154,7 +153,7 @@ class SharedSpeculation:
         self._speculator: Speculator | None = None
         self._led_shard: int | None = None
         self._histories = HistoryBook(history_users)
-        self._cursors = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
+        self._cursors: dict[KeyT, StreamIdT] = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="solaris-speculator", daemon=True)
 
@@ -210,7 +209,7 @@ class SharedSpeculation:
     def _take_lead(self) -> None:
         """Starts from the newest entries: older ones are served already or out of date."""
         for key in self._cursors:
-            newest = self.client.xrevrange(key, count=1)
+            newest = entries(self.client.xrevrange(key, count=1))
             self._cursors[key] = newest[0][0].decode() if newest else "0-0"
         self._speculator = Speculator(self.settings, self._fresh_until)
         self._led_shard = self.lease.shard
@@ -230,9 +229,9 @@ class SharedSpeculation:
         assert self._speculator is not None
         answer = self.client.xread(self._cursors, count=_READ_AT_MOST, block=_READ_BLOCK_MS)
         reads: list[LoggedRequest] = []
-        for key, entries in answer or []:
+        for key, news in stream_entries(answer):
             stream = key.decode()
-            for entry_id, fields in entries:
+            for entry_id, fields in news:
                 self._cursors[stream] = entry_id.decode()
                 if stream == REQUEST_STREAM_KEY:
                     reads += self._our_read(fields)
@@ -271,7 +270,9 @@ class SharedSpeculation:
             return int(group["lag"])
         # Redis leaves lag unknown after some trims and deletions: count the entries instead.
         after = b"(" + group["last-delivered-id"]
-        return len(self.client.xrange(STREAM_KEY, after, "+", count=self.max_waiting_tasks))
+        return len(
+            entries(self.client.xrange(STREAM_KEY, after, "+", count=self.max_waiting_tasks))
+        )
 
     def _add_work(self, max_tasks: int) -> None:
         """Up to `max_tasks` tasks, one per user; what does not reach the stream goes back to

@@ -13,6 +13,7 @@ from collections import deque
 import numpy as np
 import redis.asyncio
 
+from solaris.server.redis_streams import StreamFields
 from solaris.server.request_log import LoggedRequest
 from solaris.server.tiered import REDIS_ERRORS
 
@@ -22,7 +23,7 @@ _SHIP_AT_MOST = 500
 logger = logging.getLogger("solaris.redis")
 
 
-def encode_request(request: LoggedRequest) -> dict[str, str]:
+def encode_request(request: LoggedRequest) -> StreamFields:
     """JSON: `[user, items, statuses, time, stale_at]`, a stale_at that is not finite as null."""
     statuses = [int(status) for status in request.statuses]
     stale_at = [float(at) if math.isfinite(at) else None for at in request.stale_at]

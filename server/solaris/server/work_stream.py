@@ -10,10 +10,7 @@ is first come, first served: Prefetch priority orders only the in-process queue.
 import asyncio
 import json
 import logging
-import os
-import socket
 import time
-import uuid
 from dataclasses import replace
 
 import redis
@@ -23,6 +20,13 @@ import redis.exceptions
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import MODEL_VERSION_KEY
+from solaris.server.redis_streams import (
+    Entry,
+    StreamFields,
+    autoclaimed,
+    process_name,
+    stream_entries,
+)
 from solaris.server.tiered import REDIS_ERRORS
 
 _PUBLISH_EVERY_SECONDS = 5.0
@@ -31,7 +35,7 @@ GROUP = "solaris-precompute"
 logger = logging.getLogger("solaris.redis")
 
 
-def encode_task(task: PrefetchTask) -> dict[str, str]:
+def encode_task(task: PrefetchTask) -> StreamFields:
     return {"task": json.dumps([task.user_id, task.item_ids, task.history, task.priority])}
 
 
@@ -76,7 +80,7 @@ class StreamWorkSource:
         self.client = client
         self.model_version = model_version
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.consumer = process_name()
         self.claimed = 0
         self.malformed = 0
         self._group_ready = False
@@ -87,18 +91,12 @@ class StreamWorkSource:
         """Entries left pending by a dead consumer first, then new ones (waiting `timeout`)."""
         self._join()
         try:
-            entries = self._claim_abandoned(max_tasks)
-            if not entries:
-                block_ms = max(1, int((timeout or 0) * 1000))
-                answer = self.client.xreadgroup(
-                    GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
-                )
-                entries = answer[0][1] if answer else []
+            found = self._claim_abandoned(max_tasks) or self._read_new(max_tasks, timeout)
         except redis.exceptions.ResponseError as error:
             if "NOGROUP" in str(error):
                 self._group_ready = False  # Redis restarted empty: join again next time
             raise
-        return self._decode(entries)
+        return self._decode(found)
 
     def close(self) -> None:
         self.client.close()
@@ -125,27 +123,34 @@ class StreamWorkSource:
                 raise
         self._group_ready = True
 
-    def _claim_abandoned(self, max_tasks: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        answer = self.client.xautoclaim(
-            STREAM_KEY,
-            GROUP,
-            self.consumer,
-            self.claim_idle_ms,
-            self._claim_cursor,
-            count=max_tasks,
+    def _read_new(self, max_tasks: int, timeout: float | None) -> list[Entry]:
+        block_ms = max(1, int((timeout or 0) * 1000))
+        answer = self.client.xreadgroup(
+            GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
         )
-        cursor = answer[0]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = [entry for entry in answer[1] if entry[1] is not None]
-        if entries:
-            self.claimed += len(entries)
-            logger.warning("claimed %d tasks left pending by a stopped daemon", len(entries))
-        return entries
+        return [entry for _, news in stream_entries(answer) for entry in news]
 
-    def _decode(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[PrefetchTask]:
-        tasks, malformed = [], []
-        for entry_id, fields in entries:
-            task = decode_task(entry_id.decode(), fields or {})
+    def _claim_abandoned(self, max_tasks: int) -> list[Entry]:
+        self._claim_cursor, claimed = autoclaimed(
+            self.client.xautoclaim(
+                STREAM_KEY,
+                GROUP,
+                self.consumer,
+                self.claim_idle_ms,
+                self._claim_cursor,
+                count=max_tasks,
+            )
+        )
+        if claimed:
+            self.claimed += len(claimed)
+            logger.warning("claimed %d tasks left pending by a stopped daemon", len(claimed))
+        return claimed
+
+    def _decode(self, found: list[Entry]) -> list[PrefetchTask]:
+        tasks: list[PrefetchTask] = []
+        malformed: list[bytes] = []
+        for entry_id, fields in found:
+            task = decode_task(entry_id.decode(), fields)
             if task is None:
                 malformed.append(entry_id)
             else:
