@@ -138,7 +138,8 @@ class PrecomputeDaemon:
             while not self._stopping.is_set():
                 try:
                     tasks = self._gather()
-                    if tasks and loop.run(self.process(tasks)):
+                    stored = bool(tasks) and loop.run(self.process(tasks))
+                    if stored:
                         self.source.ack(tasks)
                 except REDIS_ERRORS as error:
                     self.stats.source_errors += 1

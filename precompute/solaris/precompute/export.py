@@ -96,6 +96,8 @@ def _write_onnx(model: ReferenceModel, path: Path) -> None:
                 dynamo=True,
                 verbose=False,
             )
+            if program is None:
+                raise ExportCheckError(f"{path}: torch.onnx.export made no program")
             program.save(str(path), external_data=False)
     finally:
         torch_logger.setLevel(level)

@@ -57,7 +57,8 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         query, key, value = self.qkv(self.norm_attention(x)).chunk(3, dim=-1)
         x = x + self.out(attend(query, key, value, valid, self.heads))
-        return x + self.feedforward(self.norm_feedforward(x))
+        mixed: torch.Tensor = x + self.feedforward(self.norm_feedforward(x))
+        return mixed
 
 
 def attend(
@@ -123,7 +124,10 @@ class ReferenceModel(nn.Module):
         item = self.item_table(candidate)
         query = self.candidate_query(item)[:, None, :]
         attended = attend(query, key, value, valid, self.config.heads)[:, 0]
-        return self.mlp(torch.cat([item, attended, user_vector, item * attended], dim=-1))
+        latent: torch.Tensor = self.mlp(
+            torch.cat([item, attended, user_vector, item * attended], -1)
+        )
+        return latent
 
     def forward(
         self,

@@ -64,7 +64,8 @@ class OnnxRunner:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self.provider != CUDA:
-            return self.session.run(list(OUTPUT_NAMES), inputs)[0]
+            output: np.ndarray = self.session.run(list(OUTPUT_NAMES), inputs)[0]
+            return output
         binding = self.session.io_binding()
         for name, array in inputs.items():
             binding.bind_ortvalue_input(
@@ -72,7 +73,8 @@ class OnnxRunner:
             )
         binding.bind_output(OUTPUT_NAMES[0], "cuda")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        copied: np.ndarray = binding.copy_outputs_to_cpu()[0]
+        return copied
 
 
 def _open_session(path: Path, device: str, threads: int) -> onnxruntime.InferenceSession:

@@ -152,7 +152,7 @@ class MemoryStore:
         if not live.any():
             return ""
         newest = np.flatnonzero(live)[np.argmax(times["computed_at"][live])]
-        return self._versions[self._version_of_row[rows[newest]]]
+        return self._versions[int(self._version_of_row[rows[newest]])]
 
     def _claim(self, key: PairKey) -> int:
         slot = self._slots.get(key)

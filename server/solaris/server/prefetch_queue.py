@@ -70,7 +70,7 @@ class PrefetchQueue:
         with self._not_empty:
             if not self._heap:
                 self._not_empty.wait(timeout)
-            taken = []
+            taken: list[PrefetchTask] = []
             while self._heap and len(taken) < max_tasks:
                 task = heapq.heappop(self._heap).task
                 self._pairs -= len(task.item_ids)

@@ -78,21 +78,27 @@ class Decoded:
     corrupt: int
 
 
-def decode_values(blobs: Sequence[bytes | None], dim: int, model_version: str) -> Decoded:
+def decode_values(blobs: Sequence[bytes | str | None], dim: int, model_version: str) -> Decoded:
     """Rows for the blobs MGET returned; None and corrupt values (wrong length, format, dtype,
-    dim or version) are rows never stored. Vectorised: one parse for the whole batch."""
+    dim or version; text, from a client that decodes replies) are rows never stored.
+    Vectorised: one parse for the whole batch."""
     layout = value_layout(dim, model_version)
     values = np.zeros((len(blobs), dim), FLOAT32)
     times = never_stored(len(blobs))
-    present = [i for i, blob in enumerate(blobs) if blob is not None]
-    fits = [i for i in present if len(blobs[i]) == layout.itemsize]  # type: ignore[arg-type]
-    records = np.frombuffer(b"".join(blobs[i] for i in fits), layout)  # type: ignore[misc]
+    present = sum(blob is not None for blob in blobs)
+    fitting = [
+        (i, blob)
+        for i, blob in enumerate(blobs)
+        if isinstance(blob, bytes) and len(blob) == layout.itemsize
+    ]
+    fits = [i for i, _ in fitting]
+    records = np.frombuffer(b"".join(blob for _, blob in fitting), layout)
     valid = _header_fits(records, dim, model_version)
     rows = np.array(fits, dtype=np.int64)[valid]
     values[rows] = records["values"][valid]
     for column in ("computed_at", "stale_at", "expires_at"):
         times[column][rows] = records[column][valid]
-    return Decoded(values, times, len(present) - len(rows))
+    return Decoded(values, times, present - len(rows))
 
 
 def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
@@ -130,12 +136,13 @@ def redacted(url: str) -> str:
 
 
 def _header_fits(records: np.ndarray, dim: int, model_version: str) -> np.ndarray:
-    return (
+    fits: np.ndarray = (
         (records["format"] == FORMAT_VERSION)
         & (records["dtype"] == DTYPE_FLOAT32)
         & (records["dim"] == dim)
         & (records["model_version"] == model_version.encode())
     )
+    return fits
 
 
 def read_stale_at(
@@ -227,6 +234,7 @@ class RedisStore:
         if refresh is not None and now - self._version_read_at >= refresh:
             self._version_read_at = now
             published = await self.client.get(MODEL_VERSION_KEY)
-            if published:  # a missing key (Redis restarted) keeps the last version known
+            if isinstance(published, bytes) and published:
                 self.model_version = published.decode(errors="replace")
+            # A missing key (Redis restarted) keeps the last version known.
         return self.model_version

@@ -9,16 +9,22 @@ from google.protobuf.message import DecodeError, Message
 
 from solaris.server.core import BatchResult
 from solaris.server.errors import InvalidArgument
-from solaris.server.store import FLOAT16, FLOAT32
+from solaris.server.store import FLOAT16, FLOAT32, RowStatus
 from solaris.v1.embedding_store_pb2 import BatchGetResponse as BatchGetResponseProto
 from solaris.v1.embedding_store_pb2 import Dtype as DtypeProto
 from solaris.v1.embedding_store_pb2 import GetResponse as GetResponseProto
 from solaris.v1.embedding_store_pb2 import PrefetchResponse as PrefetchResponseProto
+from solaris.v1.embedding_store_pb2 import RowStatus as RowStatusProto
 
-_DTYPES = {
+_DTYPES: dict[int, np.dtype] = {
     DtypeProto.DTYPE_UNSPECIFIED: FLOAT32,
     DtypeProto.FLOAT32: FLOAT32,
     DtypeProto.FLOAT16: FLOAT16,
+}
+_ROW_STATUSES: dict[int, RowStatusProto] = {
+    RowStatus.HIT: RowStatusProto.HIT,
+    RowStatus.MISS: RowStatusProto.MISS,
+    RowStatus.STALE: RowStatusProto.STALE,
 }
 _LENGTH_DELIMITED = 2
 
@@ -37,7 +43,7 @@ def dtype_from_proto(dtype: int) -> np.dtype:
         raise InvalidArgument("dtype", f"unknown value {dtype}; use FLOAT16 or FLOAT32") from None
 
 
-def _dtype_to_proto(dtype: np.dtype) -> int:
+def _dtype_to_proto(dtype: np.dtype) -> DtypeProto:
     return DtypeProto.FLOAT16 if dtype == FLOAT16 else DtypeProto.FLOAT32
 
 
@@ -57,7 +63,7 @@ def get_response(result: BatchResult) -> GetResponseProto:
         dim=result.values.shape[1],
         dtype=_dtype_to_proto(result.values.dtype),
         embedding=result.values[0].tobytes(),
-        status=int(result.statuses[0]),
+        status=_ROW_STATUSES[int(result.statuses[0])],
         model_version=result.model_version,
         age_ms=int(result.ages_ms[0]),
     )
@@ -93,7 +99,8 @@ def _locate_decode_error(
         return InvalidArgument("request", f"not a valid {message_type.DESCRIPTOR.name}")
     by_number = message_type.DESCRIPTOR.fields_by_number
     occurrences: dict[int, int] = {}
-    for field in fields:
+    for position in range(len(fields)):
+        field = fields[position]
         index = occurrences.get(field.field_number, 0)
         occurrences[field.field_number] = index + 1
         descriptor = by_number.get(field.field_number)

@@ -23,14 +23,15 @@ _STATUS_BY_ERROR: dict[type[SolarisError], grpc.StatusCode] = {
 }
 
 Servicer = TypeVar("Servicer")
-Handler = Callable[[Servicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Servicer, Any, Context], Awaitable[Any]]
 
 
-def grpc_errors(handler: Handler) -> Handler:
+def grpc_errors(handler: Handler[Servicer]) -> Handler[Servicer]:
     """Answers a malformed request or a SolarisError with its status and message."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Servicer, request: Any, context: Context) -> Any:
         if isinstance(request, MalformedRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
         try:
