@@ -1,18 +1,22 @@
 """`solaris serve` as a real process: it becomes healthy, and on SIGTERM reports NOT_SERVING
-to health watchers, stops, and exits 0."""
+to health watchers, stops, and exits 0; serving only, it never loads the model stack."""
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from solaris.precompute.export import ExportReport
+from solaris.v1 import embedding_store_pb2 as pb
+from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM
 
 SERVICE = "solaris.v1.EmbeddingStore"
@@ -78,3 +82,32 @@ def test_sigterm_flips_health_to_not_serving_then_exits_zero(
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert process.wait(timeout=20) == 0
     assert "draining" in process.stderr.read()
+
+
+MODEL_STACK = {"torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "matplotlib"}
+RECORD_MODULES_AT_EXIT = """
+import atexit, json, sys
+atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(sorted(sys.modules))))
+from solaris.app.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_serve_only_sidecar_never_imports_the_model_stack(tmp_path: Path) -> None:
+    """The real `solaris serve --precompute false` process, after it has answered a read and
+    a Prefetch, has no module of PyTorch, ONNX or ONNX Runtime loaded."""
+    port, modules = free_port(), tmp_path / "modules.json"
+    command = ["serve", "--precompute", "false", "--port", str(port), "--grace-seconds", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", RECORD_MODULES_AT_EXIT, str(modules), *command]
+    )
+    with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        stub = EmbeddingStoreStub(channel)
+        stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["a", "b"]), timeout=5)
+        stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a"]), timeout=5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    loaded = set(json.loads(modules.read_text()))
+    assert "solaris.server.sidecar" in loaded
+    assert not {name.split(".")[0] for name in loaded} & MODEL_STACK
