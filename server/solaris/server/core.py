@@ -105,7 +105,7 @@ class EmbeddingService:
     async def _read(
         self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, deadline: float | None
     ) -> BatchResult:
-        _check_deadline(deadline)
+        _check_deadline(deadline, "before the store was read")
         started = time.perf_counter()
         rows = await self.store.read(user_id, item_ids, dtype, deadline)
         now = self.clock()
@@ -133,7 +133,7 @@ class EmbeddingService:
             "history", history, settings.max_history, settings.max_id_bytes, allow_empty=True
         )
         check_priority(priority)
-        _check_deadline(deadline)
+        _check_deadline(deadline, "before the work was queued")
         unique_items = list(dict.fromkeys(item_ids))
         rows = await self.store.read(user_id, unique_items, FLOAT32)
         fresh = rows.statuses(self.clock()) == RowStatus.HIT
@@ -145,6 +145,6 @@ class EmbeddingService:
         return PrefetchResult(queued=len(wanted), already_fresh=len(unique_items) - len(wanted))
 
 
-def _check_deadline(deadline: float | None) -> None:
+def _check_deadline(deadline: float | None, before: str) -> None:
     if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded("deadline passed before the store was read")
+        raise DeadlineExceeded(f"deadline passed {before}")
