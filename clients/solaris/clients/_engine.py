@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -23,7 +23,10 @@ from solaris.wire import MAX_PRIORITY, max_message_bytes
 
 logger = logging.getLogger("solaris.clients")
 
-_WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+_WIRE_DTYPES: dict[int, np.dtype[np.floating[Any]]] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+}
 _HIT, _MISS, _STALE = int(RowStatus.HIT), int(RowStatus.MISS), int(RowStatus.STALE)
 _FAILURES = {grpc.StatusCode.DEADLINE_EXCEEDED: FallbackReason.DEADLINE}
 _TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}

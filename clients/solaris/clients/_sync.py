@@ -87,8 +87,9 @@ class EmbeddingClient:
         except BaseException:
             self._engine.prefetch_finished(ok=False)
             raise
+        # The callback is handed the call as a plain Future; the call itself knows its code.
         call.add_done_callback(
-            lambda done: self._engine.prefetch_finished(done.code() == grpc.StatusCode.OK)
+            lambda _: self._engine.prefetch_finished(call.code() == grpc.StatusCode.OK)
         )
 
     @property
