@@ -119,7 +119,7 @@ class Engine:
         started = time.monotonic()
         budget = self.deadline if deadline is None else deadline
         _check_budget("deadline", budget)
-        items = list(item_ids)
+        items = _id_list("item_ids", item_ids)
         self._check_ids(user_id, items)
         try:
             request = pb.BatchGetRequest(user_id=user_id, item_ids=items, dtype=self._wire_dtype)
@@ -164,7 +164,7 @@ class Engine:
         self, user_id: str, item_ids: Sequence[str], history: Sequence[str], priority: int
     ) -> pb.PrefetchRequest | None:
         """The request to send, or None when it is dropped: breaker open, or too many unanswered."""
-        items, history = list(item_ids), list(history)
+        items, history = _id_list("item_ids", item_ids), _id_list("history", history)
         self._check_ids(user_id, items)
         if not all(history):
             _name_bad_id(history, "history")
@@ -279,6 +279,22 @@ class Engine:
         if message not in self._logged and len(self._logged) < 100:
             self._logged.add(message)
             logger.warning("%s (falling back; logged once)", message)
+
+
+def _id_list(name: str, ids: Sequence[str]) -> list[str]:
+    """The ids as a list. A lone str is a Sequence[str] too, of one-character ids: refused, not
+    read as one id per character."""
+    if isinstance(ids, str | bytes):
+        kind = type(ids).__name__
+        raise ValueError(f"{name}: must be a sequence of ids, not one {kind}; wrap it: [id]")
+    return list(ids)
+
+
+def one_item(item_id: str) -> list[str]:
+    """`get`'s one item as a batch, refusing what is not an id under its own name."""
+    if not isinstance(item_id, str) or not item_id:
+        raise ValueError(f"item_id: must be a non-empty string, got {item_id!r}")
+    return [item_id]
 
 
 def _name_bad_id(ids: list[str], field: str = "item_ids") -> None:
