@@ -89,11 +89,12 @@ class EmbeddingStoreServicer:
 
         Errors: INVALID_ARGUMENT (user_id, item_ids, history, priority); DEADLINE_EXCEEDED when
         the deadline had passed before the work was queued (nothing was); RESOURCE_EXHAUSTED when
-        the sidecar's in-process queue (prefetch_queue_pairs pairs, 100000 by default) cannot take
-        all of this request's pairs: the request is refused whole and what is already queued is
-        kept; or for a request over the message limit; UNAVAILABLE when the sidecar runs with
-        Redis and the shared work stream could not be written within the sidecar's Redis timeout
-        (the stream itself never refuses for room: it is capped by trimming its oldest entries).
+        the sidecar runs without Redis and its in-process queue (prefetch_queue_pairs pairs,
+        100000 by default) cannot take all of this request's pairs: the request is refused whole
+        and what is already queued is kept; or for a request over the message limit; UNAVAILABLE
+        when the sidecar runs with Redis and the shared work stream could not be written within
+        the sidecar's Redis timeout (the stream never refuses for room: it is capped by trimming
+        its oldest entries).
         The freshness lookup and the queueing take no account of the caller's deadline: a caller
         whose deadline ends the call cannot tell whether the pairs were queued.
         """
