@@ -23,8 +23,10 @@ install: $(BIN)/python
 serve: install
 	$(BIN)/solaris serve
 
+# The messages' .pyi from protoc itself, the stubs' .pyi from mypy-protobuf's plugin.
 GENERATE = $(BIN)/python -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) \
-	--grpc_python_out=$(1) $(PROTO)
+	--grpc_python_out=$(1) --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	--mypy_grpc_out=$(1) $(PROTO)
 
 protos: install
 	$(call GENERATE,protos)

@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from solaris.app.compose import SidecarParts
 from solaris.clients import AsyncEmbeddingClient, ClientOptions, FallbackReason, RowStatus
@@ -65,3 +66,16 @@ async def test_misses_are_prefetched_in_the_background(
             await asyncio.sleep(0.02)
     assert answer.fallback_reason is FallbackReason.MISS
     assert parts.prefetch_queue.pairs == 3
+
+
+async def test_a_lone_string_is_refused_not_read_as_one_id_per_character(
+    dead_address: str,
+) -> None:
+    async with AsyncEmbeddingClient(dead_address, DIM) as client:
+        with pytest.raises(ValueError, match="item_ids: must be a sequence of ids"):
+            await client.batch_get("user", "abc")
+        with pytest.raises(ValueError, match="item_ids: must be a sequence of ids"):
+            client.prefetch("user", "abc")
+        with pytest.raises(ValueError, match="history: must be a sequence of ids"):
+            client.prefetch("user", ["a"], "abc")
+    assert (client.stats.calls, client.stats.prefetches_sent) == (0, 0)

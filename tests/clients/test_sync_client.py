@@ -249,6 +249,33 @@ def test_bad_prefetch_arguments_raise_at_once(
     assert client.stats.prefetches_sent == 0
 
 
+LONE_STRING_CALLS: list[tuple[Callable[[EmbeddingClient], object], str]] = [
+    (lambda client: client.batch_get("user", "abc"), "item_ids: must be a sequence of ids"),
+    (lambda client: client.batch_get("user", b"abc"), "item_ids: must be a sequence of ids"),
+    (lambda client: client.get("user", ["abc"]), "item_id: must be a non-empty string"),
+    (lambda client: client.prefetch("user", "abc"), "item_ids: must be a sequence of ids"),
+    (lambda client: client.prefetch("user", ["a"], "abc"), "history: must be a sequence of ids"),
+]
+"""Each call passes one string where a list of ids belongs (or a list where one id does), and
+the message it must raise."""
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    LONE_STRING_CALLS,
+    ids=["batch_get-str", "batch_get-bytes", "get-list", "prefetch-items", "prefetch-history"],
+)
+def test_a_lone_string_is_refused_not_read_as_one_id_per_character(
+    dead_address: str, call: Callable[[EmbeddingClient], object], named: str
+) -> None:
+    with (
+        EmbeddingClient(dead_address, DIM) as client,
+        pytest.raises(ValueError, match=re.escape(named)),
+    ):
+        call(client)
+    assert (client.stats.calls, client.stats.prefetches_sent) == (0, 0)
+
+
 def test_a_fixed_fallback_of_the_wrong_shape_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="fallback"):
         EmbeddingClient("127.0.0.1:1", DIM, fallback=np.zeros(DIM + 1))

@@ -54,9 +54,9 @@ async def test_a_stale_pair_is_prefetched_again(service: EmbeddingService) -> No
 
 
 async def test_a_passed_deadline_does_no_work(service: EmbeddingService) -> None:
-    with pytest.raises(DeadlineExceeded):
+    with pytest.raises(DeadlineExceeded, match="before the store was read"):
         await service.batch_get("u", ["a"], deadline=time.monotonic() - 0.001)
-    with pytest.raises(DeadlineExceeded):
+    with pytest.raises(DeadlineExceeded, match="before the work was queued"):
         await service.prefetch("u", ["a"], deadline=time.monotonic() - 0.001)
 
     assert len(service.request_log) == 0

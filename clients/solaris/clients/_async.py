@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import grpc
 from numpy.typing import ArrayLike
 
-from solaris.clients._engine import DEFAULT_OPTIONS, ClientOptions, Engine
+from solaris.clients._engine import DEFAULT_OPTIONS, ClientOptions, Engine, one_item
 from solaris.clients._fallback import Fallback
 from solaris.clients._result import Embedding, Embeddings, FallbackReason
 from solaris.clients._stats import StatsSnapshot
@@ -55,7 +55,7 @@ class AsyncEmbeddingClient:
         return result
 
     async def get(self, user_id: str, item_id: str, deadline: float | None = None) -> Embedding:
-        return (await self.batch_get(user_id, [item_id], deadline)).row(0)
+        return (await self.batch_get(user_id, one_item(item_id), deadline)).row(0)
 
     def prefetch(
         self,

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -23,7 +23,10 @@ from solaris.wire import MAX_PRIORITY, max_message_bytes
 
 logger = logging.getLogger("solaris.clients")
 
-_WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+_WIRE_DTYPES: dict[int, np.dtype[np.floating[Any]]] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+}
 _HIT, _MISS, _STALE = int(RowStatus.HIT), int(RowStatus.MISS), int(RowStatus.STALE)
 _FAILURES = {grpc.StatusCode.DEADLINE_EXCEEDED: FallbackReason.DEADLINE}
 _TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
@@ -116,7 +119,7 @@ class Engine:
         started = time.monotonic()
         budget = self.deadline if deadline is None else deadline
         _check_budget("deadline", budget)
-        items = list(item_ids)
+        items = _id_list("item_ids", item_ids)
         self._check_ids(user_id, items)
         try:
             request = pb.BatchGetRequest(user_id=user_id, item_ids=items, dtype=self._wire_dtype)
@@ -161,7 +164,7 @@ class Engine:
         self, user_id: str, item_ids: Sequence[str], history: Sequence[str], priority: int
     ) -> pb.PrefetchRequest | None:
         """The request to send, or None when it is dropped: breaker open, or too many unanswered."""
-        items, history = list(item_ids), list(history)
+        items, history = _id_list("item_ids", item_ids), _id_list("history", history)
         self._check_ids(user_id, items)
         if not all(history):
             _name_bad_id(history, "history")
@@ -276,6 +279,22 @@ class Engine:
         if message not in self._logged and len(self._logged) < 100:
             self._logged.add(message)
             logger.warning("%s (falling back; logged once)", message)
+
+
+def _id_list(name: str, ids: Sequence[str]) -> list[str]:
+    """The ids as a list. A lone str is a Sequence[str] too, of one-character ids: refused, not
+    read as one id per character."""
+    if isinstance(ids, str | bytes):
+        kind = type(ids).__name__
+        raise ValueError(f"{name}: must be a sequence of ids, not one {kind}; wrap it: [id]")
+    return list(ids)
+
+
+def one_item(item_id: str) -> list[str]:
+    """`get`'s one item as a batch, refusing what is not an id under its own name."""
+    if not isinstance(item_id, str) or not item_id:
+        raise ValueError(f"item_id: must be a non-empty string, got {item_id!r}")
+    return [item_id]
 
 
 def _name_bad_id(ids: list[str], field: str = "item_ids") -> None:

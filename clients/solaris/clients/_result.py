@@ -52,7 +52,7 @@ class Embeddings:
     @property
     def served(self) -> np.ndarray:
         """Rows that hold the foundation model's embeddings (HIT or STALE)."""
-        return (self.status == RowStatus.HIT) | (self.status == RowStatus.STALE)
+        return np.isin(self.status, (RowStatus.HIT, RowStatus.STALE))
 
     def row(self, index: int) -> "Embedding":
         return Embedding(

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import grpc
 from numpy.typing import ArrayLike
 
-from solaris.clients._engine import DEFAULT_OPTIONS, ClientOptions, Engine
+from solaris.clients._engine import DEFAULT_OPTIONS, ClientOptions, Engine, one_item
 from solaris.clients._fallback import Fallback
 from solaris.clients._result import Embedding, Embeddings, FallbackReason
 from solaris.clients._stats import StatsSnapshot
@@ -66,7 +66,7 @@ class EmbeddingClient:
         return result
 
     def get(self, user_id: str, item_id: str, deadline: float | None = None) -> Embedding:
-        return self.batch_get(user_id, [item_id], deadline).row(0)
+        return self.batch_get(user_id, one_item(item_id), deadline).row(0)
 
     def prefetch(
         self,
@@ -87,8 +87,9 @@ class EmbeddingClient:
         except BaseException:
             self._engine.prefetch_finished(ok=False)
             raise
+        # The callback is handed the call as a plain Future; the call itself knows its code.
         call.add_done_callback(
-            lambda done: self._engine.prefetch_finished(done.code() == grpc.StatusCode.OK)
+            lambda _: self._engine.prefetch_finished(call.code() == grpc.StatusCode.OK)
         )
 
     @property

@@ -57,7 +57,8 @@ class EmbeddingStoreServicer:
     """
 
     def Get(self, request, context):
-        """One pair. A convenience over BatchGet with a single item.
+        """One pair. A convenience over BatchGet with a single item; the same rules, with the fields
+        named `user_id` and `item_id` in its errors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,14 +66,37 @@ class EmbeddingStoreServicer:
 
     def BatchGet(self, request, context):
         """The ranking call: many candidate items for one user, answered in request order.
+
+        Deadline: the answer comes within the caller's deadline. The sidecar's memory answers
+        first; for the pairs it lacks, Redis (when configured) is asked with what is left of the
+        deadline (less a millisecond to answer in), and if Redis does not answer in that time the
+        sidecar answers without it: those rows are MISS. With no deadline, the sidecar's own
+        Redis timeout (redis_timeout_ms, 20 ms by default) bounds the wait the same way. While
+        Redis is known to be unreachable it is not asked at all (retried with a backoff of up to
+        5 s) and rows it would have held are MISS.
+
+        Errors: INVALID_ARGUMENT (user_id, item_ids, dtype); RESOURCE_EXHAUSTED for a request
+        over the message limit; DEADLINE_EXCEEDED when the deadline had passed before the store
+        was read. Never UNAVAILABLE from the sidecar itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Prefetch(self, request, context):
-        """A hint that these pairs will be scored soon. Queues them for the precompute daemon and
-        returns at once: it never waits for the model.
+        """A hint that these pairs will be scored soon. Looks the pairs up, queues those the store
+        does not hold fresh for the precompute daemon, and returns: it never waits for the model.
+
+        Errors: INVALID_ARGUMENT (user_id, item_ids, history, priority); DEADLINE_EXCEEDED when
+        the deadline had passed before the work was queued (nothing was); RESOURCE_EXHAUSTED when
+        the sidecar runs without Redis and its in-process queue (prefetch_queue_pairs pairs,
+        100000 by default) cannot take all of this request's pairs: the request is refused whole
+        and what is already queued is kept; or for a request over the message limit; UNAVAILABLE
+        when the sidecar runs with Redis and the shared work stream could not be written within
+        the sidecar's Redis timeout (the stream never refuses for room: it is capped by trimming
+        its oldest entries).
+        The freshness lookup and the queueing take no account of the caller's deadline: a caller
+        whose deadline ends the call cannot tell whether the pairs were queued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

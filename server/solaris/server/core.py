@@ -133,7 +133,7 @@ class EmbeddingService:
             "history", history, settings.max_history, settings.max_id_bytes, allow_empty=True
         )
         check_priority(priority)
-        _check_deadline(deadline, "before the pairs were queued")
+        _check_deadline(deadline, "before the work was queued")
         unique_items = list(dict.fromkeys(item_ids))
         now = self.clock()
         rows = await self.store.read(user_id, unique_items, FLOAT32, now, deadline)
@@ -146,6 +146,6 @@ class EmbeddingService:
         return PrefetchResult(queued=len(wanted), already_fresh=len(unique_items) - len(wanted))
 
 
-def _check_deadline(deadline: float | None, work: str) -> None:
+def _check_deadline(deadline: float | None, before: str) -> None:
     if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded(f"deadline passed {work}")
+        raise DeadlineExceeded(f"deadline passed {before}")
