@@ -13,10 +13,9 @@ COPY pyproject.toml README.md ./
 COPY protos protos
 COPY server server
 COPY precompute precompute
-COPY clients clients
 # torch is only used to export the model here; its CPU wheel keeps the image smaller.
 RUN pip3 install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip3 install . \
+ && pip3 install ./protos './[model]' \
  && python3 -c "from solaris.precompute.export import reference_model; reference_model('/models')" \
  && useradd --uid 10001 --user-group --no-create-home solaris
 

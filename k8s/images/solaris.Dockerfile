@@ -1,7 +1,6 @@
-# The CPU image: the sidecar, the example ranker, and CPU precompute daemons.
+# The sidecar image: `solaris serve --precompute false` beside each ranker, and the example
+# ranker. No model stack: no PyTorch, ONNX or ONNX Runtime (the daemons have their own images).
 #   docker build -f k8s/images/solaris.Dockerfile -t solaris:0.1.0 .
-# The reference model is exported at build time into /models, so nothing is written at run
-# time (the containers run with a read-only root filesystem).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -11,16 +10,12 @@ COPY protos protos
 COPY server server
 COPY precompute precompute
 COPY clients clients
-# PyTorch's CPU wheel (the default one carries CUDA libraries the CPU image does not need).
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install . \
- && python -c "from solaris.precompute.export import reference_model; reference_model('/models')" \
+RUN pip install ./protos ./clients . \
  && mkdir -p /app && cp -r clients/examples /app/examples \
  && useradd --uid 10001 --user-group --no-create-home solaris
 
 USER 10001:10001
 WORKDIR /app
-ENV SOLARIS_MODEL_DIR=/models
 EXPOSE 50051 9400
 ENTRYPOINT []
-CMD ["solaris", "serve"]
+CMD ["solaris", "serve", "--precompute", "false"]

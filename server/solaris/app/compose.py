@@ -178,8 +178,13 @@ def _embedded_daemon(
 def open_checked_runner(precompute: PrecomputeSettings, dim: int) -> "OnnxRunner":
     """The model's runner (importing the model stack here, and only here), once its width is
     the store's."""
-    from solaris.precompute.runner import open_runner
-
+    try:
+        from solaris.precompute.runner import open_runner
+    except ModuleNotFoundError as missing:
+        raise SettingsError(
+            f"precompute: the model stack is not installed ({missing.name} is missing): "
+            "pip install 'solaris[model]', or serve only with --precompute false"
+        ) from None
     runner = open_runner(precompute)
     if runner.dim != dim:
         raise SettingsError(
