@@ -53,4 +53,5 @@ bench: install
 	$(BIN)/python bench/client.py
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/redis_l2.py
+	$(BIN)/python bench/serve_only.py
 	$(BIN)/python bench/speculator.py
