@@ -22,7 +22,7 @@ import random
 import threading
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import redis
@@ -30,7 +30,6 @@ import redis.exceptions
 from redis.typing import KeyT, StreamIdT
 
 from solaris.precompute.daemon import HistoryBook
-from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
     Speculated,
     SpeculationSettings,
@@ -39,14 +38,11 @@ from solaris.precompute.speculator import (
 )
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import (
-    DAEMON_REDIS_TIMEOUT_SECONDS,
-    connect_blocking,
     read_stale_at,
 )
 from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
-from solaris.server.settings import ServeSettings
 from solaris.server.tiered import REDIS_ERRORS
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 
@@ -302,23 +298,3 @@ class SharedSpeculation:
 
     def _fresh_until(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         return read_stale_at(self.client, self.dim, self.model_version, pairs)
-
-
-def shared_speculation(
-    settings: ServeSettings, precompute: PrecomputeSettings, model_version: str
-) -> SharedSpeculation | None:
-    """The candidate for the one speculator over every sidecar's reads (None with speculation
-    off); it speculates only while it holds the lease."""
-    if not precompute.policies:
-        return None
-    speculation = precompute.speculation_settings()
-    shards = precompute.speculator_shards
-    return SharedSpeculation(
-        connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS),
-        replace(speculation, budget_pairs_per_second=speculation.budget_pairs_per_second / shards),
-        settings.dim,
-        model_version,
-        work_stream_length=settings.work_stream_length,
-        history_users=precompute.history_users,
-        shards=shards,
-    )
