@@ -85,14 +85,13 @@ async def fill(url: str, users: int) -> None:
 
 
 def run_sidecar(url: str, ready: "multiprocessing.connection.Connection") -> None:
-    from solaris.precompute.settings import PrecomputeSettings
     from solaris.server.app import Sidecar
-    from solaris.server.settings import ServeSettings
+    from solaris.server.settings import SidecarSettings
 
     async def main() -> None:
         # An L1 of 1 MiB holds about two users' rows: cycling through many users keeps it cold.
-        settings = ServeSettings(port=0, redis=url, cache_bytes=1024**2, redis_timeout_ms=1000)
-        sidecar = Sidecar(settings, PrecomputeSettings(precompute=False))
+        settings = SidecarSettings(port=0, redis=url, cache_bytes=1024**2, redis_timeout_ms=1000)
+        sidecar = Sidecar(settings)
         await sidecar.start()
         ready.send(sidecar.port)
         await asyncio.Event().wait()

@@ -10,7 +10,7 @@ import pytest
 from solaris.precompute.export import ExportReport, export_model
 from solaris.precompute.model import ModelConfig
 from solaris.server.app import Sidecar
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
 DIM = 8
@@ -43,8 +43,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ExportReport:
 
 
 @pytest.fixture
-def settings() -> ServeSettings:
-    return ServeSettings(
+def settings() -> SidecarSettings:
+    return SidecarSettings(
         port=0,
         dim=DIM,
         cache_bytes=1024**2,
@@ -57,7 +57,7 @@ def settings() -> ServeSettings:
 
 
 @pytest.fixture
-async def sidecar(settings: ServeSettings) -> AsyncIterator[Sidecar]:
+async def sidecar(settings: SidecarSettings) -> AsyncIterator[Sidecar]:
     running = Sidecar(settings)
     await running.start()
     yield running

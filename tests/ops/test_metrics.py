@@ -1,6 +1,5 @@
 """The /metrics endpoint, scraped over HTTP after real traffic, against what was served."""
 
-import dataclasses
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -10,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from solaris.server.app import Sidecar
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
@@ -18,8 +17,8 @@ from tests.conftest import DIM
 
 
 @pytest.fixture
-async def measured(settings: ServeSettings) -> AsyncIterator[Sidecar]:
-    sidecar = Sidecar(dataclasses.replace(settings, metrics_port=free_port()))
+async def measured(settings: SidecarSettings) -> AsyncIterator[Sidecar]:
+    sidecar = Sidecar(settings.model_copy(update={"metrics_port": free_port()}))
     await sidecar.start()
     yield sidecar
     await sidecar.stop(grace=0)

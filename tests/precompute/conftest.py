@@ -8,7 +8,7 @@ import pytest
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.app import Sidecar
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
 
@@ -19,7 +19,7 @@ def precompute_settings(tiny_model: ExportReport) -> PrecomputeSettings:
 
 @pytest.fixture
 async def embedded(
-    settings: ServeSettings, precompute_settings: PrecomputeSettings
+    settings: SidecarSettings, precompute_settings: PrecomputeSettings
 ) -> AsyncIterator[Sidecar]:
     """A sidecar with the daemon running in-process, as `solaris serve` runs by default."""
     running = Sidecar(settings, precompute_settings)

@@ -10,7 +10,7 @@ from solaris.server.errors import DeadlineExceeded
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.request_log import RequestLog
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.store import Freshness, RowStatus
 
 DIM = 4
@@ -18,7 +18,7 @@ DIM = 4
 
 @pytest.fixture
 def service() -> EmbeddingService:
-    settings = ServeSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
+    settings = SidecarSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
     return EmbeddingService(
         settings, MemoryStore(1024**2, DIM), RequestLog(1000), PrefetchQueue(100)
     )

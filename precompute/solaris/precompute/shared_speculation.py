@@ -47,7 +47,7 @@ from solaris.server.redis_store import (
 )
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import StoreSettings
 from solaris.server.tiered import REDIS_ERRORS
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 
@@ -304,7 +304,7 @@ class SharedSpeculation:
 
 
 def shared_speculation(
-    settings: ServeSettings, precompute: PrecomputeSettings, model_version: str
+    settings: StoreSettings, precompute: PrecomputeSettings, model_version: str
 ) -> SharedSpeculation | None:
     """The candidate for the one speculator over every sidecar's reads (None with speculation
     off); it speculates only while it holds the lease."""

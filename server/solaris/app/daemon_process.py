@@ -20,7 +20,7 @@ from solaris.server.redis_store import (
     connect_blocking,
     redacted,
 )
-from solaris.server.settings import ServeSettings, SettingsError
+from solaris.server.settings import SettingsError, StoreSettings
 from solaris.server.store import Store
 from solaris.server.work_stream import StreamWorkSource
 
@@ -34,19 +34,19 @@ def check_dim(runner: OnnxRunner, dim: int) -> None:
         )
 
 
-def daemon_l2(settings: ServeSettings, model_version: str) -> RedisStore:
+def daemon_l2(settings: StoreSettings, model_version: str) -> RedisStore:
     """A RedisStore of the daemon's own: its client belongs to the daemon's event loop."""
     client = connect(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
     return RedisStore(client, settings.dim, model_version)
 
 
-def stream_source(settings: ServeSettings, model_version: str) -> StreamWorkSource:
+def stream_source(settings: StoreSettings, model_version: str) -> StreamWorkSource:
     client = connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
     return StreamWorkSource(client, settings.claim_idle_seconds, model_version)
 
 
 def shared_daemon(
-    settings: ServeSettings, precompute: PrecomputeSettings, runner: OnnxRunner, store: Store
+    settings: StoreSettings, precompute: PrecomputeSettings, runner: OnnxRunner, store: Store
 ) -> PrecomputeDaemon:
     return PrecomputeDaemon(
         runner,
@@ -58,7 +58,7 @@ def shared_daemon(
     )
 
 
-def run_until_signalled(settings: ServeSettings, precompute: PrecomputeSettings) -> None:
+def run_until_signalled(settings: StoreSettings, precompute: PrecomputeSettings) -> None:
     """`solaris precompute`: computes for every sidecar until SIGTERM or SIGINT, then
     finishes the batch in hand (its tasks are acknowledged) and stops."""
     if not settings.redis:
@@ -86,7 +86,7 @@ def run_until_signalled(settings: ServeSettings, precompute: PrecomputeSettings)
 
 
 def serve_daemon_metrics(
-    settings: ServeSettings, daemon: PrecomputeDaemon, speculation: SharedSpeculation | None
+    settings: StoreSettings, daemon: PrecomputeDaemon, speculation: SharedSpeculation | None
 ) -> Any:
     """The daemon's /metrics, when --metrics-port is set: runner, stream and speculator
     counters."""

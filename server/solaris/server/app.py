@@ -37,7 +37,7 @@ from solaris.server.redis_store import (
 )
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import BindError, SidecarSettings
 from solaris.server.store import Store
 from solaris.server.tiered import Reachability, TieredStore
 from solaris.server.work_stream import StreamWorkQueue
@@ -53,7 +53,7 @@ class Sidecar:
     """One sidecar: build it, `await start()`, and `await stop()` to drain and close."""
 
     def __init__(
-        self, settings: ServeSettings, precompute: PrecomputeSettings | None = None
+        self, settings: SidecarSettings, precompute: PrecomputeSettings | None = None
     ) -> None:
         self.settings = settings
         self.precompute_settings = precompute
@@ -86,7 +86,7 @@ class Sidecar:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
-        if self.precompute_settings is not None and self.precompute_settings.precompute:
+        if self.precompute_settings is not None:
             self.daemon = await asyncio.to_thread(self._build_daemon, self.precompute_settings)
             self.daemon.start()
             if self.l2 is not None:
@@ -119,7 +119,11 @@ class Sidecar:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise BindError("port", address) from error
         await server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.redis:
@@ -202,7 +206,7 @@ class Sidecar:
         self.request_log.listeners.append(source.observe)
         return source
 
-    def _use_redis(self, settings: ServeSettings) -> None:
+    def _use_redis(self, settings: SidecarSettings) -> None:
         """L1 in front of Redis, and Prefetch work to the shared stream."""
         timeout = settings.redis_timeout_ms / 1000
         client = connect(settings.redis, timeout)
@@ -250,7 +254,7 @@ class Sidecar:
 
 
 async def serve_until_signalled(
-    settings: ServeSettings, precompute: PrecomputeSettings | None = None
+    settings: SidecarSettings, precompute: PrecomputeSettings | None = None
 ) -> None:
     """Runs a sidecar until SIGTERM or SIGINT, then drains it."""
     sidecar = Sidecar(settings, precompute)

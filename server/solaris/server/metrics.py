@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from solaris.server.settings import BindError
 from solaris.server.store import RowStatus
 
 if TYPE_CHECKING:
@@ -69,7 +70,10 @@ class LiveValues(Collector):
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:
     """Starts the /metrics HTTP server on a thread; returns it and the port it bound."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise BindError("metrics_port", f"{host}:{port}", error.strerror or "") from error
     return server, server.server_port
 
 
