@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from solaris.app.logs import JsonFormatter
+from solaris.app.logs import CHATTY_LOGGERS, JsonFormatter, configure_logging
 from solaris.app.settings import (
     DaemonSettings,
     LogSettings,
@@ -245,6 +245,17 @@ def test_log_levels_are_the_logging_names_in_any_case() -> None:
     assert load(LogSettings, environ={"SOLARIS_LOG_LEVEL": "debug"}).log_level == "DEBUG"
     with pytest.raises(SettingsError, match=r"log_level: got bogus .* one of DEBUG, INFO"):
         load(LogSettings, environ={"SOLARIS_LOG_LEVEL": "bogus"})
+
+
+def test_the_exporters_libraries_log_at_info_only_when_debugging() -> None:
+    try:
+        configure_logging("info", "text")
+        assert {logging.getLogger(name).level for name in CHATTY_LOGGERS} == {logging.WARNING}
+        configure_logging("debug", "text")
+        assert {logging.getLogger(name).level for name in CHATTY_LOGGERS} == {logging.NOTSET}
+    finally:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def test_json_logs_are_one_object_per_line() -> None:
