@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from solaris.app.compose import build_sidecar
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
@@ -32,7 +32,7 @@ def item_ids(count: int) -> list[str]:
 
 def run_sidecar(items: int, dim: int, ready: "multiprocessing.connection.Connection") -> None:
     async def main() -> None:
-        sidecar = build_sidecar(ServeSettings(port=0, dim=dim))
+        sidecar = build_sidecar(SidecarSettings(port=0, dim=dim))
         await sidecar.start()
         vectors = np.random.default_rng(0).standard_normal((items, dim)).astype(np.float32)
         await sidecar.service.put(USER, item_ids(items), vectors, "bench")

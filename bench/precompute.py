@@ -103,11 +103,11 @@ def run_sidecar(model: str, ready: "multiprocessing.connection.Connection") -> N
 
     from solaris.app.compose import build_sidecar
     from solaris.precompute.settings import PrecomputeSettings
-    from solaris.server.settings import ServeSettings
+    from solaris.server.settings import SidecarSettings
 
     async def main() -> None:
         sidecar = build_sidecar(
-            ServeSettings(port=0, prefetch_queue_pairs=1_000_000), PrecomputeSettings(model=model)
+            SidecarSettings(port=0, prefetch_queue_pairs=1_000_000), PrecomputeSettings(model=model)
         )
         await sidecar.start()
         ready.send(sidecar.port)

@@ -86,13 +86,12 @@ async def fill(url: str, users: int) -> None:
 
 def run_sidecar(url: str, ready: "multiprocessing.connection.Connection") -> None:
     from solaris.app.compose import build_sidecar
-    from solaris.precompute.settings import PrecomputeSettings
-    from solaris.server.settings import ServeSettings
+    from solaris.server.settings import SidecarSettings
 
     async def main() -> None:
         # An L1 of 1 MiB holds about two users' rows: cycling through many users keeps it cold.
-        settings = ServeSettings(port=0, redis=url, cache_bytes=1024**2, redis_timeout_ms=1000)
-        sidecar = build_sidecar(settings, PrecomputeSettings(precompute=False))
+        settings = SidecarSettings(port=0, redis=url, cache_bytes=1024**2, redis_timeout_ms=1000)
+        sidecar = build_sidecar(settings)
         await sidecar.start()
         ready.send(sidecar.port)
         await asyncio.Event().wait()

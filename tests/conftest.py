@@ -10,7 +10,7 @@ import pytest
 from solaris.app.compose import SidecarParts, sidecar_parts
 from solaris.precompute.export import ExportReport, export_model
 from solaris.precompute.model import ModelConfig
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
@@ -44,8 +44,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ExportReport:
 
 
 @pytest.fixture
-def settings() -> ServeSettings:
-    return ServeSettings(
+def settings() -> SidecarSettings:
+    return SidecarSettings(
         port=0,
         dim=DIM,
         cache_bytes=1024**2,
@@ -58,7 +58,7 @@ def settings() -> ServeSettings:
 
 
 @pytest.fixture
-def parts(settings: ServeSettings) -> SidecarParts:
+def parts(settings: SidecarSettings) -> SidecarParts:
     """A serve-only sidecar's parts, to look inside the sidecar the `sidecar` fixture runs."""
     return sidecar_parts(settings)
 

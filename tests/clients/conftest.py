@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from solaris.app.compose import sidecar_parts
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from tests.clients.faulty_sidecar import start_slow_sidecar
 from tests.conftest import DIM
 
@@ -27,7 +27,7 @@ T = TypeVar("T")
 class ThreadedSidecar:
     """A real Sidecar served by an event loop on a background thread."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: SidecarSettings) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -62,7 +62,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def threaded_sidecar(settings: ServeSettings) -> Iterator[ThreadedSidecar]:
+def threaded_sidecar(settings: SidecarSettings) -> Iterator[ThreadedSidecar]:
     running = ThreadedSidecar(settings)
     yield running
     running.stop()

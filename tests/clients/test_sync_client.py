@@ -20,7 +20,7 @@ from solaris.clients import (
     FallbackReason,
     RowStatus,
 )
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.v1 import embedding_store_pb2 as pb
 from tests.clients.conftest import (
     MODEL_VERSION,
@@ -152,7 +152,7 @@ def test_a_sidecar_killed_mid_call_yields_fallback_before_the_deadline(
 
 
 def test_the_breaker_opens_after_failures_and_closes_once_the_sidecar_is_back(
-    settings: ServeSettings,
+    settings: SidecarSettings,
 ) -> None:
     port = free_port()
     options = ClientOptions(failures_to_open=3, open_seconds=0.2)
@@ -163,7 +163,7 @@ def test_the_breaker_opens_after_failures_and_closes_once_the_sidecar_is_back(
         skipped = client.batch_get("user", ["item-0"])
         assert skipped.fallback_reason is FallbackReason.BREAKER_OPEN
 
-        sidecar = ThreadedSidecar(ServeSettings(**{**vars(settings), "port": port}))
+        sidecar = ThreadedSidecar(SidecarSettings(**{**vars(settings), "port": port}))
         try:
             sidecar.put("user", ["item-0"], vectors(1))
             assert wait_until(

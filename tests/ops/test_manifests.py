@@ -1,26 +1,29 @@
 """The k8s/ overlays render, validate against the Kubernetes schemas, and say only what the
 CLI accepts: a renamed flag or setting, or a probe on the wrong port, fails here."""
 
-import argparse
-import dataclasses
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from solaris.app.cli import build_parser
-from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.settings import ENV_PREFIX, ServeSettings, from_sources
+from solaris.app.settings import (
+    COMMANDS,
+    ENV_PREFIX,
+    EVERY_SETTING,
+    DaemonSettings,
+    ServeSettings,
+    load,
+)
 from solaris.server.sidecar import SERVICE_NAME
 from tests.clients.conftest import load_example_ranker
 from tests.ops.manifests import OVERLAYS, Container, containers, find, rendered, tool
 
-EXTRA_ENV = {"SOLARIS_REDIS_PASSWORD", "SOLARIS_CONFIG", "SOLARIS_LOG_LEVEL", "SOLARIS_LOG_FORMAT"}
+EXTRA_ENV = {"SOLARIS_REDIS_PASSWORD", "SOLARIS_CONFIG"}
 
 
 def known_env() -> set[str]:
-    fields = [*dataclasses.fields(ServeSettings), *dataclasses.fields(PrecomputeSettings)]
-    return {ENV_PREFIX + spec.name.upper() for spec in fields} | EXTRA_ENV
+    return {ENV_PREFIX + name.upper() for name in EVERY_SETTING} | EXTRA_ENV
 
 
 def solaris_containers(overlay: str) -> list[Container]:
@@ -48,8 +51,7 @@ def test_commands_and_environment_are_what_the_cli_accepts(overlay: str) -> None
         args = build_parser().parse_args(container.argv[1:])
         unknown = {name for name in container.env if name.startswith(ENV_PREFIX)} - known_env()
         assert not unknown, f"{container.name}: settings the CLI does not know: {unknown}"
-        from_sources(args, container.env, ServeSettings)
-        from_sources(args, container.env, PrecomputeSettings)
+        load(COMMANDS[args.command], args, container.env)
         assert container.env.get("SOLARIS_LOG_FORMAT", "text") in ("text", "json")
 
 
@@ -58,7 +60,7 @@ def test_probes_and_ports_match_the_settings(overlay: str) -> None:
     pod = containers(overlay, "ranker")
     sidecar = pod["solaris-sidecar"]
     assert sidecar.spec["restartPolicy"] == "Always"
-    settings = from_sources(argparse.Namespace(), sidecar.env, ServeSettings)
+    settings = load(ServeSettings, environ=sidecar.env)
     assert settings.host == "0.0.0.0"
     assert sidecar.port("grpc") == settings.port
     assert sidecar.port("metrics") == settings.metrics_port
@@ -70,14 +72,14 @@ def test_probes_and_ports_match_the_settings(overlay: str) -> None:
     assert ranker_args.sidecar == f"127.0.0.1:{settings.port}"
     assert ranker_args.dim == settings.dim
     daemon = containers(overlay, "solaris-precompute")["precompute"]
-    daemon_settings = from_sources(argparse.Namespace(), daemon.env, ServeSettings)
+    daemon_settings = load(DaemonSettings, environ=daemon.env)
     assert daemon.spec["livenessProbe"]["httpGet"]["port"] == daemon_settings.metrics_port
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_sidecar_drains_within_the_pods_grace_period(overlay: str) -> None:
     pod = containers(overlay, "ranker")
-    settings = from_sources(argparse.Namespace(), pod["solaris-sidecar"].env, ServeSettings)
+    settings = load(ServeSettings, environ=pod["solaris-sidecar"].env)
     grace = find(overlay, "Deployment", "ranker")["spec"]["template"]["spec"]
     assert settings.grace_seconds < grace["terminationGracePeriodSeconds"]
 

@@ -1,6 +1,5 @@
 """The /metrics endpoint, scraped over HTTP after real traffic, against what was served."""
 
-import dataclasses
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -10,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from solaris.app.compose import build_sidecar, sidecar_parts
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
@@ -19,8 +18,8 @@ from tests.conftest import DIM
 
 
 @pytest.fixture
-async def measured(settings: ServeSettings) -> AsyncIterator[Sidecar]:
-    sidecar = build_sidecar(dataclasses.replace(settings, metrics_port=free_port()))
+async def measured(settings: SidecarSettings) -> AsyncIterator[Sidecar]:
+    sidecar = build_sidecar(settings.model_copy(update={"metrics_port": free_port()}))
     await sidecar.start()
     yield sidecar
     await sidecar.stop(grace=0)
@@ -59,7 +58,7 @@ async def test_counters_match_what_was_served(measured: Sidecar) -> None:
 
 
 def test_each_part_registers_its_values_once_and_only_parts_that_run_do(
-    settings: ServeSettings,
+    settings: SidecarSettings,
 ) -> None:
     """A serve-only sidecar has no runner, so it exports no runner counters."""
     parts = sidecar_parts(settings)

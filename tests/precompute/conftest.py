@@ -8,7 +8,7 @@ import pytest
 from solaris.app.compose import SidecarParts, sidecar_parts
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 
@@ -20,7 +20,7 @@ def precompute_settings(tiny_model: ExportReport) -> PrecomputeSettings:
 
 @pytest.fixture
 def embedded_parts(
-    settings: ServeSettings, precompute_settings: PrecomputeSettings
+    settings: SidecarSettings, precompute_settings: PrecomputeSettings
 ) -> SidecarParts:
     return sidecar_parts(settings, precompute_settings)
 

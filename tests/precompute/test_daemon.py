@@ -2,7 +2,6 @@
 and, for failures, with a model that fails on chosen pairs."""
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -18,7 +17,7 @@ from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import FLOAT32, RowStatus
 from solaris.v1 import embedding_store_pb2 as pb
@@ -92,8 +91,8 @@ def stub(embedded_stub: EmbeddingStoreStub) -> EmbeddingStoreStub:
 
 
 @pytest.fixture
-def settings(settings: ServeSettings) -> ServeSettings:
-    return dataclasses.replace(settings, ttl_seconds=0.5, stale_seconds=0)
+def settings(settings: SidecarSettings) -> SidecarSettings:
+    return settings.model_copy(update={"ttl_seconds": 0.5, "stale_seconds": 0})
 
 
 async def test_an_expired_pair_is_a_miss_and_is_computed_again(
@@ -163,9 +162,9 @@ async def test_a_missed_read_is_computed_by_speculation_without_a_prefetch(
 
 
 async def test_with_speculation_off_only_prefetch_work_is_computed(
-    settings: ServeSettings, precompute_settings: PrecomputeSettings
+    settings: SidecarSettings, precompute_settings: PrecomputeSettings
 ) -> None:
-    sidecar = build_sidecar(settings, dataclasses.replace(precompute_settings, speculation=""))
+    sidecar = build_sidecar(settings, precompute_settings.model_copy(update={"speculation": ""}))
     await sidecar.start()
     try:
         async with grpc.aio.insecure_channel(sidecar.address) as channel:

@@ -1,7 +1,6 @@
 """Real `redis-server` processes on free ports, which tests may kill and restart, and sidecars
 and daemons sharing one."""
 
-import dataclasses
 import shutil
 import subprocess
 import time
@@ -14,7 +13,7 @@ import redis
 from solaris.app.compose import build_sidecar
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
@@ -71,17 +70,18 @@ def redis_server() -> Iterator[RedisProcess]:
     server.kill()
 
 
-NO_DAEMON = PrecomputeSettings(precompute=False)
+NO_DAEMON = None  # a sidecar given no daemon settings runs no daemon
 
 
 @pytest.fixture
-def shared_settings(settings: ServeSettings, redis_server: RedisProcess) -> ServeSettings:
-    return dataclasses.replace(
-        settings,
-        redis=redis_server.url,
-        redis_timeout_ms=100,
-        claim_idle_seconds=1.0,
-        prefetch_queue_pairs=10_000,
+def shared_settings(settings: SidecarSettings, redis_server: RedisProcess) -> SidecarSettings:
+    return settings.model_copy(
+        update={
+            "redis": redis_server.url,
+            "redis_timeout_ms": 100,
+            "claim_idle_seconds": 1.0,
+            "prefetch_queue_pairs": 10_000,
+        }
     )
 
 
@@ -90,7 +90,7 @@ def with_daemon(tiny_model: ExportReport) -> PrecomputeSettings:
     return PrecomputeSettings(model=str(tiny_model.path), batch_wait_ms=1.0, batch_pairs=64)
 
 
-async def started(settings: ServeSettings, precompute: PrecomputeSettings) -> Sidecar:
+async def started(settings: SidecarSettings, precompute: PrecomputeSettings | None) -> Sidecar:
     sidecar = build_sidecar(settings, precompute)
     await sidecar.start()
     return sidecar

@@ -2,7 +2,6 @@
 gRPC, a real daemon process killed with SIGKILL, and Redis itself killed under load."""
 
 import asyncio
-import dataclasses
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.store import Freshness
 from solaris.server.tiered import TieredStore
@@ -59,10 +58,10 @@ def stored_keys(server: RedisProcess) -> int:
 
 
 async def test_a_write_goes_to_both_tiers_and_a_read_fills_l1(
-    shared_settings: ServeSettings, sidecars: list[Sidecar]
+    shared_settings: SidecarSettings, sidecars: list[Sidecar]
 ) -> None:
     writer = await started(shared_settings, NO_DAEMON)
-    reader = await started(dataclasses.replace(shared_settings, port=0), NO_DAEMON)
+    reader = await started(shared_settings.model_copy(update={"port": 0}), NO_DAEMON)
     sidecars += [writer, reader]
     tiers(writer).l2.use_version("v1")
     tiers(reader).l2.use_version("v1")
@@ -79,7 +78,7 @@ async def test_a_write_goes_to_both_tiers_and_a_read_fills_l1(
 
 
 async def test_two_sidecars_see_each_others_precomputed_pairs(
-    shared_settings: ServeSettings,
+    shared_settings: SidecarSettings,
     with_daemon: PrecomputeSettings,
     sidecars: list[Sidecar],
     tiny_model: ExportReport,
@@ -99,7 +98,7 @@ async def test_two_sidecars_see_each_others_precomputed_pairs(
 
 
 def test_two_daemons_share_the_stream_without_computing_a_pair_twice(
-    shared_settings: ServeSettings,
+    shared_settings: SidecarSettings,
     with_daemon: PrecomputeSettings,
     redis_server: RedisProcess,
     tiny_model: ExportReport,
@@ -124,7 +123,7 @@ def test_two_daemons_share_the_stream_without_computing_a_pair_twice(
 
 
 def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
-    shared_settings: ServeSettings,
+    shared_settings: SidecarSettings,
     with_daemon: PrecomputeSettings,
     redis_server: RedisProcess,
     tiny_model: ExportReport,
@@ -155,7 +154,7 @@ def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
 
 
 async def test_batch_get_answers_in_time_while_redis_dies_and_comes_back(
-    shared_settings: ServeSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
+    shared_settings: SidecarSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
 ) -> None:
     sidecar = await started(shared_settings, NO_DAEMON)
     sidecars.append(sidecar)
@@ -187,10 +186,10 @@ async def test_batch_get_answers_in_time_while_redis_dies_and_comes_back(
 
 
 async def test_a_sidecar_starts_and_answers_with_redis_unreachable(
-    shared_settings: ServeSettings, sidecars: list[Sidecar]
+    shared_settings: SidecarSettings, sidecars: list[Sidecar]
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    sidecar = await started(dataclasses.replace(shared_settings, redis=dead), NO_DAEMON)
+    sidecar = await started(shared_settings.model_copy(update={"redis": dead}), NO_DAEMON)
     sidecars.append(sidecar)
     answer = await batch_get(sidecar, "user", ["a"])
     assert list(answer.statuses) == [pb.MISS]
@@ -205,7 +204,7 @@ async def test_a_sidecar_starts_and_answers_with_redis_unreachable(
 
 
 async def test_a_corrupt_value_is_served_as_a_miss_and_counted(
-    shared_settings: ServeSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
+    shared_settings: SidecarSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
 ) -> None:
     sidecar = await started(shared_settings, NO_DAEMON)
     sidecars.append(sidecar)
@@ -225,7 +224,9 @@ async def write_to_redis(server: RedisProcess, user: str, item: str) -> None:
     await client.aclose()
 
 
-async def submit_all(settings: ServeSettings, tasks: list[PrefetchTask], pause: float = 0) -> None:
+async def submit_all(
+    settings: SidecarSettings, tasks: list[PrefetchTask], pause: float = 0
+) -> None:
     client = connect(settings.redis, 1.0)
     queue = StreamWorkQueue(client, 100_000, 1.0)
     for task in tasks:
@@ -243,7 +244,7 @@ def pending(server: RedisProcess) -> int:
 
 
 async def test_every_sidecars_reads_reach_one_request_stream(
-    shared_settings: ServeSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
+    shared_settings: SidecarSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
 ) -> None:
     first = await started(shared_settings, NO_DAEMON)
     second = await started(shared_settings, NO_DAEMON)

@@ -18,7 +18,7 @@ from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Freshness, RowStatus
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
@@ -75,7 +75,7 @@ def speculating_daemon(
 
 
 async def test_a_sidecars_misses_become_hits_with_no_prefetch_at_all(
-    shared_settings: ServeSettings,
+    shared_settings: SidecarSettings,
     redis_server: RedisProcess,
     speculating_daemon: subprocess.Popen[bytes],
     sidecars: list[Sidecar],

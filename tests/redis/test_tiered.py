@@ -14,7 +14,7 @@ from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import MODEL_VERSION_KEY, RedisStore, connect
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.store import FLOAT32, Freshness
 from solaris.server.tiered import TieredStore
 from tests.conftest import DIM, wait_until
@@ -49,9 +49,11 @@ async def test_a_read_cut_short_by_its_deadline_does_not_mark_redis_down(
 
 
 def test_a_daemon_carries_on_after_redis_restarts_empty(
-    settings: ServeSettings, redis_server: RedisProcess, tiny_model: ExportReport
+    settings: SidecarSettings, redis_server: RedisProcess, tiny_model: ExportReport
 ) -> None:
-    shared = ServeSettings(**{**vars(settings), "redis": redis_server.url, "claim_idle_seconds": 1})
+    shared = SidecarSettings(
+        **{**vars(settings), "redis": redis_server.url, "claim_idle_seconds": 1}
+    )
     runner = OnnxRunner(tiny_model.path, "cpu", 1)
     precompute = PrecomputeSettings(model=str(tiny_model.path), batch_wait_ms=1.0)
     daemon = shared_daemon(shared, precompute, runner, daemon_l2(shared, runner.model_version))

@@ -10,7 +10,7 @@ from solaris.server.errors import DeadlineExceeded
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.request_log import RequestLog
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.store import Freshness, RowStatus
 
 DIM = 4
@@ -18,7 +18,7 @@ DIM = 4
 
 @pytest.fixture
 def service() -> EmbeddingService:
-    settings = ServeSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
+    settings = SidecarSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
     return EmbeddingService(
         settings, MemoryStore(1024**2, DIM), RequestLog(1000), PrefetchQueue(100)
     )
@@ -86,7 +86,7 @@ async def test_under_a_simulated_clock_an_expired_pair_is_zero_filled_and_droppe
     of real time sees a pair expire when its clock says so."""
     simulated = [time.time() + 10_000.0]
     store = MemoryStore(1024**2, DIM)
-    settings = ServeSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
+    settings = SidecarSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
     service = EmbeddingService(
         settings, store, RequestLog(1000), PrefetchQueue(100), clock=lambda: simulated[0]
     )

@@ -34,7 +34,7 @@ from solaris.server.core import EmbeddingService
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
 from solaris.server.request_log import LoggedRequest, RequestLog
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.store import RowStatus
 
 ORACLE = "oracle"
@@ -188,7 +188,7 @@ class Replay:
     async def _run(self, policy_set: str | frozenset[Policy], budget: float) -> ReplayResult:
         clock = SimulatedClock()
         items = max((len(event.item_ids) for event in self.events), default=1)
-        settings = ServeSettings(
+        settings = SidecarSettings(
             dim=self.runner.dim,
             cache_bytes=1024**3,
             ttl_seconds=self.ttl_seconds,

@@ -1,63 +1,73 @@
-"""The precompute daemon's settings, read like the sidecar's: defaults, then `SOLARIS_*`
-environment variables, then flags."""
+"""The precompute daemon's settings: the model, where it runs, its batches and the
+speculator. A pydantic model like the store's (`solaris.server.settings`);
+`solaris.app.settings` composes it into what `solaris serve` and `solaris precompute` read."""
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from solaris.precompute.speculator import DEFAULT_WEIGHTS, Policy, SpeculationSettings
-from solaris.server.settings import SettingsError, check_minimums, setting
+from solaris.server.settings import SettingsError, SettingsModel
 
 DEFAULT_MODEL_DIR = "~/.cache/solaris/models"
 DEFAULT_SPECULATION = ",".join(f"{policy}={weight:g}" for policy, weight in DEFAULT_WEIGHTS.items())
 
 
-@dataclass(frozen=True)
-class PrecomputeSettings:
+class PrecomputeSettings(SettingsModel):
     """Everything the precompute daemon can be told, in `solaris serve` and `solaris precompute`."""
 
-    precompute: bool = setting(
-        True, "Run the precompute daemon in this process (serve only; false to serve only)."
+    model: str = Field(
+        "", description="ONNX model file; empty for the reference model, exported on first use."
     )
-    model: str = setting(
-        "", "ONNX model file; empty for the reference model, exported on first use."
+    model_dir: str = Field(
+        DEFAULT_MODEL_DIR, description="Where the reference model is exported to."
     )
-    model_dir: str = setting(DEFAULT_MODEL_DIR, "Where the reference model is exported to.")
-    device: str = setting("auto", "auto (CUDA when usable, else CPU), cuda or cpu.")
-    runner_threads: int = setting(1, "Threads ONNX Runtime may use for one batch.", minimum=1)
-    batch_pairs: int = setting(256, "Most pairs in one model batch.", minimum=1)
-    batch_wait_ms: float = setting(
-        5.0, "How long a batch waits to fill before it runs anyway.", minimum=0
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto (CUDA when usable, else CPU), cuda or cpu."
     )
-    speculation: str = setting(
+    runner_threads: int = Field(1, ge=1, description="Threads ONNX Runtime may use for one batch.")
+    batch_pairs: int = Field(256, ge=1, description="Most pairs in one model batch.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long a batch waits to fill before it runs anyway."
+    )
+    speculation: str = Field(
         DEFAULT_SPECULATION,
-        "Speculation policies, comma-separated, each with an optional =weight (a signal's "
-        "value); empty: compute Prefetch work only, as it comes.",
+        description="Speculation policies, comma-separated, each with an optional =weight (a "
+        "signal's value); empty: compute Prefetch work only, as it comes.",
     )
-    speculation_budget: float = setting(
-        1000.0, "Pairs per second the speculator may hand out.", minimum=1
+    speculation_budget: float = Field(
+        1000.0, ge=1, description="Pairs per second the speculator may hand out."
     )
-    speculation_decay_seconds: float = setting(
-        60.0, "A signal's value falls by a factor of e every this many seconds.", minimum=1
+    speculation_decay_seconds: float = Field(
+        60.0, ge=1, description="A signal's value falls by a factor of e every this many seconds."
     )
-    speculator_shards: int = setting(
+    speculator_shards: int = Field(
         1,
-        "With --redis: users are split among this many shared speculators, each led by "
-        "another daemon (at most the number of daemons; the same on every daemon); raise it "
+        ge=1,
+        description="With --redis: users are split among this many shared speculators, each led "
+        "by another daemon (at most the number of daemons; the same on every daemon); raise it "
         "when one cannot keep up.",
-        minimum=1,
     )
-    history_users: int = setting(
-        100_000, "Users whose latest Prefetch history is kept, least recent dropped.", minimum=1
+    history_users: int = Field(
+        100_000,
+        ge=1,
+        description="Users whose latest Prefetch history is kept, least recent dropped.",
     )
 
-    def __post_init__(self) -> None:
-        check_minimums(self)
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise SettingsError(f"device: must be auto, cuda or cpu, got {self.device!r}")
-        parse_speculation(self.speculation)
-        if self.model and not Path(self.model).expanduser().is_file():
-            raise SettingsError(f"model: no file at {self.model}")
+    @field_validator("model")
+    @classmethod
+    def _model_file_exists(cls, model: str) -> str:
+        if model and not Path(model).expanduser().is_file():
+            raise SettingsError(f"no file at {model}", "model")
+        return model
+
+    @field_validator("speculation")
+    @classmethod
+    def _speculation_parses(cls, speculation: str) -> str:
+        parse_speculation(speculation)
+        return speculation
 
     @property
     def policies(self) -> frozenset[Policy]:
@@ -81,7 +91,7 @@ def parse_speculation(text: str) -> dict[Policy, float]:
         name, _, weight = (piece.strip() for piece in part.partition("="))
         if name not in known:
             raise SettingsError(
-                f"speculation: unknown policy {name!r}; known: {', '.join(sorted(known))}"
+                f"unknown policy {name!r}; known: {', '.join(sorted(known))}", "speculation"
             )
         weights[Policy(name)] = _weight(name, weight) if weight else DEFAULT_WEIGHTS[Policy(name)]
     return weights
@@ -93,5 +103,7 @@ def _weight(name: str, text: str) -> float:
     except ValueError:
         weight = math.nan
     if not (math.isfinite(weight) and weight > 0):
-        raise SettingsError(f"speculation: weight of {name} must be a number above 0, got {text!r}")
+        raise SettingsError(
+            f"the weight of {name} must be a number above 0, got {text!r}", "speculation"
+        )
     return weight

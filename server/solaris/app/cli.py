@@ -6,38 +6,44 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from solaris.app.logs import configure_logging
-from solaris.precompute.settings import DEFAULT_MODEL_DIR, PrecomputeSettings
-from solaris.server import settings as settings_module
+from solaris.app.ports import check_can_listen
+from solaris.app.processes import run_daemon, run_sidecar
+from solaris.app.settings import DaemonSettings, LogSettings, ServeSettings, add_flags, load
+from solaris.precompute.settings import DEFAULT_MODEL_DIR
+from solaris.server.settings import SettingsError
+
+USAGE_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, telling a usage mistake in one line (not the whole usage) with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="solaris", description=__doc__, allow_abbrev=False)
-    parser.add_argument(
-        "--log-level", default=os.environ.get("SOLARIS_LOG_LEVEL", "INFO"), help="Logging level."
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=os.environ.get("SOLARIS_LOG_FORMAT", "text"),
-        help="json: one JSON object per line, for log collectors. [env SOLARIS_LOG_FORMAT]",
-    )
+    parser = Parser(prog="solaris", description=__doc__, allow_abbrev=False)
+    add_flags(parser, LogSettings)
     parser.add_argument(
         "--config",
         default=os.environ.get("SOLARIS_CONFIG"),
-        help="A TOML file of settings (names as in the table); the environment and flags win "
-        "over it. [env SOLARIS_CONFIG]",
+        metavar="FILE",
+        help="A TOML file of settings (names as in --help, with - or _); the environment and "
+        "flags win over it. [env: SOLARIS_CONFIG]",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="Run the sidecar.")
-    settings_module.add_arguments(serve)
-    settings_module.add_arguments(serve, PrecomputeSettings)
+    serve = commands.add_parser("serve", help="Run the sidecar.", allow_abbrev=False)
+    add_flags(serve, ServeSettings)
     precompute = commands.add_parser(
-        "precompute", help="Run the precompute daemon alone, on the shared Redis (--redis)."
+        "precompute",
+        help="Run the precompute daemon alone, on the shared Redis (--redis).",
+        allow_abbrev=False,
     )
-    settings_module.add_arguments(precompute)
-    settings_module.add_arguments(precompute, PrecomputeSettings)
+    add_flags(precompute, DaemonSettings)
     add_replay_parser(commands)
     export = commands.add_parser("export-model", help="Export the reference model to ONNX.")
     export.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
@@ -48,39 +54,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; a user's mistake (a setting, a port, a file) ends in one line on stderr
+    and status 2, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    try:
+        logging_settings = load(LogSettings, args, config=args.config)
+        configure_logging(logging_settings.log_level, logging_settings.log_format)
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if not is_user_mistake(error):
+            raise
+        print(f"{parser.prog} {args.command}: {told(error)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "export-model":
         return export_model(args)
     if args.command == "replay":
         return replay(args)
-    return run(parser, args)
+    if args.command == "precompute":
+        return precompute(args)
+    return serve(args)
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """`serve` or `precompute`: both read the same settings; a bad one exits 2, naming it."""
-    from solaris.app.processes import run_daemon, run_sidecar
+def is_user_mistake(error: Exception) -> bool:
+    """A refused setting (a model file that does not fit the runner is one), or a file named
+    that cannot be read."""
+    return isinstance(error, SettingsError) or (
+        isinstance(error, OSError) and error.filename is not None
+    )
 
-    try:
-        from_file = {}
-        if args.config:
-            kinds = (settings_module.ServeSettings, PrecomputeSettings)
-            from_file = settings_module.load_config_file(args.config, kinds)
-        settings = settings_module.from_sources(args, file_values=from_file)
-        precompute = settings_module.from_sources(
-            args, settings_type=PrecomputeSettings, file_values=from_file
-        )
-        if args.command == "precompute":
-            run_daemon(settings, precompute)
-        else:
-            run_sidecar(settings, precompute)
-    except settings_module.SettingsError as error:
-        parser.error(str(error))
+
+def told(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = load(ServeSettings, args, config=args.config)
+    check_can_listen(settings.host, settings.port, ("host", "port"))
+    if settings.metrics_port:
+        names = ("metrics_host", "metrics_port")
+        check_can_listen(settings.metrics_host, settings.metrics_port, names)
+    run_sidecar(settings)
     return 0
 
 
-def add_replay_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def precompute(args: argparse.Namespace) -> int:
+    settings = load(DaemonSettings, args, config=args.config)
+    if settings.metrics_port:
+        names = ("metrics_host", "metrics_port")
+        check_can_listen(settings.metrics_host, settings.metrics_port, names)
+    run_daemon(settings)
+    return 0
+
+
+def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
     replay = commands.add_parser(
         "replay",
         help="Replay ranking traffic through the sidecar and daemon; report hit rate by policy.",
@@ -91,7 +125,10 @@ def add_replay_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         "ratings.csv layout); default: synthetic traffic.",
     )
     replay.add_argument(
-        "--budgets", default="25,100,400", help="Pairs per second, comma-separated."
+        "--budgets",
+        type=budgets,
+        default="25,100,400",
+        help="Pairs per second, comma-separated.",
     )
     replay.add_argument("--ttl-seconds", type=float, default=600.0)
     replay.add_argument(
@@ -118,6 +155,17 @@ def add_replay_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         help="Write a synthetic interaction log in the MovieLens ratings.csv layout to PATH "
         "(--users, --items, --seed; a week of visits) and exit.",
     )
+
+
+def budgets(text: str) -> list[float]:
+    """`25,100,400` -> pairs per second, each above 0."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers above 0, such as 25,100,400")
+    return values
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -147,8 +195,7 @@ def replay(args: argparse.Namespace) -> int:
         events = traffic.events()
         title = f"synthetic, seed {args.seed}: {sum(not e.is_hint for e in events):,} requests"
     runner = OnnxRunner(reference_model(args.model_dir, REPLAY_MODEL), "cpu", 1)
-    budgets = [float(budget) for budget in args.budgets.split(",")]
-    results = sweep(events, runner, budgets, args.ttl_seconds, args.stale_seconds)
+    results = sweep(events, runner, args.budgets, args.ttl_seconds, args.stale_seconds)
     print(title)
     print(format_report(results))
     plot(results, args.plot, title)

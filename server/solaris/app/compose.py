@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from solaris.app.settings import DaemonSettings
 from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
 from solaris.precompute.embedded_speculation import EmbeddedSpeculation
 from solaris.precompute.metrics import (
@@ -50,7 +51,7 @@ from solaris.server.redis_store import (
 )
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
-from solaris.server.settings import ServeSettings, SettingsError
+from solaris.server.settings import SettingsError, SidecarSettings, StoreSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Store
 from solaris.server.tiered import Reachability, TieredStore
@@ -66,7 +67,7 @@ logger = logging.getLogger("solaris.app")
 class SidecarParts:
     """What one `solaris serve` process is made of, whichever the deployment."""
 
-    settings: ServeSettings
+    settings: SidecarSettings
     l1: MemoryStore
     request_log: RequestLog
     prefetch_queue: PrefetchQueue
@@ -90,23 +91,25 @@ class SidecarParts:
         return Sidecar(self.settings, service, self.registry, self.background, self.reachability)
 
 
-def build_sidecar(settings: ServeSettings, precompute: PrecomputeSettings | None = None) -> Sidecar:
-    """The sidecar for these settings, with its daemon when `precompute` asks for one."""
+def build_sidecar(
+    settings: SidecarSettings, precompute: PrecomputeSettings | None = None
+) -> Sidecar:
+    """The sidecar for these settings, with its daemon when there are `precompute` settings."""
     return sidecar_parts(settings, precompute).sidecar()
 
 
 def sidecar_parts(
-    settings: ServeSettings, precompute: PrecomputeSettings | None = None
+    settings: SidecarSettings, precompute: PrecomputeSettings | None = None
 ) -> SidecarParts:
     parts = _local_parts(settings)
     if settings.redis:
         _share_over_redis(parts, settings.redis)
-    if precompute is not None and precompute.precompute:
+    if precompute is not None:
         _add_daemon(parts, precompute)
     return parts
 
 
-def _local_parts(settings: ServeSettings) -> SidecarParts:
+def _local_parts(settings: SidecarSettings) -> SidecarParts:
     """The embedded deployment's parts: everything in this process's memory."""
     l1 = MemoryStore(settings.l1_bytes, settings.dim)
     prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
@@ -193,14 +196,14 @@ def open_checked_runner(precompute: PrecomputeSettings, dim: int) -> "OnnxRunner
     return runner
 
 
-def daemon_l2(settings: ServeSettings, model_version: str) -> RedisStore:
+def daemon_l2(settings: StoreSettings, model_version: str) -> RedisStore:
     """A RedisStore of the daemon's own: its client belongs to the daemon's event loop."""
     client = connect(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
     return RedisStore(client, settings.dim, model_version)
 
 
 def shared_daemon(
-    settings: ServeSettings, precompute: PrecomputeSettings, runner: "OnnxRunner", store: Store
+    settings: StoreSettings, precompute: PrecomputeSettings, runner: "OnnxRunner", store: Store
 ) -> PrecomputeDaemon:
     """A daemon taking work from the shared stream."""
     client = connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
@@ -211,7 +214,7 @@ def shared_daemon(
 
 
 def shared_speculation(
-    settings: ServeSettings, precompute: PrecomputeSettings, model_version: str
+    settings: StoreSettings, precompute: PrecomputeSettings, model_version: str
 ) -> SharedSpeculation | None:
     """The candidate for the one speculator over every sidecar's reads (None with speculation
     off); it speculates only while it holds the lease."""
@@ -240,13 +243,12 @@ class DaemonParts:
     model_version: str
 
 
-def daemon_parts(settings: ServeSettings, precompute: PrecomputeSettings) -> DaemonParts:
-    """The shared daemon alone: work from the stream, results to Redis, the shared speculator."""
-    if not settings.redis:
-        raise SettingsError("redis: solaris precompute needs --redis, the shared store and queue")
-    runner = open_checked_runner(precompute, settings.dim)
-    daemon = shared_daemon(settings, precompute, runner, daemon_l2(settings, runner.model_version))
-    speculation = shared_speculation(settings, precompute, runner.model_version)
+def daemon_parts(settings: DaemonSettings) -> DaemonParts:
+    """The shared daemon alone: work from the stream, results to Redis, the shared speculator.
+    (DaemonSettings has refused an empty `redis` already.)"""
+    runner = open_checked_runner(settings, settings.dim)
+    daemon = shared_daemon(settings, settings, runner, daemon_l2(settings, runner.model_version))
+    speculation = shared_speculation(settings, settings, runner.model_version)
     registry = CollectorRegistry()
     live = LiveValues()
     registry.register(live)

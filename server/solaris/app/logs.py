@@ -22,6 +22,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# The ONNX exporter's libraries log every optimisation pass at INFO (about 85 lines for one
+# export); they are the detail of one step, shown at DEBUG only.
+CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
+
+
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
@@ -29,3 +34,6 @@ def configure_logging(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    chatty_level = logging.NOTSET if level.upper() == "DEBUG" else logging.WARNING
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(chatty_level)

@@ -7,24 +7,25 @@ import signal
 import threading
 
 from solaris.app.compose import build_sidecar, daemon_parts
-from solaris.precompute.settings import PrecomputeSettings
+from solaris.app.settings import DaemonSettings, ServeSettings
 from solaris.server.metrics import serve_metrics
 from solaris.server.redis_store import redacted
-from solaris.server.settings import ServeSettings
 from solaris.server.sidecar import serve_until_signalled
 
 logger = logging.getLogger("solaris.app")
 
 
-def run_sidecar(settings: ServeSettings, precompute: PrecomputeSettings) -> None:
-    """`solaris serve`: serves until signalled, then drains."""
-    asyncio.run(serve_until_signalled(build_sidecar(settings, precompute)))
+def run_sidecar(settings: ServeSettings) -> None:
+    """`solaris serve`: serves until signalled, then drains. One object holds both the
+    sidecar's and the daemon's settings; with `precompute` off there is no daemon."""
+    sidecar = build_sidecar(settings, settings if settings.precompute else None)
+    asyncio.run(serve_until_signalled(sidecar))
 
 
-def run_daemon(settings: ServeSettings, precompute: PrecomputeSettings) -> None:
+def run_daemon(settings: DaemonSettings) -> None:
     """`solaris precompute`: computes for every sidecar until SIGTERM or SIGINT, then finishes
     the batch in hand (its tasks are acknowledged) and stops."""
-    parts = daemon_parts(settings, precompute)
+    parts = daemon_parts(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -16,7 +16,7 @@ from solaris.server.errors import DeadlineExceeded
 from solaris.server.metrics import ReadMetrics
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.request_log import LoggedRequest, RequestLog
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import SidecarSettings
 from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
 from solaris.server.validation import check_id, check_id_list, check_priority
 
@@ -48,7 +48,7 @@ class EmbeddingService:
 
     def __init__(
         self,
-        settings: ServeSettings,
+        settings: SidecarSettings,
         store: Store,
         request_log: RequestLog,
         work_queue: WorkQueue,

@@ -18,6 +18,7 @@ from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.redis_store import RedisStore
 from solaris.server.request_stream import RequestShipper
+from solaris.server.settings import BindError
 from solaris.server.store import RowStatus
 from solaris.server.tiered import Reachability
 
@@ -76,7 +77,10 @@ class LiveValues(Collector):
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[HTTPServer, int]:
     """Starts the /metrics HTTP server on a thread; returns it and the port it bound."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise BindError("metrics_port", f"{host}:{port}", error.strerror or "") from error
     return server, server.server_port
 
 

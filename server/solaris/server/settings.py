@@ -1,111 +1,217 @@
-"""The sidecar's settings: one typed object, filled from defaults, then an optional TOML file
-(`--config`), then `SOLARIS_*` environment variables, then command-line flags (later wins). A
-bad value fails at start with a message that names the setting.
+"""The settings of the serving side, as typed, bounded, frozen pydantic models: what every
+process touching the store is told (`StoreSettings`) and what the sidecar adds
+(`SidecarSettings`). `solaris.app.settings` composes them per process and fills them from a
+TOML file, `SOLARIS_*` variables and flags; here they are only checked.
+
+Each field's type says what it accepts in words (`Accepts`), so that a bad value, wherever it
+came from, is refused with one line that names the setting and what it takes.
 """
 
-import argparse
-import dataclasses
-import os
+import ipaddress
 import re
-import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from redis import connection
 
 from solaris.wire import max_message_bytes
 
-ENV_PREFIX = "SOLARIS_"
-_SIZE_UNITS = {
-    "": 1,
-    "k": 1000,
-    "m": 1000**2,
-    "g": 1000**3,
-    "ki": 1024,
-    "mi": 1024**2,
-    "gi": 1024**3,
-}
-
 
 class SettingsError(ValueError):
-    """A setting has a value it cannot take."""
+    """A setting has a value it cannot take. `setting` names it (its field name) where one
+    does; the message then starts with it."""
+
+    def __init__(self, problem: str, setting: str = "") -> None:
+        super().__init__(f"{setting}: {problem}" if setting else problem)
+        self.setting = setting
+        self.problem = problem
 
 
-def setting(
-    default: Any, help: str, minimum: float | None = None, kind: str = "", secret: bool = False
-) -> Any:
-    """A settings field. A `secret` one (it may hold a password) is left out of repr."""
-    metadata = {"help": help, "minimum": minimum, "kind": kind}
-    return field(default=default, metadata=metadata, repr=not secret)
+class BindError(SettingsError):
+    """The address a setting names cannot be listened on: in use, not this machine's, or a
+    host name that does not resolve."""
+
+    def __init__(self, setting: str, address: str, reason: str = "") -> None:
+        detail = f" ({reason})" if reason else ""
+        super().__init__(f"cannot listen on {address}{detail}", setting)
+        self.address = address
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """Everything `solaris serve` can be told. Field names map to `--flag-name` and
-    `SOLARIS_FIELD_NAME`."""
+class Accepts:
+    """What a field's type takes, in words (the end of its error message) and as its flag's
+    metavar. Pydantic ignores it; `solaris.app.settings` reads it."""
 
-    host: str = setting("127.0.0.1", "Address to listen on; loopback, as befits a sidecar.")
-    port: int = setting(50051, "gRPC port; 0 picks a free one.", minimum=0)
-    cache_bytes: int = setting(
-        256 * 1024**2, "L1 cap in bytes (suffixes K, M, G, Ki, Mi, Gi).", minimum=1, kind="size"
+    words: str
+    metavar: str
+    detail: str = ""
+
+
+SIZE_SUFFIXES = "K, M, G, Ki, Mi or Gi"
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2}
+_SIZE_UNITS["gi"] = 1024**3
+_SIZE = re.compile(r"\s*([+-]?\d+)\s*([kKmMgG]i?)?[bB]?\s*")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# How redis-py reads a URL (it raises ValueError), typed: redis-py leaves it unannotated.
+_parse_redis_url: Callable[[str], dict[str, Any]] = connection.parse_url
+
+
+def parse_size(value: Any) -> Any:
+    """Reads a byte count such as `268435456`, `256Mi` or `1G`; other types go on to pydantic."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise ValueError("not a size")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+
+
+def check_host(value: str) -> str:
+    """An IP address, or a host name of RFC 1123 labels whose last is not all digits (so that
+    `999.1.1.1`, no address, is not taken for a name)."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    if len(value) > 253 or labels[-1].isdigit():
+        raise ValueError("not an address or host name")
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("not an address or host name")
+    return value
+
+
+def check_redis_url(value: str) -> str:
+    """Empty (no Redis), or a URL redis-py connects to. Its text is never put in the error:
+    it may hold a password."""
+    if not value:
+        return value
+    if not value.startswith(REDIS_SCHEMES):
+        raise ValueError("not a Redis URL")
+    try:
+        _parse_redis_url(value)
+    except ValueError:
+        raise SettingsError(
+            "is not a Redis URL that redis-py can read (check its port, database number and "
+            "options)",
+            "redis",
+        ) from None
+    return value
+
+
+Port = Annotated[int, Field(ge=0, le=65535), Accepts("a port number", "PORT")]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    Accepts(
+        "a size in bytes",
+        "SIZE",
+        f"a whole number with an optional suffix {SIZE_SUFFIXES}, such as 256Mi",
+    ),
+]
+Host = Annotated[str, AfterValidator(check_host), Accepts("an IP address or a host name", "HOST")]
+RedisUrl = Annotated[
+    str,
+    AfterValidator(check_redis_url),
+    Accepts(
+        f"a URL starting {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}, or empty", "URL"
+    ),
+]
+
+
+class SettingsModel(BaseModel):
+    """The base of every settings group: frozen, no unknown names, and no input in a
+    validation error's text (a Redis URL may hold a password)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+class StoreSettings(SettingsModel):
+    """What every process touching the store is told: the sidecar and the daemon."""
+
+    dim: int = Field(128, ge=1, description="Values per embedding.")
+    ttl_seconds: float = Field(3600.0, ge=0, description="How long a computed embedding is a HIT.")
+    stale_seconds: float = Field(
+        600.0, ge=0, description="After the TTL, how long it is still served as STALE."
     )
-    memory_limit: int = setting(
-        0,
-        "The container's memory limit in bytes (from the downward API); 0 if unknown.",
-        minimum=0,
-        kind="size",
-    )
-    cache_fraction: float = setting(
-        0.0,
-        "With memory-limit set: the L1 cap as a fraction of it, instead of cache-bytes.",
-        minimum=0,
-    )
-    dim: int = setting(128, "Values per embedding.", minimum=1)
-    ttl_seconds: float = setting(3600.0, "How long a computed embedding is a HIT.", minimum=0)
-    stale_seconds: float = setting(
-        600.0, "After the TTL, how long it is still served as STALE.", minimum=0
-    )
-    max_items: int = setting(4096, "Most items in one BatchGet or Prefetch.", minimum=1)
-    max_id_bytes: int = setting(256, "Longest user or item id, in UTF-8 bytes.", minimum=1)
-    max_history: int = setting(256, "Most history items in one Prefetch.", minimum=0)
-    prefetch_queue_pairs: int = setting(
-        100_000, "Pairs the Prefetch queue holds before RESOURCE_EXHAUSTED.", minimum=1
-    )
-    request_log_rows: int = setting(
-        1_000_000, "Rows (requested pairs) the request log keeps, oldest dropped.", minimum=1
-    )
-    grace_seconds: float = setting(
-        10.0, "On SIGTERM, how long in-flight calls may take to finish.", minimum=0
-    )
-    metrics_port: int = setting(
-        0, "HTTP port for Prometheus metrics at /metrics; 0 for none.", minimum=0
-    )
-    metrics_host: str = setting("0.0.0.0", "Address the metrics port listens on (the Pod IP).")
-    redis: str = setting(
+    redis: RedisUrl = Field(
         "",
-        "Redis URL (redis://, or rediss:// for TLS) of the shared store and work queue; empty "
-        "for none. A password not in the URL is read from SOLARIS_REDIS_PASSWORD.",
-        secret=True,
+        repr=False,
+        description="Redis URL (redis://, rediss:// for TLS, or unix://) of the shared store "
+        "and work queue; empty for none. A password not in the URL is read from "
+        "SOLARIS_REDIS_PASSWORD.",
     )
-    redis_timeout_ms: float = setting(
-        20.0, "Longest a read or write waits on Redis before going on without it.", minimum=1
+    redis_timeout_ms: float = Field(
+        20.0, ge=1, description="Longest a read or write waits on Redis before going on without it."
     )
-    work_stream_length: int = setting(
-        1_000_000, "Entries the Redis work stream keeps (approximately), oldest trimmed.", minimum=1
+    work_stream_length: int = Field(
+        1_000_000,
+        ge=1,
+        description="Entries the Redis work stream keeps (approximately), oldest trimmed.",
     )
-    request_stream_length: int = setting(
-        100_000, "Requests the Redis request-log stream keeps (approximately).", minimum=1
+    request_stream_length: int = Field(
+        100_000, ge=1, description="Requests the Redis request-log stream keeps (approximately)."
     )
-    claim_idle_seconds: float = setting(
-        30.0, "A work entry left this long by a silent daemon is claimed by another.", minimum=0.1
+    claim_idle_seconds: float = Field(
+        30.0,
+        ge=0.1,
+        description="A work entry left this long by a silent daemon is claimed by another.",
+    )
+    metrics_host: Host = Field(
+        "0.0.0.0", description="Address the metrics port listens on (the Pod IP)."
+    )
+    metrics_port: Port = Field(
+        0, description="HTTP port for Prometheus metrics at /metrics; 0 for none."
     )
 
-    def __post_init__(self) -> None:
-        check_minimums(self)
-        if self.cache_fraction >= 1:
+
+class SidecarSettings(StoreSettings):
+    """Everything the sidecar's serving part is told: the store's settings and its own."""
+
+    host: Host = Field(
+        "127.0.0.1", description="Address to listen on; loopback, as befits a sidecar."
+    )
+    port: Port = Field(50051, description="gRPC port; 0 picks a free one.")
+    cache_bytes: Size = Field(
+        256 * 1024**2, ge=1, description="L1 cap in bytes (suffixes K, M, G, Ki, Mi, Gi)."
+    )
+    memory_limit: Size = Field(
+        0,
+        ge=0,
+        description="The container's memory limit in bytes (from the downward API; suffixes as "
+        "for cache-bytes); 0 if unknown.",
+    )
+    cache_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="With memory-limit set: the L1 cap as a fraction of it, instead of "
+        "cache-bytes (below 1: the process needs room too).",
+    )
+    max_items: int = Field(4096, ge=1, description="Most items in one BatchGet or Prefetch.")
+    max_id_bytes: int = Field(256, ge=1, description="Longest user or item id, in UTF-8 bytes.")
+    max_history: int = Field(256, ge=0, description="Most history items in one Prefetch.")
+    prefetch_queue_pairs: int = Field(
+        100_000, ge=1, description="Pairs the Prefetch queue holds before RESOURCE_EXHAUSTED."
+    )
+    request_log_rows: int = Field(
+        1_000_000, ge=1, description="Rows (requested pairs) the request log keeps, oldest dropped."
+    )
+    grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
+    )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> "SidecarSettings":
+        if self.port and self.port == self.metrics_port:
             raise SettingsError(
-                f"cache_fraction: must be below 1 (the process needs room too), "
-                f"got {self.cache_fraction}"
+                f"must differ from port (both {self.port}); 0 serves no metrics", "metrics_port"
             )
+        return self
 
     @property
     def l1_bytes(self) -> int:
@@ -118,95 +224,3 @@ class ServeSettings:
     def max_message_bytes(self) -> int:
         """Largest gRPC message either way: a full-size request or answer, with room to spare."""
         return max_message_bytes(self.max_items, self.max_id_bytes, self.max_history, self.dim)
-
-
-def check_minimums(settings: Any) -> None:
-    """Raises SettingsError, naming the field, for a value under its declared minimum."""
-    for spec in dataclasses.fields(settings):
-        minimum = spec.metadata["minimum"]
-        value = getattr(settings, spec.name)
-        if minimum is not None and value < minimum:
-            raise SettingsError(f"{spec.name}: must be at least {minimum}, got {value}")
-
-
-def add_arguments(parser: argparse.ArgumentParser, settings_type: type = ServeSettings) -> None:
-    """Adds one flag per setting. Flags default to None so that unset ones fall through."""
-    for spec in dataclasses.fields(settings_type):
-        env = ENV_PREFIX + spec.name.upper()
-        parser.add_argument(
-            "--" + spec.name.replace("_", "-"),
-            default=None,
-            help=f"{spec.metadata['help']} [env {env}; default {spec.default}]",
-        )
-
-
-def load_config_file(path: str, settings_types: Sequence[type]) -> dict[str, Any]:
-    """The settings in a TOML file, keyed by field name (`cache_bytes` or `cache-bytes`)."""
-    try:
-        with open(path, "rb") as file:
-            raw = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise SettingsError(f"config ({path}): {error}") from error
-    known = {spec.name for kind in settings_types for spec in dataclasses.fields(kind)}
-    values = {key.replace("-", "_"): value for key, value in raw.items()}
-    for name in values:
-        if name not in known:
-            raise SettingsError(f"config ({path}): unknown setting {name!r}")
-    return values
-
-
-def from_sources(
-    args: argparse.Namespace,
-    environ: Mapping[str, str] = os.environ,
-    settings_type: type = ServeSettings,
-    file_values: Mapping[str, Any] | None = None,
-) -> Any:
-    """Builds the settings: defaults, then the file, then the environment, then flags."""
-    values: dict[str, Any] = {}
-    file_values = file_values or {}
-    for spec in dataclasses.fields(settings_type):
-        env = ENV_PREFIX + spec.name.upper()
-        flag_value = getattr(args, spec.name, None)
-        if flag_value is not None:
-            values[spec.name] = _parse(spec, flag_value, "--" + spec.name.replace("_", "-"))
-        elif env in environ:
-            values[spec.name] = _parse(spec, environ[env], env)
-        elif spec.name in file_values:
-            values[spec.name] = _parse(spec, str(file_values[spec.name]), "config file")
-    try:
-        return settings_type(**values)
-    except SettingsError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise SettingsError(str(error)) from error
-
-
-def _parse(spec: dataclasses.Field, text: str, source: str) -> Any:
-    try:
-        if spec.metadata["kind"] == "size":
-            return parse_size(text)
-        if spec.type is bool or spec.type == "bool":
-            return parse_bool(text)
-        return spec.type(text) if isinstance(spec.type, type) else text
-    except ValueError:
-        raise SettingsError(
-            f"{spec.name} ({source}): cannot read {text!r} as {spec.type}"
-        ) from None
-
-
-def parse_bool(text: str) -> bool:
-    """Reads `true`/`false` (also 1/0, yes/no, on/off)."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def parse_size(text: str) -> int:
-    """Reads a byte count such as `268435456`, `256Mi` or `1G`."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?)?[bB]?\s*", text)
-    if match is None:
-        raise ValueError(f"not a size: {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]

@@ -19,7 +19,7 @@ from solaris.server.background import Background
 from solaris.server.core import EmbeddingService
 from solaris.server.grpc_api.servicer import EmbeddingStoreHandlers, add_to_server
 from solaris.server.metrics import serve_metrics
-from solaris.server.settings import ServeSettings
+from solaris.server.settings import BindError, SidecarSettings
 from solaris.server.tiered import Reachability
 from solaris.v1 import embedding_store_pb2
 
@@ -35,7 +35,7 @@ class Sidecar:
 
     def __init__(
         self,
-        settings: ServeSettings,
+        settings: SidecarSettings,
         service: EmbeddingService,
         registry: CollectorRegistry,
         background: Sequence[Background] = (),
@@ -66,7 +66,11 @@ class Sidecar:
         for work in self.background:
             await work.start()
         self._server = self._grpc_server()
-        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise BindError("port", address) from error
         await self._server.start()
         await self.health.set(SERVICE_NAME, _SERVING)
         if self.redis is not None:
