@@ -18,6 +18,7 @@ import numpy as np
 
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.model import ModelConfig
+from solaris.precompute.replay_traffic import Event
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
@@ -29,7 +30,6 @@ from solaris.precompute.speculator import (
     Speculator,
     by_user,
 )
-from solaris.precompute.traffic import Event
 from solaris.server.core import EmbeddingService
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
