@@ -25,7 +25,7 @@ class World:
     def clock(self) -> float:
         return self.now
 
-    def fresh_until(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+    def read_stale_at(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         return np.array([self.stale_at.get(pair, -np.inf) for pair in pairs])
 
     def speculator(self, rate: float = 1000.0, **settings: object) -> Speculator:
@@ -35,7 +35,7 @@ class World:
             traffic=TrafficSettings(**traffic),  # type: ignore[arg-type]
             **settings,  # type: ignore[arg-type]
         )
-        speculator = Speculator(chosen, self.fresh_until, self.clock)
+        speculator = Speculator(chosen, self.read_stale_at, self.clock)
         self.now += 1
         return speculator
 
@@ -217,10 +217,10 @@ def test_nothing_taken_is_lost_when_the_store_does_not_answer(world: World) -> N
     def unreachable(pairs: list[tuple[str, str]]) -> np.ndarray:
         raise ConnectionError("store down")
 
-    speculator._fresh_until = unreachable
+    speculator._stale_at = unreachable
     with pytest.raises(ConnectionError):
         speculator.take()
-    speculator._fresh_until = world.fresh_until
+    speculator._stale_at = world.read_stale_at
     assert {entry.item_id for entry in speculator.take()} == {"a", "b"}
 
 
@@ -250,7 +250,7 @@ def test_a_traffic_model_passed_in_is_the_one_learnt_into_and_expanded_from(worl
     traffic = TrafficModel()
     traffic.learn("a", ["x", "y"])
     settings = SpeculationSettings(policies=frozenset({Policy.COVISIT}))
-    speculator = Speculator(settings, world.fresh_until, world.clock, traffic=traffic)
+    speculator = Speculator(settings, world.read_stale_at, world.clock, traffic=traffic)
     world.now += 1
     speculator.observe([world.request("c", ["x"], [HIT])])
     assert traffic.active_users() == ["c", "a"]

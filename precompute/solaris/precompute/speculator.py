@@ -36,7 +36,7 @@ from solaris.server.store import RowStatus
 from solaris.wire import MAX_PRIORITY
 
 Pair = tuple[str, str]
-FreshUntil = Callable[[Sequence[Pair]], np.ndarray]
+StaleAt = Callable[[Sequence[Pair]], np.ndarray]
 """`pairs -> stale_at per pair` (-inf for a pair the store lacks). One call covers many pairs,
 so that a store across the network answers a batch of reads in one round trip."""
 
@@ -110,7 +110,7 @@ class Speculator:
     def __init__(
         self,
         settings: SpeculationSettings,
-        fresh_until: FreshUntil,
+        stale_at: StaleAt,
         clock: Callable[[], float] = time.time,
         on_queue: Callable[[Speculated], None] | None = None,
         traffic: TrafficModel | None = None,
@@ -123,7 +123,7 @@ class Speculator:
         self.traffic = traffic if traffic is not None else _traffic_model(settings)
         self._on_queue = on_queue
         self.stats = SpeculatorStats()
-        self._fresh_until = fresh_until
+        self._stale_at = stale_at
         self._clock = clock
         self._heap: list[tuple[float, int, Speculated]] = []
         self._queued: dict[Pair, Speculated] = {}
@@ -317,8 +317,8 @@ class Speculator:
         return popped
 
     def _not_fresh(self, entries: list[Speculated]) -> list[Speculated]:
-        fresh_until = self._fresh_until([(entry.user_id, entry.item_id) for entry in entries])
-        fresh = fresh_until > self._clock()
+        stale_at = self._stale_at([(entry.user_id, entry.item_id) for entry in entries])
+        fresh = stale_at > self._clock()
         self.stats.skipped_fresh += int(fresh.sum())
         return [entry for entry, is_fresh in zip(entries, fresh, strict=True) if not is_fresh]
 
