@@ -18,9 +18,9 @@ import numpy as np
 import redis
 from redis_l2 import start_redis
 
+from solaris.precompute.replay_traffic import SyntheticTraffic
 from solaris.precompute.shared_speculation import SharedSpeculation
 from solaris.precompute.speculator import Policy, SpeculationSettings, Speculator
-from solaris.precompute.traffic import SyntheticTraffic
 from solaris.server.l1 import MemoryStore
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request

@@ -8,9 +8,7 @@ import pytest
 
 from solaris.precompute.export import ExportReport
 from solaris.precompute.replay import ORACLE, Replay, ReplayResult, format_report
-from solaris.precompute.runner import OnnxRunner
-from solaris.precompute.speculator import Policy
-from solaris.precompute.traffic import (
+from solaris.precompute.replay_traffic import (
     Event,
     LogReplay,
     SyntheticTraffic,
@@ -18,6 +16,8 @@ from solaris.precompute.traffic import (
     requests_from_log,
     write_synthetic_log,
 )
+from solaris.precompute.runner import OnnxRunner
+from solaris.precompute.speculator import Policy
 
 ITEMS = tuple(f"item-{n}" for n in range(5))
 SMALL = SyntheticTraffic(users=50, items=300, duration_seconds=120, sessions_per_second=0.5)

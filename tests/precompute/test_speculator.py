@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from solaris.precompute.speculator import Policy, SpeculationSettings, Speculator
+from solaris.precompute.traffic_model import TrafficModel, TrafficSettings
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
 
 HIT, MISS = RowStatus.HIT, RowStatus.MISS
+TRAFFIC_FIELDS = {field.name for field in dataclasses.fields(TrafficSettings)}
 
 
 class World:
@@ -23,12 +25,17 @@ class World:
     def clock(self) -> float:
         return self.now
 
-    def fresh_until(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+    def read_stale_at(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         return np.array([self.stale_at.get(pair, -np.inf) for pair in pairs])
 
     def speculator(self, rate: float = 1000.0, **settings: object) -> Speculator:
-        chosen = SpeculationSettings(budget_pairs_per_second=rate, **settings)  # type: ignore[arg-type]
-        speculator = Speculator(chosen, self.fresh_until, self.clock)
+        traffic = {name: settings.pop(name) for name in TRAFFIC_FIELDS & settings.keys()}
+        chosen = SpeculationSettings(
+            budget_pairs_per_second=rate,
+            traffic=TrafficSettings(**traffic),  # type: ignore[arg-type]
+            **settings,  # type: ignore[arg-type]
+        )
+        speculator = Speculator(chosen, self.read_stale_at, self.clock)
         self.now += 1
         return speculator
 
@@ -210,10 +217,10 @@ def test_nothing_taken_is_lost_when_the_store_does_not_answer(world: World) -> N
     def unreachable(pairs: list[tuple[str, str]]) -> np.ndarray:
         raise ConnectionError("store down")
 
-    speculator._fresh_until = unreachable
+    speculator._stale_at = unreachable
     with pytest.raises(ConnectionError):
         speculator.take()
-    speculator._fresh_until = world.fresh_until
+    speculator._stale_at = world.read_stale_at
     assert {entry.item_id for entry in speculator.take()} == {"a", "b"}
 
 
@@ -237,3 +244,14 @@ def test_a_take_can_be_held_to_a_number_of_users(world: World) -> None:
         ("first", "b", Policy.PREFETCH),
     }
     assert pairs(speculator.take()) == {("second", "c", Policy.PREFETCH)}
+
+
+def test_a_traffic_model_passed_in_is_the_one_learnt_into_and_expanded_from(world: World) -> None:
+    traffic = TrafficModel()
+    traffic.learn("a", ["x", "y"])
+    settings = SpeculationSettings(policies=frozenset({Policy.COVISIT}))
+    speculator = Speculator(settings, world.read_stale_at, world.clock, traffic=traffic)
+    world.now += 1
+    speculator.observe([world.request("c", ["x"], [HIT])])
+    assert traffic.active_users() == ["c", "a"]
+    assert pairs(speculator.take()) == {("c", "y", Policy.COVISIT)}

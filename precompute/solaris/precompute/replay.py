@@ -18,18 +18,18 @@ import numpy as np
 
 from solaris.precompute.daemon import PrecomputeDaemon
 from solaris.precompute.model import ModelConfig
+from solaris.precompute.replay_traffic import Event
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
-    FreshUntil,
     Pair,
     Policy,
     Speculated,
     SpeculationSettings,
     Speculator,
+    StaleAt,
     by_user,
 )
-from solaris.precompute.traffic import Event
 from solaris.server.core import EmbeddingService
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
@@ -111,13 +111,13 @@ class Oracle:
         requests: Sequence[Event],
         budget: float,
         horizon_seconds: float,
-        fresh_until: FreshUntil,
+        stale_at: StaleAt,
         clock: SimulatedClock,
     ) -> None:
         self.requests = requests
         self.budget = budget
         self.horizon_seconds = horizon_seconds
-        self.fresh_until = fresh_until
+        self.stale_at = stale_at
         self.clock = clock
         self._next = 0
         self._tokens = 0.0
@@ -139,7 +139,7 @@ class Oracle:
             if event.time > elapsed + self.horizon_seconds / 2 or len(chosen) >= int(self._tokens):
                 break
             pairs = [(event.user_id, item) for item in event.item_ids]
-            stale = self.fresh_until(pairs) <= now
+            stale = self.stale_at(pairs) <= now
             for item, is_stale in zip(event.item_ids, stale, strict=True):
                 pair = (event.user_id, item)
                 if is_stale and self._may_hand_out(pair, now) and len(chosen) < int(self._tokens):

@@ -14,8 +14,9 @@ Policies, strongest signal first:
   covisit   items that other users' requests show together with this user's recent
             candidates (co-visitation), for users active recently;
   popular   the most requested items, for users active recently.
-The last two are expansion: they fill only the budget the first three leave. A pair already
-fresh in the store is never handed out, and every pair remembers the policy that asked for it.
+The last two are expansion: they fill only the budget the first three leave, drawing on a
+`TrafficModel` of recent requests. A pair already fresh in the store is never handed out, and
+every pair remembers the policy that asked for it.
 """
 
 import heapq
@@ -29,12 +30,13 @@ from enum import StrEnum
 
 import numpy as np
 
+from solaris.precompute.traffic_model import Scored, TrafficModel, TrafficSettings
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
 from solaris.wire import MAX_PRIORITY
 
 Pair = tuple[str, str]
-FreshUntil = Callable[[Sequence[Pair]], np.ndarray]
+StaleAt = Callable[[Sequence[Pair]], np.ndarray]
 """`pairs -> stale_at per pair` (-inf for a pair the store lacks). One call covers many pairs,
 so that a store across the network answers a batch of reads in one round trip."""
 
@@ -66,23 +68,14 @@ class SpeculationSettings:
     weights: dict[Policy, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     refresh_window_seconds: float = 300.0
     """A requested pair whose freshness ends within this window is refreshed."""
-    recent_users: int = 10_000
-    """Users whose recent candidates feed expansion, most recently active kept."""
-    recent_items_per_user: int = 200
-    neighbours_per_item: int = 20
-    """Co-visited items kept per item, most frequent first."""
-    covisit_items_per_request: int = 20
-    """Co-visitation counts the first this many items of a request (the cost is their square),
-    and expansion starts from a user's latest this many items."""
-    max_tracked_items: int = 20_000
-    """Items whose popularity and neighbours are kept (each keeps up to 4 x neighbours_per_item
-    counts); past this the rarer half is forgotten and the rest's counts halved."""
     decay_seconds: float = 60.0
     """A signal's value falls by a factor of e every this many seconds."""
     max_queued_pairs: int = 200_000
     """Past this, the least valuable half of the queue is dropped."""
     in_flight_seconds: float = 60.0
     """A pair handed out is not handed out again until `done` or for this long."""
+    traffic: TrafficSettings = field(default_factory=TrafficSettings)
+    """What the traffic model behind expansion remembers, when the speculator builds it."""
 
     def __post_init__(self) -> None:
         for name in ("budget_pairs_per_second", "decay_seconds"):
@@ -111,19 +104,26 @@ class SpeculatorStats:
 
 
 class Speculator:
+    """The queue under the budget. What it learns of traffic beyond the pairs it queues lives
+    in `traffic`, which it feeds every read it observes."""
+
     def __init__(
         self,
         settings: SpeculationSettings,
-        fresh_until: FreshUntil,
+        stale_at: StaleAt,
         clock: Callable[[], float] = time.time,
         on_queue: Callable[[Speculated], None] | None = None,
+        traffic: TrafficModel | None = None,
     ) -> None:
         """`on_queue` sees every pair as it is queued (the replay uses it to tell a miss that
-        was never predicted from one predicted too late)."""
+        was never predicted from one predicted too late). `traffic`: a model to learn into and
+        expand from, by default one of `settings.traffic` (counting co-visits only with the
+        covisit policy)."""
         self.settings = settings
+        self.traffic = traffic if traffic is not None else _traffic_model(settings)
         self._on_queue = on_queue
         self.stats = SpeculatorStats()
-        self._fresh_until = fresh_until
+        self._stale_at = stale_at
         self._clock = clock
         self._heap: list[tuple[float, int, Speculated]] = []
         self._queued: dict[Pair, Speculated] = {}
@@ -131,11 +131,6 @@ class Speculator:
         self._started_at = clock()
         self._tokens = 0.0
         self._tokens_at = clock()
-        self._recent: OrderedDict[str, dict[str, None]] = OrderedDict()
-        self._unexpanded: OrderedDict[str, None] = OrderedDict()
-        """Users with a request since their last expansion, most recent last."""
-        self._covisits: dict[str, Counter[str]] = {}
-        self._popularity: Counter[str] = Counter()
         self._handed_out: OrderedDict[Pair, float] = OrderedDict()
 
     def hint(self, user_id: str, item_ids: Iterable[str], priority: int = 0) -> None:
@@ -148,12 +143,12 @@ class Speculator:
 
     def observe(self, requests: Iterable[LoggedRequest]) -> None:
         """Reads the sidecar answered: misses and soon-stale pairs to compute, and the
-        co-visitation and popularity that expansion draws on. Each read's signals are valued
-        as of its own time, so a read learnt late is worth less."""
+        traffic that expansion draws on. Each read's signals are valued as of its own time, so
+        a read learnt late is worth less."""
         refresh = Policy.REFRESH in self.settings.policies
         horizon = self._clock() + self.settings.refresh_window_seconds
         for request in requests:
-            self._remember(request.user_id, request.item_ids)
+            self.traffic.learn(request.user_id, request.item_ids)
             at = min(request.time, self._clock())
             missed = request.statuses == RowStatus.MISS
             for index in np.flatnonzero(missed):
@@ -172,26 +167,9 @@ class Speculator:
             allowed = min(allowed, max_pairs)
         if len(self._queued) < allowed:
             self._expand(allowed)
-        chosen: list[Speculated] = []
-        users: set[str] = set()
-        while len(chosen) < allowed:
-            batch = self._pop(allowed - len(chosen), users, max_users)
-            if not batch:
-                break
-            try:
-                chosen += self._not_fresh(batch)
-            except Exception:  # the store did not answer: nothing taken is lost
-                for entry in chosen + batch:
-                    self._requeue(entry)
-                raise
+        chosen = self._choose(allowed, max_users)
         self._tokens -= len(chosen)
-        now = self._clock()
-        for entry in chosen:
-            self.stats.handed_out[entry.policy] += 1
-            self._handed_out[(entry.user_id, entry.item_id)] = now
-            self._handed_out.move_to_end((entry.user_id, entry.item_id))
-        while len(self._handed_out) > self.settings.max_queued_pairs:
-            self._handed_out.popitem(last=False)
+        self._hand_out(chosen)
         return chosen
 
     def put_back(self, entries: Iterable[Speculated]) -> None:
@@ -213,8 +191,8 @@ class Speculator:
 
     @property
     def tracked_items(self) -> int:
-        """Items whose popularity (and neighbours) the speculator remembers."""
-        return len(self._popularity)
+        """Items whose popularity (and neighbours) the traffic model remembers."""
+        return self.traffic.tracked_items
 
     def _spendable(self) -> int:
         """A token bucket: the budget accrues with time, up to one second's worth."""
@@ -223,6 +201,32 @@ class Speculator:
         self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         return int(self._tokens)
+
+    def _choose(self, allowed: int, max_users: int | None) -> list[Speculated]:
+        """Up to `allowed` of the best queued pairs that the store does not hold fresh."""
+        chosen: list[Speculated] = []
+        users: set[str] = set()
+        while len(chosen) < allowed:
+            batch = self._pop(allowed - len(chosen), users, max_users)
+            if not batch:
+                break
+            try:
+                chosen += self._not_fresh(batch)
+            except Exception:  # the store did not answer: nothing taken is lost
+                for entry in chosen + batch:
+                    self._requeue(entry)
+                raise
+        return chosen
+
+    def _hand_out(self, chosen: list[Speculated]) -> None:
+        """Counts the pairs and marks them in flight; the oldest marks go past a bound."""
+        now = self._clock()
+        for entry in chosen:
+            self.stats.handed_out[entry.policy] += 1
+            self._handed_out[(entry.user_id, entry.item_id)] = now
+            self._handed_out.move_to_end((entry.user_id, entry.item_id))
+        while len(self._handed_out) > self.settings.max_queued_pairs:
+            self._handed_out.popitem(last=False)
 
     def _offer(self, user_id: str, item_id: str, policy: Policy, score: float, at: float) -> None:
         """A signal of `policy` at time `at` that `(user_id, item_id)` will be requested."""
@@ -234,25 +238,38 @@ class Speculator:
             return
         priority = math.log(value) + (at - self._started_at) / self.settings.decay_seconds
         queued = self._queued.get(pair)
-        if queued is not None:
-            if policy in EXPANSION:
-                if queued.priority >= priority:
-                    return
-            else:
-                priority = _log_sum(queued.priority, priority)
-            weights = self.settings.weights
-            policy = max(queued.policy, policy, key=lambda known: weights[known])
-        elif len(self._queued) >= self.settings.max_queued_pairs:
+        if queued is None:
+            self._queue_new(Speculated(user_id, item_id, policy, priority))
+        else:
+            self._raise(queued, policy, priority)
+
+    def _queue_new(self, entry: Speculated) -> None:
+        if len(self._queued) >= self.settings.max_queued_pairs:
             self._drop_least_valuable()
-        entry = Speculated(user_id, item_id, policy, priority)
-        self._queued[pair] = entry
-        heapq.heappush(self._heap, (-priority, next(self._order), entry))
+        self._push(entry)
+        self.stats.queued[entry.policy] += 1
+        if self._on_queue is not None:
+            self._on_queue(entry)
+
+    def _raise(self, queued: Speculated, policy: Policy, priority: float) -> None:
+        """Another signal for a queued pair: evidence adds up, a guess only replaces a weaker
+        value; the pair keeps the stronger policy."""
+        if policy in EXPANSION:
+            if queued.priority >= priority:
+                return
+        else:
+            priority = _log_sum(queued.priority, priority)
+        weights = self.settings.weights
+        policy = max(queued.policy, policy, key=lambda known: weights[known])
+        self._push(Speculated(queued.user_id, queued.item_id, policy, priority))
+
+    def _push(self, entry: Speculated) -> None:
+        """Queues `entry` over any earlier one for its pair; the heap keeps the earlier entry
+        until it is popped or the heap grows past twice the queue."""
+        self._queued[(entry.user_id, entry.item_id)] = entry
+        heapq.heappush(self._heap, (-entry.priority, next(self._order), entry))
         if len(self._heap) > 2 * len(self._queued) + 1_000:
             self._rebuild_heap()
-        if queued is None:
-            self.stats.queued[policy] += 1
-            if self._on_queue is not None:
-                self._on_queue(entry)
 
     def _requeue(self, entry: Speculated) -> None:
         pair = (entry.user_id, entry.item_id)
@@ -300,97 +317,37 @@ class Speculator:
         return popped
 
     def _not_fresh(self, entries: list[Speculated]) -> list[Speculated]:
-        fresh_until = self._fresh_until([(entry.user_id, entry.item_id) for entry in entries])
-        fresh = fresh_until > self._clock()
+        stale_at = self._stale_at([(entry.user_id, entry.item_id) for entry in entries])
+        fresh = stale_at > self._clock()
         self.stats.skipped_fresh += int(fresh.sum())
         return [entry for entry, is_fresh in zip(entries, fresh, strict=True) if not is_fresh]
-
-    def _remember(self, user_id: str, item_ids: Sequence[str]) -> None:
-        head = self._head(item_ids)
-        recent = self._recent.pop(user_id, {})
-        for item_id in self._recency_order(item_ids, head):
-            recent.pop(item_id, None)
-            recent[item_id] = None
-        while len(recent) > self.settings.recent_items_per_user:
-            del recent[next(iter(recent))]
-        self._recent[user_id] = recent
-        self._unexpanded.pop(user_id, None)
-        self._unexpanded[user_id] = None
-        if len(self._recent) > self.settings.recent_users:
-            forgotten, _ = self._recent.popitem(last=False)
-            self._unexpanded.pop(forgotten, None)
-        self._popularity.update(item_ids)
-        self._count_covisits(head)
-        if len(self._popularity) > self.settings.max_tracked_items:
-            self._forget_rare_items()
-
-    def _head(self, item_ids: Sequence[str]) -> list[str]:
-        """The items of a request that co-visitation counts, and expansion starts from."""
-        return list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
-
-    def _recency_order(self, item_ids: Sequence[str], head: list[str]) -> list[str]:
-        """A request's items in the order a user's recent items take them: the head last, so
-        that a user's newest items are the head of their latest request."""
-        in_head = set(head)
-        return [item for item in item_ids if item not in in_head] + head
-
-    def _count_covisits(self, unique: list[str]) -> None:
-        """The head of one request co-occurs; each item keeps its strongest neighbours."""
-        if Policy.COVISIT not in self.settings.policies:
-            return
-        keep = self.settings.neighbours_per_item
-        for item_id in unique:
-            neighbours = self._covisits.setdefault(item_id, Counter())
-            neighbours.update(unique)
-            del neighbours[item_id]
-            if len(neighbours) > 4 * keep:
-                self._covisits[item_id] = Counter(dict(neighbours.most_common(keep)))
-
-    def _forget_rare_items(self) -> None:
-        """Keeps the memory of items bounded under item churn: the more requested half stays,
-        and its counts are halved so that what is popular now can overtake what was."""
-        kept = self._popularity.most_common(self.settings.max_tracked_items // 2)
-        self._popularity = Counter({item: (count + 1) // 2 for item, count in kept})
-        self._covisits = {
-            item: neighbours
-            for item, neighbours in self._covisits.items()
-            if item in self._popularity
-        }
 
     def _expand(self, room: int) -> None:
         """Offers covisit and popular pairs to users who made a request since they were last
         expanded, most recent first, until `room` pairs are queued. Each request earns its
         user one expansion: an idle speculator does no work, and a busy one does it once."""
         now = self._clock()
-        top: list[tuple[str, int]] = []
-        if Policy.POPULAR in self.settings.policies:
-            top = self._popularity.most_common(self.settings.neighbours_per_item)
-        while self._unexpanded and len(self._queued) < room:
-            user_id, _ = self._unexpanded.popitem()
-            if Policy.COVISIT in self.settings.policies:
-                self._offer_neighbours(user_id, now)
+        policies = self.settings.policies
+        top = self.traffic.popular() if Policy.POPULAR in policies else []
+        while len(self._queued) < room:
+            user_id = self.traffic.pop_unexpanded_user()
+            if user_id is None:
+                return
+            if Policy.COVISIT in policies:
+                self._offer_all(user_id, self.traffic.neighbours(user_id), Policy.COVISIT, now)
             if top:
-                self._offer_popular(user_id, top, now)
+                seen = self.traffic.recent_items(user_id)
+                unseen = [(item_id, score) for item_id, score in top if item_id not in seen]
+                self._offer_all(user_id, unseen, Policy.POPULAR, now)
 
-    def _offer_popular(self, user_id: str, top: list[tuple[str, int]], now: float) -> None:
-        most = top[0][1]
-        seen = self._recent[user_id]
-        for item_id, count in top:
-            if item_id not in seen:
-                self._offer(user_id, item_id, Policy.POPULAR, count / most, now)
+    def _offer_all(self, user_id: str, scored: Scored, policy: Policy, now: float) -> None:
+        for item_id, score in scored:
+            self._offer(user_id, item_id, policy, score, now)
 
-    def _offer_neighbours(self, user_id: str, now: float) -> None:
-        seen = self._recent[user_id]
-        scores: Counter[str] = Counter()
-        for item_id in list(seen)[-self.settings.covisit_items_per_request :]:
-            scores.update(self._covisits.get(item_id, {}))
-        for item_id in seen:
-            scores.pop(item_id, None)
-        if not scores:
-            return
-        most = max(scores.values())
-        for other, count in scores.most_common(self.settings.neighbours_per_item):
-            self._offer(user_id, other, Policy.COVISIT, count / most, now)
+
+def _traffic_model(settings: SpeculationSettings) -> TrafficModel:
+    """Counting co-visits is most of what learning costs: done only for the covisit policy."""
+    return TrafficModel(settings.traffic, covisits=Policy.COVISIT in settings.policies)
 
 
 def by_user(entries: Iterable[Speculated]) -> dict[str, list[Speculated]]:

@@ -171,14 +171,14 @@ def budgets(text: str) -> list[float]:
 def replay(args: argparse.Namespace) -> int:
     from solaris.precompute.export import reference_model
     from solaris.precompute.replay import REPLAY_MODEL, format_report, plot, sweep
-    from solaris.precompute.runner import OnnxRunner
-    from solaris.precompute.traffic import (
+    from solaris.precompute.replay_traffic import (
         LogReplay,
         SyntheticTraffic,
         load_interactions,
         requests_from_log,
         write_synthetic_log,
     )
+    from solaris.precompute.runner import OnnxRunner
 
     if args.make_log:
         write_synthetic_log(Path(args.make_log), args.users, args.items, days=7, seed=args.seed)

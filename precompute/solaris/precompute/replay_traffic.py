@@ -89,8 +89,9 @@ class _Generator:
 
 
 def _zipf_weights(count: int, exponent: float) -> np.ndarray:
-    weights = 1.0 / np.arange(1, count + 1) ** exponent
-    return weights / weights.sum()
+    weights: np.ndarray = 1.0 / np.arange(1, count + 1) ** exponent
+    weights /= weights.sum()
+    return weights
 
 
 @dataclass(frozen=True)
