@@ -207,7 +207,7 @@ class SharedSpeculation:
         for key in self._cursors:
             newest = entries(self.client.xrevrange(key, count=1))
             self._cursors[key] = newest[0][0].decode() if newest else "0-0"
-        self._speculator = Speculator(self.settings, self._fresh_until)
+        self._speculator = Speculator(self.settings, self._stale_at)
         self._led_shard = self.lease.shard
         self.stats.leading = True
         lease = self.lease
@@ -296,5 +296,5 @@ class SharedSpeculation:
                 pipe.xadd(STREAM_KEY, task, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
 
-    def _fresh_until(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    def _stale_at(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         return read_stale_at(self.client, self.dim, self.model_version, pairs)
