@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis
@@ -126,13 +126,19 @@ def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with its password masked, for logs: the one in `user:password@` and the one a
+    `?password=` option carries (redis-py reads both; a unix:// URL has only the second)."""
+    base, question, query = url.partition("?")
+    parts = urlsplit(base)
+    if parts.password is not None:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        base = base.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{hostport}", 1)
+    options = (option.partition("=") for option in query.split("&"))
+    query = "&".join(
+        f"{name}=***" if name == "password" else f"{name}{sep}{value}"
+        for name, sep, value in options
+    )
+    return base + question + query
 
 
 def _header_fits(records: np.ndarray, dim: int, model_version: str) -> np.ndarray:
