@@ -41,7 +41,7 @@ def test_the_sidecar_venv_holds_no_model_stack(sidecar_venv: Path) -> None:
         check=True,
     ).stdout
     names = {_canonical(line.split("==")[0]) for line in listed.splitlines()}
-    assert {"solaris", "solaris-protos", "grpcio", "redis"} <= names
+    assert {"solaris-embeddings", "solaris-protos", "grpcio", "redis"} <= names
     assert not names & MODEL_STACK
 
 
@@ -67,6 +67,6 @@ def test_without_the_model_stack_a_daemon_is_refused_in_one_line(
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert "precompute: the model stack is not installed" in last
-    assert "solaris[model]" in last
+    [line] = done.stderr.strip().splitlines()
+    assert "precompute: the model stack is not installed" in line
+    assert "solaris-embeddings[model]" in line

@@ -113,15 +113,26 @@ def _local_parts(settings: SidecarSettings) -> SidecarParts:
     """The embedded deployment's parts: everything in this process's memory."""
     l1 = MemoryStore(settings.l1_bytes, settings.dim)
     prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
-    registry = CollectorRegistry()
-    live = LiveValues()
-    registry.register(live)
+    registry, live = _metrics()
     l1_values(live, l1)
     prefetch_queue_values(live, prefetch_queue)
-    request_log = RequestLog(settings.request_log_rows)
     return SidecarParts(
-        settings, l1, request_log, prefetch_queue, live, registry, l1, prefetch_queue
+        settings=settings,
+        l1=l1,
+        request_log=RequestLog(settings.request_log_rows),
+        prefetch_queue=prefetch_queue,
+        live=live,
+        registry=registry,
+        store=l1,
+        work_queue=prefetch_queue,
     )
+
+
+def _metrics() -> tuple[CollectorRegistry, LiveValues]:
+    """A process's registry, and the live values its parts register on."""
+    registry, live = CollectorRegistry(), LiveValues()
+    registry.register(live)
+    return registry, live
 
 
 def _share_over_redis(parts: SidecarParts, url: str) -> None:
@@ -142,22 +153,21 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
 
 
 def _add_daemon(parts: SidecarParts, precompute: PrecomputeSettings) -> None:
+    """The daemon in this process: on the in-process queue, or on the shared stream."""
     settings = parts.settings
     runner = open_checked_runner(precompute, settings.dim)
     if parts.l2 is None:
-        parts.daemon = _embedded_daemon(parts, precompute, runner)
+        daemon = _embedded_daemon(parts, precompute, runner)
+        daemon_values(parts.live, daemon)
     else:
         parts.l2.use_version(runner.model_version)
-        store = TieredStore(
-            parts.l1, daemon_l2(settings, runner.model_version), DAEMON_REDIS_TIMEOUT_SECONDS
-        )
-        parts.daemon = shared_daemon(settings, precompute, runner, store)
-        speculation = shared_speculation(settings, precompute, runner.model_version)
+        l2 = daemon_l2(settings, runner.model_version)
+        store = TieredStore(parts.l1, l2, DAEMON_REDIS_TIMEOUT_SECONDS)
+        daemon, speculation = _shared_workers(settings, precompute, runner, store, parts.live)
         if speculation is not None:
             parts.background.append(OnThread(speculation))
-            shared_speculation_values(parts.live, speculation)
-    parts.background.insert(0, OnThread(parts.daemon))
-    daemon_values(parts.live, parts.daemon)
+    parts.daemon = daemon
+    parts.background.insert(0, OnThread(daemon))
 
 
 def _embedded_daemon(
@@ -186,7 +196,8 @@ def open_checked_runner(precompute: PrecomputeSettings, dim: int) -> "OnnxRunner
     except ModuleNotFoundError as missing:
         raise SettingsError(
             f"precompute: the model stack is not installed ({missing.name} is missing): "
-            "pip install 'solaris[model]', or serve only with --precompute false"
+            "pip install 'solaris-embeddings[model]' (from a checkout: pip install './[model]'), "
+            "or serve only with --precompute false"
         ) from None
     runner = open_runner(precompute)
     if runner.dim != dim:
@@ -200,6 +211,25 @@ def daemon_l2(settings: StoreSettings, model_version: str) -> RedisStore:
     """A RedisStore of the daemon's own: its client belongs to the daemon's event loop."""
     client = connect(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
     return RedisStore(client, settings.dim, model_version)
+
+
+def _shared_workers(
+    settings: StoreSettings,
+    precompute: PrecomputeSettings,
+    runner: "OnnxRunner",
+    store: Store,
+    live: LiveValues,
+) -> tuple[PrecomputeDaemon, SharedSpeculation | None]:
+    """A daemon on the shared stream and the candidate shared speculator, with their metrics:
+    the same in `solaris precompute` and in `solaris serve --redis`."""
+    daemon = shared_daemon(settings, precompute, runner, store)
+    daemon_values(live, daemon)
+    if isinstance(daemon.source, StreamWorkSource):
+        stream_source_values(live, daemon.source)
+    speculation = shared_speculation(settings, precompute, runner.model_version)
+    if speculation is not None:
+        shared_speculation_values(live, speculation)
+    return daemon, speculation
 
 
 def shared_daemon(
@@ -247,14 +277,7 @@ def daemon_parts(settings: DaemonSettings) -> DaemonParts:
     """The shared daemon alone: work from the stream, results to Redis, the shared speculator.
     (DaemonSettings has refused an empty `redis` already.)"""
     runner = open_checked_runner(settings, settings.dim)
-    daemon = shared_daemon(settings, settings, runner, daemon_l2(settings, runner.model_version))
-    speculation = shared_speculation(settings, settings, runner.model_version)
-    registry = CollectorRegistry()
-    live = LiveValues()
-    registry.register(live)
-    daemon_values(live, daemon)
-    if isinstance(daemon.source, StreamWorkSource):
-        stream_source_values(live, daemon.source)
-    if speculation is not None:
-        shared_speculation_values(live, speculation)
+    registry, live = _metrics()
+    store = daemon_l2(settings, runner.model_version)
+    daemon, speculation = _shared_workers(settings, settings, runner, store, live)
     return DaemonParts(daemon, speculation, registry, runner.model_version)

@@ -41,9 +41,9 @@ class Sidecar:
         background: Sequence[Background] = (),
         redis: Reachability | None = None,
     ) -> None:
-        """`redis`, when the store has a Redis tier, is reported as the health service's
-        `solaris.redis`: the sidecar itself stays SERVING (it answers from L1), and a probe
-        or an operator can see the degradation."""
+        """`redis`, whether the store's Redis tier answers (when it has one), is reported as
+        the health service's `solaris.redis`: the sidecar itself stays SERVING (it answers
+        from L1), and a probe or an operator can see the degradation."""
         self.settings = settings
         self.service = service
         self.registry = registry
@@ -63,14 +63,16 @@ class Sidecar:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
-        for work in self.background:
-            await work.start()
+        """Binds the port (so a port taken fails before anything runs), starts the background
+        work, then serves."""
         self._server = self._grpc_server()
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError as error:
             raise BindError("port", address) from error
+        for work in self.background:
+            await work.start()
         await self._server.start()
         await self.health.set(SERVICE_NAME, _SERVING)
         if self.redis is not None:
