@@ -5,6 +5,7 @@ the newest requests and counts the ones it dropped.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -61,6 +62,8 @@ def _is_time(value: object) -> bool:
 
 
 class RequestShipper:
+    """Ships the sidecar's logged reads to the request stream, off the serving path."""
+
     def __init__(
         self,
         client: redis.asyncio.Redis,
@@ -74,17 +77,21 @@ class RequestShipper:
         self.shipped = 0
         self.dropped = 0
         self._buffer: deque[LoggedRequest] = deque(maxlen=buffer_requests)
+        self._stopping = asyncio.Event()
         self._shipping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Ships in the background, from the running event loop, until `stop`."""
+        self._stopping.clear()
         self._shipping = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        """Stops shipping, then ships what the buffer still holds, once."""
+        """Stops shipping, then ships what the buffer still holds, once. Stopping is asked
+        for, not cancelled: on Python 3.11 a cancel that lands as `ship`'s own timeout ends
+        can be lost, and the loop would go on (seen here: a sidecar that never exited)."""
+        self._stopping.set()
         if self._shipping is not None:
-            self._shipping.cancel()
-            await asyncio.gather(self._shipping, return_exceptions=True)
+            await self._shipping
             self._shipping = None
         await self.ship()
 
@@ -94,9 +101,10 @@ class RequestShipper:
         self._buffer.append(request)
 
     async def run(self) -> None:
-        """Ships until cancelled."""
-        while True:
-            await asyncio.sleep(_SHIP_EVERY_SECONDS)
+        """Ships every `_SHIP_EVERY_SECONDS` until `stop`."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), _SHIP_EVERY_SECONDS)
             await self.ship()
 
     async def ship(self) -> None:
