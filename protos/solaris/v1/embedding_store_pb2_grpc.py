@@ -95,8 +95,9 @@ class EmbeddingStoreServicer:
         when the sidecar runs with Redis and the shared work stream could not be written within
         the sidecar's Redis timeout (the stream never refuses for room: it is capped by trimming
         its oldest entries).
-        The freshness lookup and the queueing take no account of the caller's deadline: a caller
-        whose deadline ends the call cannot tell whether the pairs were queued.
+        The freshness lookup gives up on Redis by the caller's deadline (those pairs count as not
+        fresh); the queueing takes no account of it: a caller whose deadline ends the call cannot
+        tell whether the pairs were queued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -109,8 +109,9 @@ class EmbeddingStoreStub:
     when the sidecar runs with Redis and the shared work stream could not be written within
     the sidecar's Redis timeout (the stream never refuses for room: it is capped by trimming
     its oldest entries).
-    The freshness lookup and the queueing take no account of the caller's deadline: a caller
-    whose deadline ends the call cannot tell whether the pairs were queued.
+    The freshness lookup gives up on Redis by the caller's deadline (those pairs count as not
+    fresh); the queueing takes no account of it: a caller whose deadline ends the call cannot
+    tell whether the pairs were queued.
     """
 
 @_typing.type_check_only
@@ -149,8 +150,9 @@ class EmbeddingStoreAsyncStub(EmbeddingStoreStub):
     when the sidecar runs with Redis and the shared work stream could not be written within
     the sidecar's Redis timeout (the stream never refuses for room: it is capped by trimming
     its oldest entries).
-    The freshness lookup and the queueing take no account of the caller's deadline: a caller
-    whose deadline ends the call cannot tell whether the pairs were queued.
+    The freshness lookup gives up on Redis by the caller's deadline (those pairs count as not
+    fresh); the queueing takes no account of it: a caller whose deadline ends the call cannot
+    tell whether the pairs were queued.
     """
 
 class EmbeddingStoreServicer(metaclass=_abc_1.ABCMeta):
@@ -204,8 +206,9 @@ class EmbeddingStoreServicer(metaclass=_abc_1.ABCMeta):
         when the sidecar runs with Redis and the shared work stream could not be written within
         the sidecar's Redis timeout (the stream never refuses for room: it is capped by trimming
         its oldest entries).
-        The freshness lookup and the queueing take no account of the caller's deadline: a caller
-        whose deadline ends the call cannot tell whether the pairs were queued.
+        The freshness lookup gives up on Redis by the caller's deadline (those pairs count as not
+        fresh); the queueing takes no account of it: a caller whose deadline ends the call cannot
+        tell whether the pairs were queued.
         """
 
 def add_EmbeddingStoreServicer_to_server(servicer: EmbeddingStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

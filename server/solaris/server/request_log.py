@@ -1,6 +1,7 @@
 """The request log: every read the sidecar answered, handed to its listeners (the embedded
-speculator, the Redis request stream) and kept, bounded in rows (requested pairs; the oldest
-requests go first), for whoever reads it back.
+speculator, the Redis request stream). It also keeps the latest requests, bounded in rows
+(requested pairs; the oldest go first), for `snapshot`: only tests read that back today, and
+the rows it keeps count toward the sidecar's memory beside L1.
 """
 
 import threading
