@@ -54,4 +54,5 @@ bench: install
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/redis_l2.py
 	$(BIN)/python bench/serve_only.py
+	$(BIN)/python bench/sidecar_memory.py
 	$(BIN)/python bench/speculator.py
