@@ -42,6 +42,8 @@ so that a store across the network answers a batch of reads in one round trip.""
 
 
 class Policy(StrEnum):
+    """Why a pair is asked for; see the module docstring."""
+
     PREFETCH = "prefetch"
     MISS = "miss"
     REFRESH = "refresh"
@@ -63,6 +65,8 @@ DEFAULT_WEIGHTS = {
 
 @dataclass(frozen=True)
 class SpeculationSettings:
+    """The queue's budget, policies and bounds, and the traffic model's."""
+
     budget_pairs_per_second: float = 500.0
     policies: frozenset[Policy] = frozenset(Policy)
     weights: dict[Policy, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -85,6 +89,8 @@ class SpeculationSettings:
 
 @dataclass(frozen=True, slots=True)
 class Speculated:
+    """A pair the speculator queued or handed out."""
+
     user_id: str
     item_id: str
     policy: Policy
@@ -97,6 +103,8 @@ class Speculated:
 
 @dataclass
 class SpeculatorStats:
+    """Counters since start, by policy."""
+
     queued: Counter[Policy] = field(default_factory=Counter)
     handed_out: Counter[Policy] = field(default_factory=Counter)
     skipped_fresh: int = 0

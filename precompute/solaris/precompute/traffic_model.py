@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class TrafficSettings:
+    """Bounds on what the model of traffic remembers."""
+
     recent_users: int = 10_000
     """Users whose recent items are kept, most recently active kept."""
     recent_items_per_user: int = 200
@@ -43,6 +45,9 @@ Scored = list[tuple[str, float]]
 
 
 class TrafficModel:
+    """What recent requests show: each user's recent items, which items are requested together
+    (co-visitation) and which most (popularity); bounded in users and items."""
+
     def __init__(self, settings: TrafficSettings | None = None, covisits: bool = True) -> None:
         """`covisits=False` skips counting co-visitation (the dearest part of `learn`) for a
         user of the model that never asks for it; `covisited` then finds nothing."""

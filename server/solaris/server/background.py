@@ -7,6 +7,8 @@ from typing import Protocol
 
 
 class Background(Protocol):
+    """Work beside the server: started before it serves, stopped after it drains."""
+
     async def start(self) -> None:
         """Starts the work and returns; the work goes on until `stop`."""
         ...

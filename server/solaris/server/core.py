@@ -39,6 +39,8 @@ class BatchResult:
 
 @dataclass(frozen=True, slots=True)
 class PrefetchResult:
+    """A Prefetch's answer: pairs queued, and pairs skipped as already fresh."""
+
     queued: int
     already_fresh: int
 

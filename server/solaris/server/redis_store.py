@@ -73,6 +73,8 @@ def encode_values(vectors: np.ndarray, freshness: Freshness) -> list[bytes]:
 
 @dataclass(frozen=True)
 class Decoded:
+    """Rows parsed from MGET's blobs, and how many were present but unreadable."""
+
     values: np.ndarray
     times: np.ndarray
     corrupt: int
