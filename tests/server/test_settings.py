@@ -4,10 +4,13 @@ value is refused in one line that names the setting and what it takes."""
 import argparse
 import json
 import logging
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -23,7 +26,14 @@ from solaris.app.settings import (
 )
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import DEFAULT_WEIGHTS, Policy
-from solaris.server.settings import SettingsError, SidecarSettings, StoreSettings
+from solaris.server.l1 import MemoryStore, entry_bytes
+from solaris.server.settings import (
+    GRPC_MESSAGE_LIMIT,
+    SettingsError,
+    SidecarSettings,
+    StoreSettings,
+)
+from solaris.server.store import FLOAT32, Freshness
 
 README = Path(__file__).parents[2] / "README.md"
 SECRET_URL = "redis://user:hunter2@redis.example:6379/0"
@@ -56,6 +66,14 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--precompute", "maybe"], {}, "precompute: got maybe from --precompute; must be true"),
         (["--cache-fraction", "1"], {}, "cache_fraction: .* at least 0 and below 1"),
         (["--metrics-port", "50051"], {}, "metrics_port: got 50051 .* must differ from port"),
+        (["--cache-bytes", "1"], {}, "cache_bytes: got 1 from --cache-bytes; must hold one entry"),
+        (
+            ["--memory-limit", "1000", "--cache-fraction", "0.5"],
+            {},
+            "cache_fraction: got 0.5 .* memory_limit 1000, it makes an L1 cap of 500 bytes",
+        ),
+        (["--max-items", "5000000"], {}, "max_items: got 5000000 .* less than 2 GiB"),
+        ([], {"SOLARIS_MAX_HISTORY": "9999999999"}, "max_items: .* lower max_id_bytes, max_hi"),
     ],
 )
 def test_bad_values_fail_naming_the_setting_its_origin_and_what_it_takes(
@@ -268,8 +286,34 @@ def test_json_logs_are_one_object_per_line() -> None:
 
 
 def test_the_l1_cap_follows_the_memory_limit_when_asked() -> None:
-    assert SidecarSettings(cache_bytes=100).l1_bytes == 100
-    assert SidecarSettings(cache_bytes=100, memory_limit=1000).l1_bytes == 100
-    assert SidecarSettings(memory_limit=1000, cache_fraction=0.5).l1_bytes == 500
+    assert SidecarSettings(cache_bytes=10**5).l1_bytes == 10**5
+    assert SidecarSettings(cache_bytes=10**5, memory_limit=10**6).l1_bytes == 10**5
+    assert SidecarSettings(memory_limit=10**6, cache_fraction=0.5).l1_bytes == 500_000
     with pytest.raises(ValidationError, match="cache_fraction"):
-        SidecarSettings(memory_limit=1000, cache_fraction=1.5)
+        SidecarSettings(memory_limit=10**6, cache_fraction=1.5)
+
+
+def test_the_smallest_l1_cap_taken_holds_one_entry_of_the_longest_ids() -> None:
+    dim, id_bytes = 8, 20
+    smallest = entry_bytes(dim, 2 * id_bytes)
+    with pytest.raises(ValidationError, match="cache_bytes"):
+        SidecarSettings(dim=dim, max_id_bytes=id_bytes, cache_bytes=smallest - 1)
+    settings = SidecarSettings(dim=dim, max_id_bytes=id_bytes, cache_bytes=smallest)
+    store = MemoryStore(settings.l1_bytes, dim)
+    user, item = "u" * id_bytes, "i" * id_bytes
+
+    store.write_sync(user, [item], np.ones((1, dim)), Freshness("v", time.time(), 1e12, 1e12))
+
+    assert store.read_sync(user, [item], FLOAT32, time.time()).values.tolist() == [[1.0] * dim]
+
+
+def test_the_most_items_a_refusal_offers_are_the_most_grpc_takes() -> None:
+    with pytest.raises(SettingsError) as refused:
+        parse(["--max-items", "5000000"], {})
+    offered = re.search(r"to (\d+) at most", str(refused.value))
+    assert offered is not None
+    most = int(offered.group(1))
+
+    assert parse(["--max-items", str(most)], {}).max_message_bytes < GRPC_MESSAGE_LIMIT
+    with pytest.raises(SettingsError, match="max_items"):
+        parse(["--max-items", str(most + 1)], {})

@@ -25,14 +25,21 @@ PairKey = tuple[str, str]
 INDEX_OVERHEAD_BYTES = 250
 
 
+def entry_bytes(dim: int, id_bytes: int = 0) -> int:
+    """What one entry of `dim` values counts against the cap, its two ids taking `id_bytes`:
+    the smallest cap that holds it. The settings refuse a cap below one full-size entry."""
+    row_bytes = dim * (FLOAT32.itemsize + FLOAT16.itemsize) + TIMES.itemsize + 4
+    return row_bytes + INDEX_OVERHEAD_BYTES + id_bytes
+
+
 class MemoryStore:
     """A thread-safe, byte-capped LRU store of embeddings of one `dim`."""
 
     def __init__(self, max_bytes: int, dim: int) -> None:
         self.dim = dim
         self.max_bytes = max_bytes
-        self.row_bytes = dim * (FLOAT32.itemsize + FLOAT16.itemsize) + TIMES.itemsize + 4
-        capacity = max_bytes // (self.row_bytes + INDEX_OVERHEAD_BYTES)
+        self._bytes_without_ids = entry_bytes(dim)
+        capacity = max_bytes // self._bytes_without_ids
         if capacity < 1:
             raise ValueError(f"cache_bytes: {max_bytes} cannot hold one {dim}-dim embedding")
         self.evictions = 0
@@ -56,7 +63,7 @@ class MemoryStore:
         return len(self._slots)
 
     def entry_bytes(self, key: PairKey) -> int:
-        return self.row_bytes + INDEX_OVERHEAD_BYTES + len(key[0]) + len(key[1])
+        return self._bytes_without_ids + len(key[0]) + len(key[1])
 
     async def read(
         self,

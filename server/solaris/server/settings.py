@@ -7,16 +7,23 @@ Each field's type says what it accepts in words (`Accepts`), so that a bad value
 came from, is refused with one line that names the setting and what it takes.
 """
 
+import bisect
 import ipaddress
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from redis import connection
 
+from solaris.server.l1 import entry_bytes
 from solaris.wire import max_message_bytes
+
+GRPC_MESSAGE_LIMIT = 2**31
+"""gRPC takes a message size limit as a C int: below 2 GiB."""
 
 
 class SettingsError(ValueError):
@@ -101,6 +108,28 @@ def check_redis_url(value: str) -> str:
             "redis",
         ) from None
     return value
+
+
+def check_writable(path: Path, setting: str) -> None:
+    """Refuses, before any work is done, a file path that cannot be written: a folder, one
+    under a file, or one in a folder that cannot be made or written to.
+
+    Raises:
+        SettingsError: naming `setting`.
+    """
+    try:
+        if path.is_dir():
+            raise SettingsError(f"{path} is a folder; give the path of a file to write", setting)
+        folder = next(parent for parent in path.parents if parent.exists())
+        if not folder.is_dir():
+            raise SettingsError(f"cannot write {path}: {folder} is a file, not a folder", setting)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise SettingsError(
+            f"cannot write {path} ({error.strerror}); give a path in a folder this user may write",
+            setting,
+        ) from None
 
 
 Port = Annotated[int, Field(ge=0, le=65535), Accepts("a port number", "PORT")]
@@ -213,14 +242,57 @@ class SidecarSettings(StoreSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _l1_holds_an_entry(self) -> "SidecarSettings":
+        smallest = entry_bytes(self.dim, 2 * self.max_id_bytes)
+        if self.l1_bytes >= smallest:
+            return self
+        needs = (
+            f"must hold one entry: at least {smallest} bytes with dim {self.dim} and "
+            f"max_id_bytes {self.max_id_bytes}"
+        )
+        if not self._cap_from_fraction:
+            raise SettingsError(needs, "cache_bytes")
+        raise SettingsError(
+            f"with memory_limit {self.memory_limit}, it makes an L1 cap of {self.l1_bytes} "
+            f"bytes, which {needs}",
+            "cache_fraction",
+        )
+
+    @model_validator(mode="after")
+    def _messages_fit_grpc(self) -> "SidecarSettings":
+        if self.max_message_bytes < GRPC_MESSAGE_LIMIT:
+            return self
+        fits = bisect.bisect_left(
+            range(GRPC_MESSAGE_LIMIT), GRPC_MESSAGE_LIMIT, key=self._message_bytes
+        )
+        fix = (
+            f"max_items (to {fits - 1} at most) or the others"
+            if fits > 1
+            else "max_id_bytes, max_history or dim"
+        )
+        raise SettingsError(
+            f"with max_id_bytes {self.max_id_bytes}, max_history {self.max_history} and dim "
+            f"{self.dim}, a full-size message takes {self.max_message_bytes} bytes, and gRPC "
+            f"takes less than 2 GiB ({GRPC_MESSAGE_LIMIT} bytes): lower {fix}",
+            "max_items",
+        )
+
+    def _message_bytes(self, max_items: int) -> int:
+        return max_message_bytes(max_items, self.max_id_bytes, self.max_history, self.dim)
+
+    @property
+    def _cap_from_fraction(self) -> bool:
+        return bool(self.memory_limit and self.cache_fraction)
+
     @property
     def l1_bytes(self) -> int:
         """The L1 cap: a fraction of the memory limit when both are set, else cache_bytes."""
-        if self.memory_limit and self.cache_fraction:
+        if self._cap_from_fraction:
             return int(self.memory_limit * self.cache_fraction)
         return self.cache_bytes
 
     @property
     def max_message_bytes(self) -> int:
         """Largest gRPC message either way: a full-size request or answer, with room to spare."""
-        return max_message_bytes(self.max_items, self.max_id_bytes, self.max_history, self.dim)
+        return self._message_bytes(self.max_items)
