@@ -1,5 +1,6 @@
 """Export to ONNX, the numerical check, and refusing a model with the wrong signature."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +86,15 @@ def test_a_file_that_is_not_a_model_is_refused_naming_the_setting(tmp_path: Path
         OnnxRunner(path)
 
 
-def test_the_reference_model_is_exported_on_first_use_then_reused(tmp_path: Path) -> None:
-    first = reference_model(str(tmp_path))
+def test_the_reference_model_is_exported_on_first_use_then_reused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="solaris.precompute"):
+        first = reference_model(str(tmp_path))
     exported_at = first.stat().st_mtime_ns
+    logged = [record.getMessage() for record in caplog.records]
+    assert not [message for message in logged if ".partial" in message]
+    assert len([message for message in logged if str(first) in message]) == 1
 
     second = reference_model(str(tmp_path))
 

@@ -116,3 +116,161 @@ def test_a_sidecar_flag_given_to_the_daemon() -> None:
 
 def test_the_daemon_without_redis() -> None:
     refused(solaris("precompute"), "redis: must be set")
+
+
+def test_a_cache_too_small_for_one_entry() -> None:
+    line = refused(solaris(*SERVE, "--cache-bytes", "1"), "cache_bytes", "--cache-bytes")
+    assert "must hold one entry: at least" in line
+
+
+def test_a_share_of_the_memory_limit_too_small_for_one_entry() -> None:
+    argv = [*SERVE, "--memory-limit", "1000", "--cache-fraction", "0.5"]
+    refused(solaris(*argv), "cache_fraction", "memory_limit 1000", "L1 cap of 500 bytes")
+
+
+def test_messages_larger_than_grpc_takes() -> None:
+    line = refused(solaris(*SERVE, "--max-items", "5000000"), "max_items", "--max-items")
+    for text in ("max_id_bytes", "max_history", "dim", "less than 2 GiB", "2147483648"):
+        assert text in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "accepted"),
+    [
+        ("--dim", "0", "a whole number of at least 1"),
+        ("--dim", "-1", "a whole number of at least 1"),
+        ("--seed", "x", "a whole number from 0 to 4294967295"),
+        ("--seed", "-1", "a whole number from 0 to 4294967295"),
+        ("--seed", str(2**64), "a whole number from 0 to 4294967295"),
+    ],
+)
+def test_export_flags_out_of_range(flag: str, value: str, accepted: str, tmp_path: Path) -> None:
+    argv = ["export-model", "--out", str(tmp_path / "m.onnx"), flag, value]
+    refused(solaris(*argv), f"argument {flag}", repr(value), accepted)
+
+
+@pytest.mark.parametrize(
+    ("out", "why"),
+    [
+        ("/etc/passwd/x.onnx", "/etc/passwd is a file, not a folder"),
+        ("/proc/x.onnx", "give a path in a folder this user may write"),
+        ("{tmp}", "is a folder; give the path of a file"),
+    ],
+)
+def test_an_export_path_that_cannot_be_written(out: str, why: str, tmp_path: Path) -> None:
+    out = out.format(tmp=tmp_path)
+    refused(solaris("export-model", "--out", out), "out: ", out, why)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["not a checkpoint", "a state_dict of another model"])
+def test_a_checkpoint_that_cannot_be_loaded(kind: str, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    if kind == "not a checkpoint":
+        checkpoint.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    else:
+        import torch
+
+        torch.save({"weight": torch.zeros(2)}, checkpoint)
+    argv = ["export-model", "--out", str(tmp_path / "m.onnx"), "--checkpoint", str(checkpoint)]
+    refused(solaris(*argv), "checkpoint: cannot load", str(checkpoint), "state_dict")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_that_is_not_there(tmp_path: Path) -> None:
+    argv = ["export-model", "--out", str(tmp_path / "m.onnx"), "--checkpoint", "/no/such.pt"]
+    refused(solaris(*argv), "checkpoint: no file at /no/such.pt")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "accepted"),
+    [
+        ("--users", "0", "a whole number of at least 1"),
+        ("--items", "0", "a whole number of at least 1"),
+        ("--seed", "-1", "a whole number from 0 to 4294967295"),
+        ("--ttl-seconds", "-1", "a number of at least 0"),
+        ("--stale-seconds", "-1", "a number of at least 0"),
+        ("--stale-seconds", "nan", "a number of at least 0"),
+        ("--duration", "0", "a number above 0"),
+        ("--time-scale", "0", "a number above 0"),
+        ("--budgets", "25,inf", "numbers above 0"),
+    ],
+)
+def test_replay_flags_out_of_range(flag: str, value: str, accepted: str, tmp_path: Path) -> None:
+    argv = ["replay", "--plot", str(tmp_path / "plot.png"), flag, value]
+    refused(solaris(*argv), f"argument {flag}", repr(value), accepted)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("root:x:0:0:root:/root:/bin/bash\n", "needs a header naming user"),
+        ("userId,movieId,timestamp\n1,2,yesterday\n", "line 2: needs a user, an item and"),
+        ("userId,movieId,timestamp\n1,2\n", "line 2: needs a user, an item and"),
+        ("userId,movieId,timestamp\n", "makes no ranking requests"),
+        (None, "cannot read"),
+    ],
+)
+def test_a_log_that_is_no_interaction_log(content: str | None, why: str, tmp_path: Path) -> None:
+    log = tmp_path / "ratings.csv"
+    if content is not None:
+        log.write_text(content)
+    argv = ["replay", "--log", str(log), "--plot", str(tmp_path / "plot.png")]
+    refused(solaris(*argv), "log: ", str(log), why, "user,item,timestamp")
+
+
+def test_a_replay_plot_where_no_file_can_be_written(tmp_path: Path) -> None:
+    refused(solaris("replay", "--plot", str(tmp_path)), "plot: ", "is a folder")
+
+
+def test_a_model_dir_where_the_reference_model_cannot_be_written(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.touch()
+    argv = ["serve", "--port", "0", "--model-dir", str(not_a_folder / "models")]
+    refused(solaris(*argv), "model_dir: ", f"{not_a_folder} is a file, not a folder")
+
+
+WITHOUT_MODEL_STACK = """
+import sys
+
+
+class WithoutModelStack:
+    '''Imports as where only `pip install ./protos .` was run: no model stack.'''
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"torch", "onnx", "onnxruntime", "onnxscript"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, WithoutModelStack())
+from solaris.app.cli import main
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra", "also"),
+    [
+        (["export-model", "--out", "{tmp}/m.onnx"], "model", "model stack"),
+        (["replay", "--duration", "1", "--plot", "{tmp}/plot.png"], "replay", "matplotlib"),
+        (["serve", "--port", "0"], "model", "or serve only with --precompute false"),
+    ],
+)
+def test_a_command_that_needs_the_model_stack_where_it_is_not_installed(
+    argv: list[str], extra: str, also: str, tmp_path: Path
+) -> None:
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    finished = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MODEL_STACK, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    refused(
+        finished,
+        "is not installed (",
+        also,
+        f"pip install 'solaris-embeddings[{extra}]' (from a checkout: pip install './[{extra}]')",
+    )

@@ -24,6 +24,7 @@ from solaris.precompute.model import (
     ReferenceModel,
     build_model,
 )
+from solaris.server.settings import SettingsError, check_writable
 
 FLOAT32_TOLERANCE = 1e-4
 logger = logging.getLogger("solaris.precompute")
@@ -56,12 +57,12 @@ def export_model(
 
     Raises:
         ExportCheckError: the largest difference from PyTorch is above 1e-4.
+        SettingsError: the checkpoint cannot be loaded into this model.
     """
-    model = build_model(config, checkpoint)
+    model = load_model(config, checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_onnx(model, path)
     error = max_abs_error(model, path, np.random.default_rng(config.seed), checks)
-    logger.info("exported %s: max abs error against PyTorch %.3g", path, error)
     if error > FLOAT32_TOLERANCE:
         raise ExportCheckError(
             f"{path}: ONNX Runtime differs from PyTorch by {error:.3g} (> {FLOAT32_TOLERANCE})"
@@ -69,6 +70,29 @@ def export_model(
     version = model_version(path)
     Path(f"{path}.version").write_text(version + "\n")
     return ExportReport(path, version, error)
+
+
+def load_model(config: ModelConfig, checkpoint: str | None = None) -> ReferenceModel:
+    """The model, its weights from `config.seed` or from a state_dict file the user names.
+
+    Raises:
+        SettingsError: one line naming `checkpoint`, if that file cannot be loaded.
+    """
+    if checkpoint is None:
+        return build_model(config)
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"no file at {checkpoint}", "checkpoint")
+    try:
+        return build_model(config, str(path))
+    except Exception as error:  # torch.load and load_state_dict raise many kinds of error.
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise SettingsError(
+            f"cannot load {checkpoint} as a state_dict (torch.save) of a model of dim "
+            f"{config.dim}: {reason}",
+            "checkpoint",
+        ) from None
 
 
 def _write_onnx(model: ReferenceModel, path: Path) -> None:
@@ -149,15 +173,26 @@ def reference_model(model_dir: str, config: ModelConfig | None = None) -> Path:
 
     The name carries a hash of the config, so a changed config exports a new file; the file
     appears under its name only once complete, so concurrent starts never read half a file.
+
+    Raises:
+        SettingsError: naming `model_dir`, if the file cannot be written there.
     """
     config = config or ModelConfig()
     config_hash = hashlib.sha256(repr(sorted(config.to_dict().items())).encode()).hexdigest()
     path = Path(model_dir).expanduser() / f"reference-{config_hash[:12]}.onnx"
     if path.is_file() and Path(f"{path}.version").is_file():
         return path
-    logger.info("exporting the reference model to %s (first use; takes a few seconds)", path)
+    check_writable(path, "model_dir")
+    logger.info("exporting the reference model into %s (first use; takes a few seconds)", model_dir)
+    report = _export_in_place(config, path)
+    logger.info("exported %s: max abs error against PyTorch %.3g", path, report.max_abs_error)
+    return path
+
+
+def _export_in_place(config: ModelConfig, path: Path) -> ExportReport:
+    """Exports to a temporary name beside `path`, then renames it (and its version file)."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    export_model(config, partial)
+    report = export_model(config, partial)
     os.replace(f"{partial}.version", f"{path}.version")
     os.replace(partial, path)
-    return path
+    return report

@@ -5,7 +5,7 @@ ranking requests without letting anything from the future into a request."""
 import csv
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,17 +109,47 @@ class LogReplay:
 
 def load_interactions(path: Path) -> list[tuple[str, str, float]]:
     """(user, item, timestamp) rows of a CSV with a header naming user/userId, item/movieId
-    and timestamp columns (a rating column, if present, is not used), oldest first."""
-    with open(path, newline="") as file:
-        reader = csv.DictReader(file)
-        fields = {name.lower(): name for name in reader.fieldnames or ()}
-        user = fields.get("user") or fields.get("userid")
-        item = fields.get("item") or fields.get("movieid") or fields.get("itemid")
-        stamp = fields.get("timestamp")
-        if not (user and item and stamp):
-            raise ValueError(f"{path}: needs user, item and timestamp columns, has {fields}")
-        rows = [(row[user], row[item], float(row[stamp])) for row in reader]
+    and timestamp columns (a rating column, if present, is not used), oldest first.
+
+    Raises:
+        ValueError: the file is not such a CSV; the message names it (and the line).
+    """
+    try:
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            columns = _columns(reader.fieldnames or (), path)
+            rows = [_interaction(row, columns, path, reader.line_num) for row in reader]
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a CSV of text ({error})") from None
     return sorted(rows, key=lambda row: row[2])
+
+
+def _columns(header: Sequence[str], path: Path) -> tuple[str, str, str]:
+    fields = {name.lower(): name for name in header}
+    user = fields.get("user") or fields.get("userid")
+    item = fields.get("item") or fields.get("movieid") or fields.get("itemid")
+    stamp = fields.get("timestamp")
+    if not (user and item and stamp):
+        shown = repr(list(header))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ValueError(
+            f"{path}: needs a header naming user (or userId), item (or movieId) and timestamp "
+            f"columns; its first line reads as {shown}"
+        )
+    return user, item, stamp
+
+
+def _interaction(
+    row: Mapping[str, str | None], columns: tuple[str, str, str], path: Path, line: int
+) -> tuple[str, str, float]:
+    user, item, stamp = (row.get(name) for name in columns)
+    try:
+        time = float(stamp or "")
+    except ValueError:
+        time = math.nan
+    if user is None or item is None or not math.isfinite(time):
+        raise ValueError(f"{path}, line {line}: needs a user, an item and a timestamp in seconds")
+    return user, item, time
 
 
 def requests_from_log(rows: Iterable[tuple[str, str, float]], how: LogReplay) -> list[Event]:

@@ -3,19 +3,27 @@ default); `precompute` runs the daemon alone against the shared Redis; `export-m
 the reference model to ONNX and checks it."""
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from solaris.app.extras import missing_extra, provides
 from solaris.app.logs import configure_logging
 from solaris.app.ports import check_can_listen
 from solaris.app.processes import run_daemon, run_sidecar
 from solaris.app.settings import DaemonSettings, LogSettings, ServeSettings, add_flags, load
 from solaris.precompute.settings import DEFAULT_MODEL_DIR
-from solaris.server.settings import SettingsError
+from solaris.server.settings import SettingsError, check_writable
+
+if TYPE_CHECKING:
+    from solaris.precompute.replay_traffic import Event
 
 USAGE_ERROR = 2
+SEED_MAX = 2**32 - 1
+LOG_LAYOUT = "a CSV of user,item,timestamp[,rating] (the MovieLens ratings.csv layout)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-model", help="Export the reference model to ONNX.")
     export.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
     export.add_argument("--checkpoint", help="A state_dict file; default: weights from --seed.")
-    export.add_argument("--seed", type=int, default=0, help="Seed for the weights.")
-    export.add_argument("--dim", type=int, default=128, help="Width of the embeddings.")
+    export.add_argument("--seed", type=seed, default=0, help="Seed for the weights.")
+    export.add_argument("--dim", type=whole(1), default=128, help="Width of the embeddings.")
     return parser
 
 
@@ -64,35 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as error:
-        if not is_user_mistake(error):
-            raise
-        print(f"{parser.prog} {args.command}: {told(error)}", file=sys.stderr)
+    except SettingsError as error:
+        print(f"{parser.prog} {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.command == "export-model":
-        return export_model(args)
-    if args.command == "replay":
-        return replay(args)
-    if args.command == "precompute":
-        return precompute(args)
-    return serve(args)
-
-
-def is_user_mistake(error: Exception) -> bool:
-    """A refused setting (a model file that does not fit the runner is one), or a file named
-    that cannot be read."""
-    return isinstance(error, SettingsError) or (
-        isinstance(error, OSError) and error.filename is not None
-    )
-
-
-def told(error: Exception) -> str:
-    if isinstance(error, OSError):
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
+    """Runs the command; one that needs an extra not installed is refused saying what to
+    install. (serve and precompute import the model stack in the composition root, which
+    refuses it the same way.)"""
+    extra = {"export-model": "model", "replay": "replay"}.get(args.command)
+    try:
+        return COMMANDS[args.command](args)
+    except ModuleNotFoundError as missing:
+        if extra is None or not provides(extra, missing):
+            raise
+        raise missing_extra(missing, extra) from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -130,20 +125,22 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         default="25,100,400",
         help="Pairs per second, comma-separated.",
     )
-    replay.add_argument("--ttl-seconds", type=float, default=600.0)
+    replay.add_argument("--ttl-seconds", type=number(0), default=600.0)
     replay.add_argument(
         "--stale-seconds",
-        type=float,
+        type=number(0),
         default=0.0,
         help="After the TTL, how long a pair is still served as STALE (refresh's window).",
     )
-    replay.add_argument("--duration", type=float, default=900.0, help="Synthetic: seconds.")
-    replay.add_argument("--users", type=int, default=2_000, help="Synthetic: users.")
-    replay.add_argument("--items", type=int, default=5_000, help="Synthetic: items.")
-    replay.add_argument("--seed", type=int, default=0, help="Synthetic: seed.")
+    replay.add_argument(
+        "--duration", type=number(0, above=True), default=900.0, help="Synthetic: seconds."
+    )
+    replay.add_argument("--users", type=whole(1), default=2_000, help="Synthetic: users.")
+    replay.add_argument("--items", type=whole(1), default=5_000, help="Synthetic: items.")
+    replay.add_argument("--seed", type=seed, default=0, help="Synthetic: seed.")
     replay.add_argument(
         "--time-scale",
-        type=float,
+        type=number(0, above=True),
         default=1440.0,
         help="Log: log seconds per replay second (1440: a day a minute).",
     )
@@ -163,37 +160,60 @@ def budgets(text: str) -> list[float]:
         values = [float(part) for part in text.split(",")]
     except ValueError:
         values = []
-    if not values or min(values) <= 0:
+    if not values or not all(math.isfinite(value) and value > 0 for value in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give numbers above 0, such as 25,100,400")
     return values
 
 
-def replay(args: argparse.Namespace) -> int:
-    from solaris.precompute.export import reference_model
-    from solaris.precompute.replay import REPLAY_MODEL, format_report, plot, sweep
-    from solaris.precompute.replay_traffic import (
-        LogReplay,
-        SyntheticTraffic,
-        load_interactions,
-        requests_from_log,
-        write_synthetic_log,
-    )
-    from solaris.precompute.runner import OnnxRunner
+def whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low` (and at most `high`)."""
+    words = f"from {low} to {high}" if high is not None else f"of at least {low}"
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number {words}")
+        return value
+
+    return parse
+
+
+seed = whole(0, SEED_MAX)
+
+
+def number(low: float, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number of at least `low` (or, `above`, greater than it)."""
+    words = f"above {low:g}" if above else f"of at least {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number {words}")
+        return value
+
+    return parse
+
+
+def replay(args: argparse.Namespace) -> int:
+    check_writable(Path(args.make_log or args.plot), "make_log" if args.make_log else "plot")
     if args.make_log:
+        from solaris.precompute.replay_traffic import write_synthetic_log
+
         write_synthetic_log(Path(args.make_log), args.users, args.items, days=7, seed=args.seed)
         print(f"wrote {args.make_log}")
         return 0
-    if args.log:
-        rows = load_interactions(Path(args.log))
-        events = requests_from_log(rows, LogReplay(time_scale=args.time_scale))
-        title = f"{Path(args.log).name}: {len(events):,} requests"
-    else:
-        traffic = SyntheticTraffic(
-            users=args.users, items=args.items, duration_seconds=args.duration, seed=args.seed
-        )
-        events = traffic.events()
-        title = f"synthetic, seed {args.seed}: {sum(not e.is_hint for e in events):,} requests"
+    events, title = logged_events(args.log, args.time_scale) if args.log else synthetic(args)
+    # The model stack only now, once the traffic is known to be good.
+    from solaris.precompute.export import reference_model
+    from solaris.precompute.replay import REPLAY_MODEL, format_report, plot, sweep
+    from solaris.precompute.runner import OnnxRunner
+
     runner = OnnxRunner(reference_model(args.model_dir, REPLAY_MODEL), "cpu", 1)
     results = sweep(events, runner, args.budgets, args.ttl_seconds, args.stale_seconds)
     print(title)
@@ -203,10 +223,45 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def synthetic(args: argparse.Namespace) -> "tuple[list[Event], str]":
+    """The synthetic traffic the flags ask for, and the report's title."""
+    from solaris.precompute.replay_traffic import SyntheticTraffic
+
+    traffic = SyntheticTraffic(
+        users=args.users, items=args.items, duration_seconds=args.duration, seed=args.seed
+    )
+    events = traffic.events()
+    return events, f"synthetic, seed {args.seed}: {sum(not e.is_hint for e in events):,} requests"
+
+
+def logged_events(log: str, time_scale: float) -> "tuple[list[Event], str]":
+    """The requests an interaction log makes, and the report's title.
+
+    Raises:
+        SettingsError: naming `log`, if it cannot be read as one.
+    """
+    from solaris.precompute.replay_traffic import LogReplay, load_interactions, requests_from_log
+
+    try:
+        rows = load_interactions(Path(log))
+    except OSError as error:
+        raise SettingsError(
+            f"cannot read {log} ({error.strerror}); give {LOG_LAYOUT}", "log"
+        ) from None
+    except ValueError as error:
+        raise SettingsError(f"{error}; give {LOG_LAYOUT}", "log") from None
+    events = requests_from_log(rows, LogReplay(time_scale=time_scale))
+    if not events:
+        problem = f"{log} makes no ranking requests ({len(rows)} interactions)"
+        raise SettingsError(f"{problem}; give {LOG_LAYOUT}", "log")
+    return events, f"{Path(log).name}: {len(events):,} requests"
+
+
 def export_model(args: argparse.Namespace) -> int:
-    from solaris.precompute.export import ExportCheckError
+    check_writable(args.out, "out")
+    from solaris.precompute.export import ExportCheckError, load_model
     from solaris.precompute.export import export_model as export
-    from solaris.precompute.model import ModelConfig, build_model, flops, parameter_count
+    from solaris.precompute.model import ModelConfig, flops, parameter_count
 
     config = ModelConfig(dim=args.dim, seed=args.seed)
     try:
@@ -214,7 +269,7 @@ def export_model(args: argparse.Namespace) -> int:
     except ExportCheckError as error:
         print(f"export failed: {error}", file=sys.stderr)
         return 1
-    model = build_model(config, args.checkpoint)
+    model = load_model(config, args.checkpoint)
     user_flops, pair_flops = flops(model)
     print(f"wrote {report.path} (model version {report.model_version})")
     print(f"max abs error against PyTorch: {report.max_abs_error:.3g}")
@@ -223,6 +278,13 @@ def export_model(args: argparse.Namespace) -> int:
     print(f"MFLOP per candidate pair: {pair_flops / 1e6:.1f}")
     return 0
 
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": serve,
+    "precompute": precompute,
+    "replay": replay,
+    "export-model": export_model,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

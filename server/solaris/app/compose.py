@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from solaris.app.extras import missing_extra
 from solaris.app.settings import DaemonSettings
 from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
 from solaris.precompute.embedded_speculation import EmbeddedSpeculation
@@ -194,11 +195,8 @@ def open_checked_runner(precompute: PrecomputeSettings, dim: int) -> "OnnxRunner
     try:
         from solaris.precompute.runner import open_runner
     except ModuleNotFoundError as missing:
-        raise SettingsError(
-            f"precompute: the model stack is not installed ({missing.name} is missing): "
-            "pip install 'solaris-embeddings[model]' (from a checkout: pip install './[model]'), "
-            "or serve only with --precompute false"
-        ) from None
+        otherwise = "serve only with --precompute false"
+        raise missing_extra(missing, "model", "precompute", otherwise) from None
     runner = open_runner(precompute)
     if runner.dim != dim:
         raise SettingsError(
