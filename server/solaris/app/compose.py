@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from solaris.app.extras import missing_extra
+from solaris.app.extras import missing_extra, provides
 from solaris.app.settings import DaemonSettings
 from solaris.precompute.daemon import PrecomputeDaemon, WorkSource
 from solaris.precompute.embedded_speculation import EmbeddedSpeculation
@@ -156,7 +156,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
 def _add_daemon(parts: SidecarParts, precompute: PrecomputeSettings) -> None:
     """The daemon in this process: on the in-process queue, or on the shared stream."""
     settings = parts.settings
-    runner = open_checked_runner(precompute, settings.dim)
+    runner = open_checked_runner(precompute, settings.dim, "serve only with --precompute false")
     if parts.l2 is None:
         daemon = _embedded_daemon(parts, precompute, runner)
         daemon_values(parts.live, daemon)
@@ -189,13 +189,16 @@ def _embedded_daemon(
     )
 
 
-def open_checked_runner(precompute: PrecomputeSettings, dim: int) -> "OnnxRunner":
+def open_checked_runner(
+    precompute: PrecomputeSettings, dim: int, otherwise: str = ""
+) -> "OnnxRunner":
     """The model's runner (importing the model stack here, and only here), once its width is
-    the store's."""
+    the store's. Without the model stack, a refusal saying what to install (or `otherwise`)."""
     try:
         from solaris.precompute.runner import open_runner
     except ModuleNotFoundError as missing:
-        otherwise = "serve only with --precompute false"
+        if not provides("model", missing):
+            raise
         raise missing_extra(missing, "model", "precompute", otherwise) from None
     runner = open_runner(precompute)
     if runner.dim != dim:
