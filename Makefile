@@ -51,6 +51,7 @@ test: install check-protos lint
 bench: install
 	$(BIN)/python bench/batch_get.py
 	$(BIN)/python bench/client.py
+	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/redis_l2.py
 	$(BIN)/python bench/serve_only.py

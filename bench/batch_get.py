@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
+from _common import calls_per_second, latencies
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from solaris.app.compose import build_sidecar
@@ -40,37 +41,6 @@ def run_sidecar(items: int, dim: int, ready: "multiprocessing.connection.Connect
         await asyncio.Event().wait()
 
     asyncio.run(main())
-
-
-def latencies_sync(
-    stub: EmbeddingStoreStub, request: pb.BatchGetRequest, seconds: float
-) -> list[float]:
-    taken: list[float] = []
-    end = time.perf_counter() + seconds
-    while (start := time.perf_counter()) < end:
-        stub.BatchGet(request, timeout=1)
-        taken.append(time.perf_counter() - start)
-    return taken
-
-
-async def calls_per_second_async(
-    address: str, request: pb.BatchGetRequest, workers: int, seconds: float
-) -> float:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = EmbeddingStoreStub(channel)
-        await stub.BatchGet(request)
-        end = time.perf_counter() + seconds
-        done = 0
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                await stub.BatchGet(request, timeout=1)
-                done += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        return done / (time.perf_counter() - start)
 
 
 def repeated_float_type() -> type:
@@ -138,9 +108,9 @@ def main() -> None:
             stub = EmbeddingStoreStub(channel)
             warm = stub.BatchGet(request)
             assert list(warm.statuses) == [pb.HIT] * args.items
-            latencies_sync(stub, request, 1.0)
-            taken = latencies_sync(stub, request, args.seconds)
-        concurrent = asyncio.run(calls_per_second_async(address, request, 16, args.seconds))
+            latencies(lambda n: stub.BatchGet(request, timeout=1), 1.0)
+            taken = latencies(lambda n: stub.BatchGet(request, timeout=1), args.seconds)
+        concurrent = asyncio.run(calls_per_second(address, [request], 16, args.seconds))
     finally:
         server.terminate()
     packed, repeated = encoding_costs(args.items, args.dim)

@@ -13,8 +13,6 @@ In one run, on a redis-server of its own:
 import argparse
 import asyncio
 import multiprocessing
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,17 +23,15 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import redis
+from _common import fill_redis, start_redis
 
 from solaris.precompute.export import reference_model
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import (
-    MODEL_VERSION_KEY,
-    RedisStore,
     connect,
     pair_key,
     value_layout,
 )
-from solaris.server.store import Freshness
 from solaris.server.work_stream import STREAM_KEY, StreamWorkQueue
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
@@ -45,43 +41,8 @@ ITEMS = 500
 VERSION = "bench"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed")
-    port = free_port()
-    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.02)
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
 def items() -> list[str]:
     return [f"item-{n}" for n in range(ITEMS)]
-
-
-async def fill(url: str, users: int) -> None:
-    client = connect(url, 5.0)
-    store = RedisStore(client, DIM, VERSION)
-    freshness = Freshness.starting(VERSION, time.time(), 3600, 600)
-    rng = np.random.default_rng(0)
-    for user in range(users):
-        vectors = rng.standard_normal((ITEMS, DIM)).astype(np.float32)
-        await store.write(f"user-{user}", items(), vectors, freshness)
-    await client.set(MODEL_VERSION_KEY, VERSION)
-    await client.aclose()
 
 
 def run_sidecar(url: str, ready: "multiprocessing.connection.Connection") -> None:
@@ -114,7 +75,7 @@ def summary(taken: list[float]) -> str:
 
 
 def read_path(url: str, users: int, calls: int) -> None:
-    asyncio.run(fill(url, users))
+    asyncio.run(fill_redis(url, users, items(), DIM, VERSION))
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     server = context.Process(target=run_sidecar, args=(url, send), daemon=True)
