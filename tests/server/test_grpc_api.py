@@ -1,11 +1,14 @@
 """The three RPCs end to end through the generated stub, against a real sidecar."""
 
+import time
+
 import grpc
 import numpy as np
 import pytest
 
 from solaris.app.compose import SidecarParts
 from solaris.server.sidecar import Sidecar
+from solaris.server.store import Freshness
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM
@@ -37,6 +40,26 @@ async def test_batch_get_returns_stored_rows_in_request_order_and_zero_fills_mis
     assert list(response.statuses) == [pb.HIT, pb.MISS, pb.HIT]
     assert response.model_version == "v1"
     assert response.ages_ms[1] == 0
+
+
+async def test_batch_get_answers_stale_rows_with_their_age_and_version(
+    sidecar: Sidecar, parts: SidecarParts, stub: EmbeddingStoreStub
+) -> None:
+    stored = vectors(2)
+    computed_at = time.time() - 3650  # past the hour's ttl, within the stale window
+    old = Freshness.starting("v0", computed_at, ttl_seconds=3600, stale_seconds=600)
+    parts.l1.write_sync("u1", ["old"], stored[:1], old)
+    await sidecar.service.put("u1", ["new"], stored[1:], "v1")
+
+    response = await stub.BatchGet(pb.BatchGetRequest(user_id="u1", item_ids=["old", "x", "new"]))
+
+    assert list(response.statuses) == [pb.STALE, pb.MISS, pb.HIT]
+    np.testing.assert_array_equal(decode(response)[[0, 2]], stored)
+    assert response.model_version in ("v0", "v1")
+    stale_age, miss_age, hit_age = response.ages_ms
+    assert 3_650_000 <= stale_age <= (time.time() - computed_at) * 1000
+    assert miss_age == 0
+    assert hit_age < stale_age
 
 
 async def test_batch_get_float16_is_the_stored_values_rounded(

@@ -1,4 +1,10 @@
-"""The one place where protobuf messages meet the core's plain Python and numpy types."""
+"""The one place where protobuf messages meet the core's plain Python and numpy types.
+
+BatchGet's answer is encoded here byte for byte rather than through the generated message:
+filling `repeated` fields from numpy means a Python int per row, twice, on every read. The
+bytes are what the generated serializer writes (fields in number order, proto3 defaults left
+out), so any protobuf parser reads them; tests/server/test_wire.py holds the two together.
+"""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +16,6 @@ from google.protobuf.message import DecodeError, Message
 from solaris.server.core import BatchResult
 from solaris.server.errors import InvalidArgument
 from solaris.server.store import FLOAT16, FLOAT32, RowStatus
-from solaris.v1.embedding_store_pb2 import BatchGetResponse as BatchGetResponseProto
 from solaris.v1.embedding_store_pb2 import Dtype as DtypeProto
 from solaris.v1.embedding_store_pb2 import GetResponse as GetResponseProto
 from solaris.v1.embedding_store_pb2 import PrefetchResponse as PrefetchResponseProto
@@ -26,7 +31,23 @@ _ROW_STATUSES: dict[int, RowStatusProto] = {
     RowStatus.MISS: RowStatusProto.MISS,
     RowStatus.STALE: RowStatusProto.STALE,
 }
+_VARINT = 0
 _LENGTH_DELIMITED = 2
+# BatchGetResponse's field keys (number << 3 | wire type: one byte for numbers under 16), the
+# numbers as in protos/solaris/v1/embedding_store.proto.
+_DIM_KEY = bytes((1 << 3 | _VARINT,))
+_DTYPE_FIELDS = {
+    FLOAT16: bytes((2 << 3 | _VARINT, DtypeProto.FLOAT16)),
+    FLOAT32: bytes((2 << 3 | _VARINT, DtypeProto.FLOAT32)),
+}
+_EMBEDDINGS_KEY = bytes((3 << 3 | _LENGTH_DELIMITED,))
+_STATUSES_KEY = bytes((4 << 3 | _LENGTH_DELIMITED,))
+_MODEL_VERSION_KEY = bytes((5 << 3 | _LENGTH_DELIMITED,))
+_AGES_MS_KEY = bytes((6 << 3 | _LENGTH_DELIMITED,))
+_GROUP_SHIFTS = np.arange(0, 35, 7, dtype=np.uint32)[:, np.newaxis]
+"""Where a uint32 varint's 7-bit groups start, low first: at most five."""
+_CONTINUED = np.uint32(0x80)
+_LOW_SEVEN = np.uint32(0x7F)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +68,61 @@ def _dtype_to_proto(dtype: np.dtype) -> DtypeProto:
     return DtypeProto.FLOAT16 if dtype == FLOAT16 else DtypeProto.FLOAT32
 
 
-def batch_get_response(result: BatchResult) -> BatchGetResponseProto:
-    return BatchGetResponseProto(
-        dim=result.values.shape[1],
-        dtype=_dtype_to_proto(result.values.dtype),
-        embeddings=result.values.tobytes(),
-        statuses=result.statuses.tolist(),
-        model_version=result.model_version,
-        ages_ms=result.ages_ms.tolist(),
-    )
+def batch_get_bytes(result: BatchResult) -> bytes:
+    """The serialized BatchGetResponse for a read: BatchGet's response serializer."""
+    values = np.ascontiguousarray(result.values)
+    version = result.model_version.encode()
+    parts: list[bytes | memoryview] = []
+    if values.shape[1]:
+        parts += (_DIM_KEY, _varint(values.shape[1]))
+    parts.append(_DTYPE_FIELDS.get(values.dtype, _DTYPE_FIELDS[FLOAT32]))
+    if values.size:
+        # A view, not a copy: bytes.join reads the array's buffer.
+        parts += (_EMBEDDINGS_KEY, _varint(values.nbytes), values.data)
+    parts += _packed(_STATUSES_KEY, result.statuses)
+    if version:
+        parts += (_MODEL_VERSION_KEY, _varint(len(version)), version)
+    parts += _packed(_AGES_MS_KEY, result.ages_ms)
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    encoded = bytearray()
+    while value >= 0x80:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def _packed(key: bytes, values: np.ndarray) -> tuple[bytes, ...]:
+    """A packed repeated uint32 (or enum) field; nothing for no values, as proto3 writes it."""
+    if not values.size:
+        return ()
+    payload = _packed_varints(values)
+    return key, _varint(len(payload)), payload
+
+
+def _packed_varints(values: np.ndarray) -> bytes:
+    """Each of `values` (uint32 range) as a varint, back to back: a packed field's payload."""
+    top = int(values.max())
+    if top < 0x80:  # statuses, and ages under 128 ms: one byte each
+        return values.astype(np.uint8, copy=False).tobytes()
+    groups = (top.bit_length() + 6) // 7
+    # Built group-major, (groups, n), so each numpy call runs along the values. Byte k is
+    # group k with the continuation bit while higher groups remain: min(shifted, 0x80) is
+    # 0x80 then, and the group itself (under 0x80) once none does.
+    shifted = values.astype(np.uint32, copy=False) >> _GROUP_SHIFTS[:groups]
+    encoded = np.minimum(shifted, _CONTINUED)
+    encoded |= shifted & _LOW_SEVEN
+    by_value: np.ndarray = np.ascontiguousarray(encoded.T, dtype=np.uint8)
+    # Past a value's last group every byte is 0, and before it none is (the continuation
+    # bit, or a nonzero top group), so the nonzero bytes are the varint; the first byte is
+    # always kept, for the value 0.
+    kept = by_value != 0
+    kept[:, 0] = True
+    varints: np.ndarray = by_value[kept]
+    return varints.tobytes()
 
 
 def get_response(result: BatchResult) -> GetResponseProto:

@@ -1,16 +1,29 @@
 """The EmbeddingStore handlers: unpack each request, call the core, pack the answer. Registered
 by hand (not through the generated servicer base class) so that request parsing can name a
-field holding bad UTF-8."""
+field holding bad UTF-8, and so that BatchGet's answer is encoded straight from the core's
+arrays (`converters.batch_get_bytes`) rather than through the generated message.
+
+A repeated string field makes a new Python string for each element every time it is iterated,
+so each handler copies its id lists into tuples once: the core validates, reads, logs and
+queues from those (a tuple is also what the request log keeps, so it is not copied again).
+"""
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
-from solaris.server.core import EmbeddingService
+from solaris.server.core import BatchResult, EmbeddingService
 from solaris.server.grpc_api import converters
 from solaris.server.grpc_api.status import Context, grpc_errors
 from solaris.v1 import embedding_store_pb2 as pb
+
+_RESPONSE_SERIALIZERS: dict[str, Callable[[Any], bytes]] = {
+    "BatchGet": converters.batch_get_bytes,
+}
+"""Handlers that answer something other than their generated response message."""
 
 
 class EmbeddingStoreHandlers:
@@ -26,19 +39,19 @@ class EmbeddingStoreHandlers:
         return converters.get_response(result)
 
     @grpc_errors
-    async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
+    async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> BatchResult:
+        """Answers the core's result; the registered serializer encodes it."""
         dtype = converters.dtype_from_proto(request.dtype)
-        result = await self.service.batch_get(
-            request.user_id, request.item_ids, dtype, _deadline(context)
+        return await self.service.batch_get(
+            request.user_id, tuple(request.item_ids), dtype, _deadline(context)
         )
-        return converters.batch_get_response(result)
 
     @grpc_errors
     async def Prefetch(self, request: pb.PrefetchRequest, context: Context) -> pb.PrefetchResponse:
         result = await self.service.prefetch(
             request.user_id,
-            request.item_ids,
-            request.history,
+            tuple(request.item_ids),
+            tuple(request.history),
             request.priority,
             _deadline(context),
         )
@@ -54,13 +67,17 @@ def add_to_server(servicer: EmbeddingStoreHandlers, server: grpc.aio.Server) -> 
             request_deserializer=converters.lenient_deserializer(
                 getattr(pb, method.input_type.name)
             ),
-            response_serializer=lambda message: message.SerializeToString(),
+            response_serializer=_RESPONSE_SERIALIZERS.get(method.name, _serialize),
         )
         for method in service.methods
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
 
 
 def _deadline(context: Context) -> float | None:
