@@ -57,3 +57,4 @@ bench: install
 	$(BIN)/python bench/serve_only.py
 	$(BIN)/python bench/sidecar_memory.py
 	$(BIN)/python bench/speculator.py
+	$(BIN)/python bench/wire.py
