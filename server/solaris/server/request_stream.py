@@ -11,7 +11,7 @@ statuses take 2 bits each; `stale_at` is sent for served rows only, as a table o
 distinct values (a batch of rows computed together shares one) and an index per row, or as
 is where that is no smaller. JSON entries (field `request`) from older sidecars still decode.
 
-Bounded in bytes: no entry is larger than `entry_bytes` (a read that is splits into parts,
+Bounded in bytes: no entry is larger than `entry_bytes` (a larger read splits into parts,
 which the reader joins), and the stream keeps `stream_length(budget)` entries, so its Redis
 memory stays within the budget and it cannot crowd the embeddings out of Redis's maxmemory.
 """
@@ -55,7 +55,8 @@ _LENGTH_PREFIXED = 1
 _TABLE = 2
 """Flag: stale_at is a table of distinct values and an index per served row (else: as is)."""
 _ITEM_BYTES = 13
-"""The most bytes one item adds beyond its id's: a length, its status, its stale_at."""
+"""The most bytes one item adds beyond its id's: a length (4), its status (under 1), its
+stale_at (8)."""
 _SHIFTS = np.array([0, 2, 4, 6], np.uint8)
 _WEIGHTS = np.array([1, 4, 16, 64], np.uint8)
 _MISS = int(RowStatus.MISS)
