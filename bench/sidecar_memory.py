@@ -3,9 +3,9 @@ cache fraction 0.5, Redis; the rest from k8s/base/settings.env).
 
 On a redis-server of its own, it stores more pairs than L1 holds (as a daemon would), starts
 `solaris serve` as a real process, reads every pair through BatchGet (500 items a call, one
-user a call) so that L1 fills from Redis, then keeps serving concurrent BatchGets, so that the
-request log (a million rows) fills and turns over. It samples the process's RSS and, from
-/metrics, the L1's bytes; VmHWM is the peak.
+user a call) so that L1 fills from Redis, then keeps serving concurrent BatchGets, each shipped
+to the request stream. It samples the process's RSS and, from /metrics, the L1's bytes; VmHWM
+is the peak.
 
     .venv/bin/python bench/sidecar_memory.py [--calls 12000] [--concurrency 8]
 """

@@ -53,6 +53,7 @@ def settings() -> SidecarSettings:
         max_id_bytes=32,
         max_history=16,
         prefetch_queue_pairs=10,
+        request_log_bytes=1024**2,  # tests read the log back
         grace_seconds=0.5,
     )
 

@@ -17,7 +17,13 @@ from solaris.precompute.speculator import Policy, SpeculationSettings
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
 from solaris.server.request_log import LoggedRequest
-from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
+from solaris.server.request_stream import (
+    FIELD,
+    REQUEST_STREAM_KEY,
+    encode_entries,
+    encode_request,
+    entry_bytes,
+)
 from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Freshness, RowStatus
@@ -259,6 +265,35 @@ def test_a_malformed_read_is_skipped_and_the_next_one_learnt(redis_server: Redis
         speculator.stop()
     assert speculator.stats.malformed_reads == 2
     assert speculator.stats.requests_read == 1
+
+
+def test_a_read_in_parts_and_a_read_from_an_older_sidecar_are_both_learnt(
+    redis_server: RedisProcess,
+) -> None:
+    """A read too large for one entry comes in parts, with another sidecar's entry (here in
+    the JSON of sidecars before the binary form) between them: the speculator learns both."""
+    daemons_joined(redis_server)
+    speculator = speculation(redis_server, SpeculationSettings(10_000.0, frozenset({Policy.MISS})))
+    items = [f"item-{n:03d}-" + "x" * 100 for n in range(200)]
+    misses = np.full(len(items), RowStatus.MISS, np.uint8)
+    large = LoggedRequest("user-1", tuple(items), misses, time.time(), np.zeros(len(items)))
+    first, *rest = encode_entries(large, entry_bytes(128))
+    older = json.dumps(["user-2", ["old"], [RowStatus.MISS], time.time()])
+    client = redis_server.client()
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        client.xadd(REQUEST_STREAM_KEY, {FIELD: first})
+        client.xadd(REQUEST_STREAM_KEY, {"request": older})
+        for part in rest:
+            client.xadd(REQUEST_STREAM_KEY, {FIELD: part})
+        assert wait_until(lambda: speculator.stats.pairs_added == len(items) + 1, timeout=10)
+    finally:
+        speculator.stop()
+    assert rest, "the large read went in parts"
+    assert speculator.stats.requests_read == 2
+    added = {(task.user_id, item) for task in added_tasks(redis_server) for item in task.item_ids}
+    assert added == {("user-1", item) for item in items} | {("user-2", "old")}
 
 
 def test_freshness_is_read_from_headers_and_a_bad_value_is_never_fresh(

@@ -20,7 +20,7 @@ DIM = 4
 def service() -> EmbeddingService:
     settings = SidecarSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
     return EmbeddingService(
-        settings, MemoryStore(1024**2, DIM), RequestLog(1000), PrefetchQueue(100)
+        settings, MemoryStore(1024**2, DIM), RequestLog(retain_bytes=1024**2), PrefetchQueue(100)
     )
 
 
@@ -88,7 +88,11 @@ async def test_under_a_simulated_clock_an_expired_pair_is_zero_filled_and_droppe
     store = MemoryStore(1024**2, DIM)
     settings = SidecarSettings(dim=DIM, ttl_seconds=60, stale_seconds=30)
     service = EmbeddingService(
-        settings, store, RequestLog(1000), PrefetchQueue(100), clock=lambda: simulated[0]
+        settings,
+        store,
+        RequestLog(retain_bytes=1024**2),
+        PrefetchQueue(100),
+        clock=lambda: simulated[0],
     )
     await service.put("u", ["a"], np.ones((1, DIM), np.float32), "v1")
     assert (await service.batch_get("u", ["a"])).statuses.tolist() == [RowStatus.HIT]

@@ -67,6 +67,7 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--cache-fraction", "1"], {}, "cache_fraction: .* at least 0 and below 1"),
         (["--metrics-port", "50051"], {}, "metrics_port: got 50051 .* must differ from port"),
         (["--cache-bytes", "1"], {}, "cache_bytes: got 1 from --cache-bytes; must hold one entry"),
+        (["--request-stream-bytes", "40Ki"], {}, "request_stream_bytes: got 40Ki .* least 50688"),
         (
             ["--memory-limit", "1000", "--cache-fraction", "0.5"],
             {},

@@ -2,10 +2,11 @@
 sidecar's answered reads become observations, and the daemon computes what the speculator
 hands out within its budget.
 
-The serving path only appends each answered read to a bounded buffer; the daemon's thread
-feeds the buffer to the speculator when it next takes work, so speculation costs a read
-nothing but that append."""
+The serving path only appends each answered read to a buffer bounded in requested pairs
+(what its memory grows with); the daemon's thread feeds the buffer to the speculator when it
+next takes work, so speculation costs a read nothing but that append."""
 
+import threading
 import time
 from collections import deque
 
@@ -26,19 +27,34 @@ class EmbeddedSpeculation:
         queue: PrefetchQueue,
         speculator: Speculator,
         history_users: int,
-        buffered_reads: int = 10_000,
+        buffered_pairs: int = 250_000,
     ) -> None:
+        """`buffered_pairs`: the requested pairs of the reads waiting for the daemon's thread
+        (about 25 MB at 12-byte ids), oldest reads dropped past it."""
         self.queue = queue
         self.speculator = speculator
+        self.buffered_pairs = buffered_pairs
         self.dropped_reads = 0
-        self._reads: deque[LoggedRequest] = deque(maxlen=buffered_reads)
+        self._reads: deque[LoggedRequest] = deque()
+        self._pairs = 0
+        self._lock = threading.Lock()
         self._histories = HistoryBook(history_users)
 
     def observe(self, request: LoggedRequest) -> None:
         """Called on the serving path: an append, nothing more."""
-        if len(self._reads) == self._reads.maxlen:
-            self.dropped_reads += 1
-        self._reads.append(request)
+        with self._lock:
+            self._reads.append(request)
+            self._pairs += len(request.item_ids)
+            while self._pairs > self.buffered_pairs and len(self._reads) > 1:
+                self._pairs -= len(self._reads.popleft().item_ids)
+                self.dropped_reads += 1
+
+    def _take_reads(self) -> list[LoggedRequest]:
+        with self._lock:
+            reads = list(self._reads)
+            self._reads.clear()
+            self._pairs = 0
+        return reads
 
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
         """What the speculator hands out now, one task per user, waiting up to `timeout` for
@@ -59,7 +75,7 @@ class EmbeddedSpeculation:
 
     def _take_now(self) -> list[PrefetchTask]:
         hints = self.queue.take(max_tasks=_HINTS_PER_TAKE, timeout=0)
-        self.speculator.observe([self._reads.popleft() for _ in range(len(self._reads))])
+        self.speculator.observe(self._take_reads())
         for hint in hints:
             self._histories.update(hint.user_id, hint.history)
             self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)

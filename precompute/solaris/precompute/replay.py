@@ -197,7 +197,7 @@ class Replay:
         )
         store = MemoryStore(settings.cache_bytes, settings.dim)
         queue = PrefetchQueue(1)
-        request_log = RequestLog(1)
+        request_log = RequestLog()
         reads: list[LoggedRequest] = []
         request_log.listeners.append(reads.append)
         service = EmbeddingService(settings, store, request_log, queue, clock=clock)

@@ -42,7 +42,7 @@ from solaris.server.redis_store import (
 )
 from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
-from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
+from solaris.server.request_stream import REQUEST_STREAM_KEY, PartJoiner, decode_entry
 from solaris.server.tiered import REDIS_ERRORS
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 
@@ -118,6 +118,9 @@ class SharedSpeculationStats:
     pairs_added: int = 0
     waits_for_backlog: int = 0
     malformed_reads: int = 0
+    incomplete_reads: int = 0
+    """Reads too large for one entry of which some parts never came (trimmed, or sent
+    before this speculator started reading)."""
     redis_errors: int = 0
 
 
@@ -149,6 +152,7 @@ class SharedSpeculation:
         self._speculator: Speculator | None = None
         self._led_shard: int | None = None
         self._histories = HistoryBook(history_users)
+        self._parts = PartJoiner()
         self._cursors: dict[KeyT, StreamIdT] = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="solaris-speculator", daemon=True)
@@ -208,6 +212,7 @@ class SharedSpeculation:
             newest = entries(self.client.xrevrange(key, count=1))
             self._cursors[key] = newest[0][0].decode() if newest else "0-0"
         self._speculator = Speculator(self.settings, self._stale_at)
+        self._parts = PartJoiner()
         self._led_shard = self.lease.shard
         self.stats.leading = True
         lease = self.lease
@@ -237,12 +242,18 @@ class SharedSpeculation:
         self.stats.requests_read += len(reads)
 
     def _our_read(self, fields: dict[bytes, bytes]) -> list[LoggedRequest]:
-        """The read in a request stream entry, if well formed and of this shard's users."""
-        request = decode_request(fields)
-        if request is None:
+        """The read in a request stream entry, if well formed and of this shard's users; a
+        read sent in parts, once its last part comes."""
+        entry = decode_entry(fields)
+        if entry is None:
             self.stats.malformed_reads += 1
             return []
-        return [request] if self._ours(request.user_id) else []
+        if not self._ours(entry.request.user_id):
+            return []
+        incomplete = self._parts.incomplete
+        joined = self._parts.add(entry)
+        self.stats.incomplete_reads += self._parts.incomplete - incomplete
+        return [] if joined is None else [joined]
 
     def _learn_history(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         task = decode_task(entry_id, fields)

@@ -40,6 +40,7 @@ from solaris.server.metrics import (
     l1_values,
     prefetch_queue_values,
     redis_values,
+    request_log_values,
     shipper_values,
 )
 from solaris.server.prefetch_queue import PrefetchQueue
@@ -115,12 +116,14 @@ def _local_parts(settings: SidecarSettings) -> SidecarParts:
     l1 = MemoryStore(settings.l1_bytes, settings.dim)
     prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
     registry, live = _metrics()
+    request_log = RequestLog(settings.request_log_bytes)
     l1_values(live, l1)
     prefetch_queue_values(live, prefetch_queue)
+    request_log_values(live, request_log)
     return SidecarParts(
         settings=settings,
         l1=l1,
-        request_log=RequestLog(settings.request_log_rows),
+        request_log=request_log,
         prefetch_queue=prefetch_queue,
         live=live,
         registry=registry,
@@ -145,7 +148,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, parts.reachability)
     parts.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout)
-    shipper = RequestShipper(client, settings.request_stream_length, timeout)
+    shipper = RequestShipper(client, settings.request_stream_bytes, timeout, settings.max_id_bytes)
     parts.request_log.listeners.append(shipper.append)
     parts.background.append(shipper)
     redis_values(parts.live, parts.reachability, parts.l2)

@@ -112,9 +112,11 @@ class EmbeddingService:
         now = self.clock()
         rows = await self.store.read(user_id, item_ids, dtype, now, deadline)
         result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
-        self.request_log.append(
-            LoggedRequest(user_id, tuple(item_ids), result.statuses, now, rows.times["stale_at"])
-        )
+        if self.request_log.active:
+            stale_at = rows.times["stale_at"]
+            self.request_log.append(
+                LoggedRequest(user_id, tuple(item_ids), result.statuses, now, stale_at)
+            )
         if self.metrics is not None:
             self.metrics.observe(result.statuses, time.perf_counter() - started)
         return result

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.redis_store import RedisStore
+from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
 from solaris.server.settings import BindError
 from solaris.server.store import RowStatus
@@ -108,9 +109,33 @@ def redis_values(live: LiveValues, reachability: Reachability, l2: RedisStore) -
     )
 
 
+def request_log_values(live: LiveValues, log: RequestLog) -> None:
+    live.gauge(
+        "solaris_request_log_bytes",
+        "Memory the request log keeps answered reads in (--request-log-bytes).",
+        lambda: log.nbytes,
+    )
+    live.counter(
+        "solaris_request_log_evicted",
+        "Answered reads the request log let go to stay within --request-log-bytes.",
+        lambda: log.dropped_requests,
+    )
+
+
 def shipper_values(live: LiveValues, shipper: RequestShipper) -> None:
     live.counter(
-        "solaris_request_log_dropped",
-        "Logged requests not shipped to Redis.",
+        "solaris_request_stream_dropped",
+        "Answered reads not shipped to the Redis request stream: its buffer was full, or "
+        "Redis failed.",
         lambda: shipper.dropped,
+    )
+    live.counter(
+        "solaris_request_stream_entries",
+        "Entries shipped to the Redis request stream.",
+        lambda: shipper.shipped_entries,
+    )
+    live.counter(
+        "solaris_request_stream_bytes",
+        "Bytes of the entries shipped to the Redis request stream.",
+        lambda: shipper.shipped_bytes,
     )

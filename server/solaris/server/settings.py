@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from redis import connection
 
 from solaris.server.l1 import entry_bytes
+from solaris.server.request_stream import least_budget
 from solaris.wire import max_message_bytes
 
 GRPC_MESSAGE_LIMIT = 2**31
@@ -182,8 +183,12 @@ class StoreSettings(SettingsModel):
         ge=1,
         description="Entries the Redis work stream keeps (approximately), oldest trimmed.",
     )
-    request_stream_length: int = Field(
-        100_000, ge=1, description="Requests the Redis request-log stream keeps (approximately)."
+    request_stream_bytes: Size = Field(
+        64 * 1024**2,
+        ge=1,
+        description="Redis memory the request stream may take (suffixes as for cache-bytes): "
+        "one entry per 16.5 KiB of it (an entry's most), oldest trimmed. Count it in Redis's "
+        "maxmemory.",
     )
     claim_idle_seconds: float = Field(
         30.0,
@@ -227,8 +232,12 @@ class SidecarSettings(StoreSettings):
     prefetch_queue_pairs: int = Field(
         100_000, ge=1, description="Pairs the Prefetch queue holds before RESOURCE_EXHAUSTED."
     )
-    request_log_rows: int = Field(
-        1_000_000, ge=1, description="Rows (requested pairs) the request log keeps, oldest dropped."
+    request_log_bytes: Size = Field(
+        0,
+        ge=0,
+        description="Memory the request log may keep answered reads in, for inspection, oldest "
+        "dropped (suffixes as for cache-bytes); 0 keeps none. The speculator and the request "
+        "stream get every read either way.",
     )
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
@@ -239,6 +248,16 @@ class SidecarSettings(StoreSettings):
         if self.port and self.port == self.metrics_port:
             raise SettingsError(
                 f"must differ from port (both {self.port}); 0 serves no metrics", "metrics_port"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _request_stream_holds_entries(self) -> "SidecarSettings":
+        least = least_budget(self.max_id_bytes)
+        if self.request_stream_bytes < least:
+            raise SettingsError(
+                f"must hold an entry: at least {least} bytes with max_id_bytes {self.max_id_bytes}",
+                "request_stream_bytes",
             )
         return self
 
