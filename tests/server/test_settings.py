@@ -95,7 +95,7 @@ def test_a_size_says_which_suffixes_it_takes() -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("268435456", 268435456), ("64Mi", 64 * 1024**2), ("1G", 10**9), ("2k", 2000)],
+    [("268435456", 268435456), ("64Mi", 64 * 1024**2), ("1G", 10**9), ("4k", 4000)],
 )
 def test_sizes_read_with_or_without_a_suffix(text: str, size: int) -> None:
     assert parse(["--cache-bytes", text], {}).cache_bytes == size
