@@ -323,7 +323,7 @@ def l1_bytes_per_pair() -> tuple[float, float]:
     writes them: users of 500 items, through `service.put`."""
     from solaris.app.compose import sidecar_parts
 
-    parts = sidecar_parts(SidecarSettings(port=0))
+    parts = sidecar_parts(SERVE_ONLY)
     service = parts.sidecar().service
     vectors = np.random.default_rng(0).standard_normal((len(ITEMS), DIM), np.float32)
     users = [f"user-{n:06d}" for n in range(L1_PAIRS // len(ITEMS))]
@@ -387,7 +387,7 @@ def start_servers(stack: contextlib.ExitStack, users: int) -> Servers:
     # `solaris serve` gives its ServeSettings to the sidecar and to the daemon both.
     idle_serve, saturated_serve = (serve_defaults(r.metrics_port) for r in (idle, saturated))
     ready = {
-        "serve-only": children.start(run_sidecar, SidecarSettings(port=0, dim=DIM), None),
+        "serve-only": children.start(run_sidecar, SERVE_ONLY, None),
         "idle": children.start(run_sidecar, idle_serve, idle_serve),
         "saturated": children.start(run_sidecar, saturated_serve, saturated_serve),
         "cold": children.start(run_sidecar, cold_settings(url), None),
@@ -398,6 +398,10 @@ def start_servers(stack: contextlib.ExitStack, users: int) -> Servers:
     feeder = Feeder(SPAWN.Event(), SPAWN.Event())
     children.start(feed, address["saturated"], feeder.feeding, feeder.drained).recv()
     return Servers(address, url, idle, saturated, feeder, redis_bytes)
+
+
+SERVE_ONLY = SidecarSettings(port=0, dim=DIM, l1_dtype="float16")
+"""Serve-only as a float16 ranker would run it: L1 kept in the dtype it is read in."""
 
 
 def serve_defaults(metrics_port: int) -> ServeSettings:

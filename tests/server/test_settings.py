@@ -318,3 +318,14 @@ def test_the_most_items_a_refusal_offers_are_the_most_grpc_takes() -> None:
     assert parse(["--max-items", str(most)], {}).max_message_bytes < GRPC_MESSAGE_LIMIT
     with pytest.raises(SettingsError, match="max_items"):
         parse(["--max-items", str(most + 1)], {})
+
+
+def test_l1_keeps_the_dtype_it_is_told_and_refuses_others() -> None:
+    from solaris.app.compose import sidecar_parts
+    from solaris.server.store import FLOAT16
+
+    settings = load(ServeSettings, environ={"SOLARIS_L1_DTYPE": "float16"})
+    assert sidecar_parts(settings).l1.dtype == FLOAT16
+    assert sidecar_parts(load(ServeSettings, environ={})).l1.dtype == FLOAT32
+    with pytest.raises(SettingsError, match="l1_dtype"):
+        load(ServeSettings, environ={"SOLARIS_L1_DTYPE": "int8"})

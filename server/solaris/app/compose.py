@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from solaris.app.extras import missing_extra, provides
@@ -113,7 +114,7 @@ def sidecar_parts(
 
 def _local_parts(settings: SidecarSettings) -> SidecarParts:
     """The embedded deployment's parts: everything in this process's memory."""
-    l1 = MemoryStore(settings.l1_bytes, settings.dim)
+    l1 = MemoryStore(settings.l1_bytes, settings.dim, np.dtype(settings.l1_dtype))
     prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
     registry, live = _metrics()
     request_log = RequestLog(settings.request_log_bytes)

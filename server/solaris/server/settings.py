@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from redis import connection
@@ -225,6 +225,11 @@ class SidecarSettings(StoreSettings):
         lt=1,
         description="With memory-limit set: the L1 cap as a fraction of it, instead of "
         "cache-bytes (below 1: the process needs room too).",
+    )
+    l1_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="The one dtype L1 keeps embeddings in: a read in it is the fast one, so "
+        "match the dtype readers ask for (float16 halves L1's bytes per pair).",
     )
     max_items: int = Field(4096, ge=1, description="Most items in one BatchGet or Prefetch.")
     max_id_bytes: int = Field(256, ge=1, description="Longest user or item id, in UTF-8 bytes.")
