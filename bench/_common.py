@@ -38,7 +38,17 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
     if binary is None:
         sys.exit("redis-server is not installed")
     port = free_port()
-    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no"]
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     for _ in range(200):

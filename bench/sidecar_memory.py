@@ -15,8 +15,6 @@ import asyncio
 import math
 import os
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +25,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-import redis
+from _common import free_port, start_redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from solaris.server.redis_store import MODEL_VERSION_KEY, RedisStore, connect
@@ -45,30 +43,6 @@ MiB = 1024**2
 # The generated stub is typed for a blocking channel; on a grpc.aio one its calls are awaited.
 AsyncStub = Any
 SETTINGS_ENV = Path(__file__).resolve().parent.parent / "k8s" / "base" / "settings.env"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed")
-    port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    process = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(500):
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.02)
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def items_of(user: int) -> list[str]:
