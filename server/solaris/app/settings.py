@@ -83,9 +83,7 @@ class LogSettings(ProcessSettings):
     )
 
 
-# pydantic merges the groups' model_config (a ConfigDict) with the process's (a
-# SettingsConfigDict, the same keys and more); mypy sees two types for one name.
-class ServeSettings(SidecarSettings, PrecomputeSettings, ProcessSettings):  # type: ignore[misc]
+class ServeSettings(SidecarSettings, PrecomputeSettings, ProcessSettings):
     """Everything `solaris serve` reads: the sidecar's settings and (embedded) the daemon's."""
 
     precompute: bool = Field(
@@ -93,7 +91,7 @@ class ServeSettings(SidecarSettings, PrecomputeSettings, ProcessSettings):  # ty
     )
 
 
-class DaemonSettings(StoreSettings, PrecomputeSettings, ProcessSettings):  # type: ignore[misc]
+class DaemonSettings(StoreSettings, PrecomputeSettings, ProcessSettings):
     """Everything `solaris precompute` reads: the shared store's settings and the daemon's."""
 
     @model_validator(mode="after")

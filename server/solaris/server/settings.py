@@ -14,9 +14,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
+from pydantic_settings import SettingsConfigDict
 from redis import connection
 
 from solaris.server.l1 import entry_bytes
@@ -157,7 +158,11 @@ class SettingsModel(BaseModel):
     """The base of every settings group: frozen, no unknown names, and no input in a
     validation error's text (a Redis URL may hold a password)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    # The settings flavour of ConfigDict (the same keys and more), so that a process's
+    # BaseSettings can inherit groups and settings alike without a type conflict.
+    model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
+        frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
 
 class StoreSettings(SettingsModel):
