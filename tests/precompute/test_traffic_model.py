@@ -1,6 +1,8 @@
 """The traffic model on its own: what it learns from requests and what it answers, within its
 memory bounds."""
 
+import random
+
 import pytest
 
 from solaris.precompute.traffic_model import TrafficModel, TrafficSettings
@@ -68,6 +70,24 @@ def test_a_users_recent_items_are_bounded_with_the_latest_request_s_head_newest(
     )
     # each request's head goes in last: old-1 was newer than old-2, so old-2 went first
     assert list(model.recent_items("a")) == ["old-1", "tail", "head"]
+
+
+def test_recent_items_are_as_moving_each_requested_item_to_the_end_in_turn() -> None:
+    """Against the plain reckoning, with duplicates, repeats and requests shorter and longer
+    than the bound: each item of the request (the head last) moved to the end, one at a time,
+    then the oldest dropped past the bound."""
+    rng = random.Random(0)
+    settings = TrafficSettings(recent_items_per_user=12, covisit_items_per_request=3)
+    model, expected = TrafficModel(settings), {"a": [], "b": []}
+    for _ in range(300):
+        user = rng.choice("ab")
+        items = [f"i{rng.randrange(30)}" for _ in range(rng.randrange(1, 25))]
+        model.learn(user, items)
+        head = list(dict.fromkeys(items))[:3]
+        for item in [item for item in items if item not in head] + head:
+            expected[user] = [known for known in expected[user] if known != item] + [item]
+        expected[user] = expected[user][-12:]
+        assert list(model.recent_items(user)) == expected[user]
 
 
 def test_each_request_earns_its_user_one_pop_most_recent_first() -> None:

@@ -114,13 +114,16 @@ class TrafficModel:
         return len(self._popularity)
 
     def _remember_user(self, user_id: str, item_ids: Sequence[str], head: list[str]) -> None:
-        recent = self._recent.pop(user_id, {})
-        for item_id in self._recency_order(item_ids, head):
-            recent.pop(item_id, None)
-            recent[item_id] = None
-        while len(recent) > self.settings.recent_items_per_user:
-            del recent[next(iter(recent))]
-        self._recent[user_id] = recent
+        """Moves the request's items to the end of the user's recent items, the head last (so
+        that a user's newest items are the head of their latest request), and lets the oldest
+        go past the bound: built in one pass, as moving them one by one would leave them."""
+        earlier = self._recent.pop(user_id, {})
+        newest = _last_occurrences(item_ids, exclude=head) + head
+        keep = self.settings.recent_items_per_user
+        if len(newest) < keep:
+            requested = set(newest)
+            newest = [item for item in earlier if item not in requested] + newest
+        self._recent[user_id] = dict.fromkeys(newest[-keep:])
         self._unexpanded.pop(user_id, None)
         self._unexpanded[user_id] = None
         if len(self._recent) > self.settings.recent_users:
@@ -128,15 +131,13 @@ class TrafficModel:
             self._unexpanded.pop(forgotten, None)
 
     def _head(self, item_ids: Sequence[str]) -> list[str]:
-        """The items of a request that co-visitation counts, and neighbours start from."""
-        return list(dict.fromkeys(item_ids))[: self.settings.covisit_items_per_request]
-
-    @staticmethod
-    def _recency_order(item_ids: Sequence[str], head: list[str]) -> list[str]:
-        """A request's items in the order a user's recent items take them: the head last, so
-        that a user's newest items are the head of their latest request."""
-        in_head = set(head)
-        return [item for item in item_ids if item not in in_head] + head
+        """The items of a request that co-visitation counts, and neighbours start from: its
+        first this many distinct items."""
+        count = self.settings.covisit_items_per_request
+        head = dict.fromkeys(item_ids[:count])
+        if len(head) < count < len(item_ids):
+            head = dict.fromkeys(item_ids)
+        return list(head)[:count]
 
     def _count_covisits(self, unique: list[str]) -> None:
         """The head of one request co-occurs; each item keeps its strongest neighbours."""
@@ -144,7 +145,9 @@ class TrafficModel:
             return
         keep = self.settings.neighbours_per_item
         for item_id in unique:
-            neighbours = self._covisits.setdefault(item_id, Counter())
+            neighbours = self._covisits.get(item_id)
+            if neighbours is None:
+                neighbours = self._covisits[item_id] = Counter()
             neighbours.update(unique)
             del neighbours[item_id]
             if len(neighbours) > 4 * keep:
@@ -160,6 +163,14 @@ class TrafficModel:
             for item, neighbours in self._covisits.items()
             if item in self._popularity
         }
+
+
+def _last_occurrences(item_ids: Sequence[str], exclude: list[str]) -> list[str]:
+    """Each distinct item not in `exclude` once, ordered by where it last occurs."""
+    last_first = dict.fromkeys(reversed(item_ids))
+    for item_id in exclude:
+        last_first.pop(item_id, None)
+    return list(reversed(last_first))
 
 
 def _relative(counted: list[tuple[str, int]]) -> Scored:
