@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+import redis.exceptions
 from redis.crc import key_slot
 
 from solaris.server.l1 import MemoryStore
@@ -109,6 +110,43 @@ async def test_a_corrupt_value_is_a_counted_miss(redis_server: RedisProcess) -> 
     await client.aclose()
     assert list(rows.statuses(time.time())) == [RowStatus.MISS, RowStatus.MISS, RowStatus.HIT]
     assert store.corrupt_values == 2
+
+
+async def test_a_bad_header_of_the_right_length_is_a_counted_miss(
+    redis_server: RedisProcess,
+) -> None:
+    """Every value present and of the stored length (the read parsed in one piece), one of
+    them with another format byte."""
+    client = connect(redis_server.url, 1.0)
+    store = RedisStore(client, DIM, VERSION)
+    written = vectors(3)
+    await store.write("user", ["a", "b", "c"], written, fresh())
+    raw = redis_server.client()
+    good = raw.get(pair_key(VERSION, "user", "b"))
+    assert good is not None
+    raw.set(pair_key(VERSION, "user", "b"), b"\x09" + good[1:])
+    rows = await store.read("user", ["c", "b", "a"], FLOAT32, time.time())
+    await client.aclose()
+    assert list(rows.statuses(time.time())) == [RowStatus.HIT, RowStatus.MISS, RowStatus.HIT]
+    assert np.array_equal(rows.values, [written[2], np.zeros(DIM), written[0]])
+    assert store.corrupt_values == 1
+
+
+async def test_the_client_sends_what_redis_py_would(redis_server: RedisProcess) -> None:
+    """Commands are packed by hiredis: every argument type redis-py takes round-trips, a
+    command name holding a space is split, and what redis-py refuses is still refused."""
+    client = connect(redis_server.url, 1.0)
+    await client.set("bytearray", bytearray(b"\x00\xff"))
+    await client.set("memoryview", memoryview(b"view"))
+    await client.set("text", "\u00fc")
+    await client.set("number", 1.5, px=60_000)
+    got = await client.mget(["bytearray", "memoryview", "text", "number"])
+    config = await client.config_get("maxmemory-policy")
+    with pytest.raises(redis.exceptions.DataError):
+        await client.set("flag", True)
+    await client.aclose()
+    assert got == [b"\x00\xff", b"view", "\u00fc".encode(), b"1.5"]
+    assert "maxmemory-policy" in config
 
 
 async def test_a_sidecar_reads_the_version_the_daemons_published(

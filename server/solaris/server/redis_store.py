@@ -12,15 +12,19 @@ read by sidecars (every few seconds), so a new model's keys take over without a 
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
+import hiredis
 import numpy as np
 import redis
 import redis.asyncio
+from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT
 
 from solaris.server.store import FLOAT32, Freshness, Rows, never_stored
 
@@ -35,8 +39,13 @@ logger = logging.getLogger("solaris.redis")
 
 
 def pair_key(model_version: str, user_id: str, item_id: str) -> str:
+    return user_key_prefix(model_version, user_id) + item_id
+
+
+def user_key_prefix(model_version: str, user_id: str) -> str:
+    """What every key of the user's pairs starts with: a read builds it once, not per item."""
     escaped = user_id.replace("%", "%25").replace("}", "%7D")
-    return f"solaris:{model_version}:{{{escaped}}}:{item_id}"
+    return f"solaris:{model_version}:{{{escaped}}}:"
 
 
 def value_layout(dim: int, model_version: str) -> np.dtype:
@@ -85,6 +94,9 @@ def decode_values(blobs: Sequence[bytes | str | None], dim: int, model_version: 
     dim or version; text, from a client that decodes replies) are rows never stored.
     Vectorised: one parse for the whole batch."""
     layout = value_layout(dim, model_version)
+    all_fitting = _fitting(blobs, layout.itemsize)
+    if all_fitting is not None:
+        return _decode_fitting(all_fitting, layout, dim, model_version)
     values = np.zeros((len(blobs), dim), FLOAT32)
     times = never_stored(len(blobs))
     present = sum(blob is not None for blob in blobs)
@@ -103,16 +115,87 @@ def decode_values(blobs: Sequence[bytes | str | None], dim: int, model_version: 
     return Decoded(values, times, present - len(rows))
 
 
+def _fitting(blobs: Sequence[bytes | str | None], size: int) -> Sequence[bytes] | None:
+    """The blobs, when every one is bytes of `size` (the usual MGET of stored values)."""
+    if set(map(type, blobs)) - {bytes}:
+        return None
+    fitting = cast(Sequence[bytes], blobs)
+    return fitting if set(map(len, fitting)) <= {size} else None
+
+
+def _decode_fitting(
+    blobs: Sequence[bytes], layout: np.dtype, dim: int, model_version: str
+) -> Decoded:
+    """decode_values for blobs that all fit the layout: one parse, no per-blob bookkeeping."""
+    records = np.frombuffer(b"".join(blobs), layout)
+    valid = _header_fits(records, dim, model_version)
+    times = never_stored(len(blobs))
+    if valid.all():
+        values = np.ascontiguousarray(records["values"])
+        for column in ("computed_at", "stale_at", "expires_at"):
+            times[column] = records[column]
+        return Decoded(values, times, 0)
+    values = np.zeros((len(blobs), dim), FLOAT32)
+    values[valid] = records["values"][valid]
+    for column in ("computed_at", "stale_at", "expires_at"):
+        times[column][valid] = records[column][valid]
+    return Decoded(values, times, len(blobs) - int(valid.sum()))
+
+
 def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
     """A client for `url` (redis:// or rediss:// for TLS). The password comes from the URL or
     from SOLARIS_REDIS_PASSWORD. No retries: the caller's deadline is the only budget."""
-    return redis.asyncio.Redis.from_url(
+    client = redis.asyncio.Redis.from_url(
         url,
         password=os.environ.get(PASSWORD_ENV) or None,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), 0),
     )
+    pool = client.connection_pool
+    pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
+    return client
+
+
+_hiredis_pack = cast(Callable[[tuple[object, ...]], bytes], hiredis.pack_command)
+"""hiredis.pack_command, typed as it is (its stub takes a tuple of one item)."""
+
+
+def _pack_with_hiredis(_: object, *args: EncodableT) -> list[bytes]:
+    """A command in Redis's protocol, packed by hiredis (C): redis-py's asyncio connections
+    pack in Python, about 0.3 ms for a 500-key MGET against 0.03 ms. The same bytes; a
+    command name holding spaces (`CONFIG GET`) is split as redis-py splits it."""
+    name = args[0]
+    if isinstance(name, str | bytes) and len(words := name.split()) > 1:
+        args = (*words, *args[1:])
+    try:
+        return [_hiredis_pack(args)]
+    except TypeError:
+        pass  # a bytearray, which hiredis does not take, or a type neither takes
+    packable = tuple(bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)
+    try:
+        return [_hiredis_pack(packable)]
+    except TypeError as error:
+        raise redis.exceptions.DataError(str(error)) from error
+
+
+class _HiredisConnection(redis.asyncio.Connection):
+    pack_command = _pack_with_hiredis
+
+
+class _HiredisSSLConnection(redis.asyncio.SSLConnection):
+    pack_command = _pack_with_hiredis
+
+
+class _HiredisUnixConnection(redis.asyncio.UnixDomainSocketConnection):
+    pack_command = _pack_with_hiredis
+
+
+_PACKED_BY_HIREDIS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    redis.asyncio.Connection: _HiredisConnection,
+    redis.asyncio.SSLConnection: _HiredisSSLConnection,
+    redis.asyncio.UnixDomainSocketConnection: _HiredisUnixConnection,
+}
 
 
 def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:
@@ -210,16 +293,19 @@ class RedisStore:
         version = await self._current_version()
         if not version:
             return Rows(np.zeros((len(item_ids), self.dim), dtype), never_stored(len(item_ids)), "")
-        blobs = await self.client.mget([pair_key(version, user_id, item) for item in item_ids])
+        prefix = user_key_prefix(version, user_id)
+        blobs = await self.client.mget([prefix + item for item in item_ids])
         decoded = decode_values(blobs, self.dim, version)
         if decoded.corrupt:
             self.corrupt_values += decoded.corrupt
             logger.warning("%d corrupt values for user %r read as misses", decoded.corrupt, user_id)
         expired = decoded.times["expires_at"] <= now
-        decoded.times[expired] = never_stored(1)
-        decoded.values[expired] = 0
+        if expired.any():
+            decoded.times[expired] = never_stored(1)
+            decoded.values[expired] = 0
         found = not expired.all()
-        return Rows(decoded.values.astype(dtype), decoded.times, version if found else "")
+        values = decoded.values.astype(dtype, copy=False)
+        return Rows(values, decoded.times, version if found else "")
 
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
