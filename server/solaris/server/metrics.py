@@ -47,10 +47,10 @@ class ReadMetrics:
         )
 
     def observe(self, statuses: np.ndarray, seconds: float) -> None:
-        counts = np.bincount(statuses, minlength=len(RowStatus) + 1)
+        counts = np.bincount(statuses, minlength=len(RowStatus) + 1).tolist()
         for status, counter in self._rows.items():
             if counts[status]:
-                counter.inc(int(counts[status]))
+                counter.inc(counts[status])
         self._seconds.observe(seconds)
         self._items.observe(len(statuses))
 

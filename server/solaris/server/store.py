@@ -66,15 +66,21 @@ class Rows:
     def statuses(self, now: float) -> np.ndarray:
         """HIT while fresh, STALE in the grace window, MISS once expired or never stored."""
         hit = now < self.times["stale_at"]
+        if hit.all():  # a warm read: one comparison
+            return np.full(hit.size, RowStatus.HIT, np.uint8)
         live = now < self.times["expires_at"]
         status = np.where(hit, RowStatus.HIT, np.where(live, RowStatus.STALE, RowStatus.MISS))
         return status.astype(np.uint8)
 
     def ages_ms(self, now: float) -> np.ndarray:
         """Milliseconds since each live row was computed; 0 for a MISS."""
-        live = now < self.times["expires_at"]
-        age_ms = np.maximum(0.0, now - self.times["computed_at"]) * 1000.0
-        return np.where(live, age_ms, 0.0).astype(np.uint32)
+        age_ms = now - self.times["computed_at"]
+        age_ms *= 1000.0
+        np.maximum(age_ms, 0.0, out=age_ms)
+        expired = now >= self.times["expires_at"]
+        if expired.any():
+            age_ms[expired] = 0.0
+        return age_ms.astype(np.uint32)
 
 
 class Store(Protocol):
