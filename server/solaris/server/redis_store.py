@@ -144,7 +144,8 @@ def _decode_fitting(
 
 def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
     """A client for `url` (redis:// or rediss:// for TLS). The password comes from the URL or
-    from SOLARIS_REDIS_PASSWORD. No retries: the caller's deadline is the only budget."""
+    from SOLARIS_REDIS_PASSWORD. No retries: the caller's deadline is the only budget. Its
+    connections, of the class the URL's scheme picks, pack commands with hiredis."""
     client = redis.asyncio.Redis.from_url(
         url,
         password=os.environ.get(PASSWORD_ENV) or None,
