@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +37,11 @@ logger = logging.getLogger("solaris.precompute")
 def _yield_cpu_to_serving() -> None:
     """Lowers this thread's CPU priority, so that when cores are short the serving threads
     in the same process run first. ONNX Runtime runs single-threaded batches on the calling
-    thread, so the model's work is lowered with it. Linux only; elsewhere a no-op."""
+    thread, so the model's work is lowered with it. Linux only; elsewhere a no-op.
+
+    Only the model's thread is lowered: the daemon's own thread holds the GIL (taking work,
+    the embedded speculator's learning), and at idle priority it would be kept off a busy
+    core while serving threads wait on that GIL, and wake late from every pause it takes."""
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -120,8 +125,12 @@ class PrecomputeDaemon:
         self.stats = DaemonStats()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._model_thread: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        self._model_thread = ThreadPoolExecutor(
+            1, thread_name_prefix="solaris-runner", initializer=_yield_cpu_to_serving
+        )
         self._thread = threading.Thread(target=self._run, name="solaris-precompute", daemon=True)
         self._thread.start()
 
@@ -131,9 +140,11 @@ class PrecomputeDaemon:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=False)
+            self._model_thread = None
 
     def _run(self) -> None:
-        _yield_cpu_to_serving()
         with asyncio.Runner() as loop:
             while not self._stopping.is_set():
                 try:
@@ -200,7 +211,7 @@ class PrecomputeDaemon:
     async def _compute_and_store(self, pairs: list[Pair]) -> bool:
         work = self._group_by_user(pairs)
         try:
-            vectors = self.model.compute(work)
+            vectors = self._compute(work)
         except Exception:
             return await self._retry_in_halves(pairs)
         freshness = Freshness.starting(
@@ -224,6 +235,12 @@ class PrecomputeDaemon:
                 user_work.user_id, user_work.item_ids, vectors[start:end], freshness
             )
             start = end
+
+    def _compute(self, work: list[UserWork]) -> np.ndarray:
+        """The model's vectors for `work`, computed on the model's thread once started."""
+        if self._model_thread is None:
+            return self.model.compute(work)
+        return self._model_thread.submit(self.model.compute, work).result()
 
     async def _retry_in_halves(self, pairs: list[Pair]) -> bool:
         self.stats.failed_batches += 1
