@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from solaris.server.grpc_api.admission import Admission
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.redis_store import RedisStore
@@ -138,4 +139,25 @@ def shipper_values(live: LiveValues, shipper: RequestShipper) -> None:
         "solaris_request_stream_bytes",
         "Bytes of the entries shipped to the Redis request stream.",
         lambda: shipper.shipped_bytes,
+    )
+
+
+def admission_values(live: LiveValues, admission: Admission) -> None:
+    live.gauge(
+        "solaris_unsent_answer_bytes",
+        "Bytes of answers built but not yet taken by their callers (--max-unsent-bytes caps it).",
+        lambda: admission.unsent_bytes,
+    )
+    live.gauge(
+        "solaris_calls_in_flight", "EmbeddingStore calls in flight.", lambda: admission.calls
+    )
+    live.counter(
+        "solaris_refused_unsent_full",
+        "Reads refused (RESOURCE_EXHAUSTED): answers not yet sent held --max-unsent-bytes.",
+        lambda: admission.refused_full,
+    )
+    live.counter(
+        "solaris_refused_draining",
+        "Calls refused (UNAVAILABLE) while the sidecar drained to stop.",
+        lambda: admission.refused_draining,
     )

@@ -16,14 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from redis import connection
 
+from solaris.server.grpc_api.admission import answer_bytes
 from solaris.server.l1 import entry_bytes
 from solaris.server.request_stream import least_budget
 from solaris.wire import max_message_bytes
 
+DEFAULT_UNSENT_BYTES = 128 * 1024**2
+"""The cap on answers not yet sent, when neither it nor the memory limit is set."""
 GRPC_MESSAGE_LIMIT = 2**31
 """gRPC takes a message size limit as a C int: below 2 GiB."""
 
@@ -252,6 +256,24 @@ class SidecarSettings(StoreSettings):
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
+    max_concurrent_streams: int = Field(
+        100, ge=1, description="Most calls one connection may have open at once; more wait."
+    )
+    max_unsent_bytes: Size = Field(
+        0,
+        ge=0,
+        description="Bytes of answers built but not yet taken by their callers (a caller that "
+        "stops reading holds its answers) the sidecar keeps at once; past it, a read gets "
+        "RESOURCE_EXHAUSTED. Each such byte costs about two of memory. 0: an eighth of "
+        "memory-limit, or 128Mi without one, and at least one full-size answer (suffixes as "
+        "for cache-bytes).",
+    )
+    keepalive_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="How often the sidecar pings a connection; one that does not answer within "
+        "20 s is closed, with the calls and answers it held.",
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> "SidecarSettings":
@@ -307,6 +329,16 @@ class SidecarSettings(StoreSettings):
             "max_items",
         )
 
+    @model_validator(mode="after")
+    def _unsent_bytes_hold_an_answer(self) -> "SidecarSettings":
+        if not self.max_unsent_bytes or self.max_unsent_bytes >= self._largest_answer:
+            return self
+        raise SettingsError(
+            f"must hold one full-size answer: at least {self._largest_answer} bytes with "
+            f"max_items {self.max_items} and dim {self.dim}",
+            "max_unsent_bytes",
+        )
+
     def _message_bytes(self, max_items: int) -> int:
         return max_message_bytes(max_items, self.max_id_bytes, self.max_history, self.dim)
 
@@ -320,6 +352,19 @@ class SidecarSettings(StoreSettings):
         if self._cap_from_fraction:
             return int(self.memory_limit * self.cache_fraction)
         return self.cache_bytes
+
+    @property
+    def _largest_answer(self) -> int:
+        return answer_bytes(self.max_items, self.dim, np.dtype(np.float32))
+
+    @property
+    def unsent_bytes_cap(self) -> int:
+        """The cap on bytes of answers not yet sent: max_unsent_bytes, else an eighth of the
+        memory limit (or a default without one), and at least one full-size answer."""
+        if self.max_unsent_bytes:
+            return self.max_unsent_bytes
+        derived = self.memory_limit // 8 if self.memory_limit else DEFAULT_UNSENT_BYTES
+        return max(derived, self._largest_answer)
 
     @property
     def max_message_bytes(self) -> int:

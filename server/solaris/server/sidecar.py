@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from solaris.server.background import Background
 from solaris.server.core import EmbeddingService
+from solaris.server.grpc_api.admission import Admission
 from solaris.server.grpc_api.servicer import EmbeddingStoreHandlers, add_to_server
 from solaris.server.metrics import serve_metrics
 from solaris.server.settings import BindError, SidecarSettings
@@ -27,7 +28,28 @@ SERVICE_NAME = embedding_store_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"]
 REDIS_HEALTH_NAME = "solaris.redis"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+KEEPALIVE_TIMEOUT_MS = 20_000
+MIN_CLIENT_PING_MS = 10_000
 logger = logging.getLogger("solaris.server")
+
+
+def server_options(settings: SidecarSettings) -> list[tuple[str, int]]:
+    """The gRPC server's limits. Connections are not closed for age or idleness: a ranker's
+    one channel to its sidecar would pay a reconnect on the serving path for it."""
+    limit = settings.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # A connection whose peer has gone (no answer to a ping) is closed with its calls.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Clients keep idle connections alive with pings; allow them every 10 s, and close a
+        # connection that pings more often (gRPC's default: after two strikes).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
+    ]
 
 
 class Sidecar:
@@ -40,14 +62,18 @@ class Sidecar:
         registry: CollectorRegistry,
         background: Sequence[Background] = (),
         redis: Reachability | None = None,
+        admission: Admission | None = None,
     ) -> None:
         """`redis`, whether the store's Redis tier answers (when it has one), is reported as
         the health service's `solaris.redis`: the sidecar itself stays SERVING (it answers
-        from L1), and a probe or an operator can see the degradation."""
+        from L1), and a probe or an operator can see the degradation. `admission` counts the
+        calls in flight and the bytes of their answers (the composition root reports it in
+        the metrics)."""
         self.settings = settings
         self.service = service
         self.registry = registry
         self.background = list(background)
+        self.admission = admission or Admission(settings.unsent_bytes_cap)
         self.health = HealthServicer()
         self.redis = redis
         if redis is not None:
@@ -84,12 +110,16 @@ class Sidecar:
         logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Reports NOT_SERVING, refuses new calls, lets in-flight ones finish within `grace`,
-        then stops the background work, newest first."""
+        """Reports NOT_SERVING, lets the calls in flight answer and refuses new ones (see
+        `Admission.drain`) within `grace`, stops the gRPC server, then the background work,
+        newest first, and closes the store."""
         if self._server is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.settings.grace_seconds if grace is None else grace)
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self.admission.drain(deadline - loop.time())
+        await self._server.stop(max(0.0, deadline - loop.time()))
         self._server = None
         for work in reversed(self.background):
             await work.stop()
@@ -100,18 +130,8 @@ class Sidecar:
         logger.info("stopped")
 
     def _grpc_server(self) -> grpc.aio.Server:
-        limit = self.settings.max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-                # Clients keep idle connections alive with pings; allow them every 10 s.
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
-        )
-        add_to_server(EmbeddingStoreHandlers(self.service), server)
+        server = grpc.aio.server(options=server_options(self.settings))
+        add_to_server(EmbeddingStoreHandlers(self.service, self.admission), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)

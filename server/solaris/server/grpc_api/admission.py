@@ -1,0 +1,103 @@
+"""Which reads the sidecar takes on, and when it may stop.
+
+A read's answer is held in memory from the moment it is built until the caller's transport has
+taken it, and a caller that stops reading (a stalled ranker, or an attacker with a small
+flow-control window) holds it for as long as its connection lives. `Admission` counts the bytes
+of the answers held so, and refuses a read that would take them past a cap with
+RESOURCE_EXHAUSTED, so that no set of slow readers can take the process past its memory limit.
+
+It also counts the calls in flight, for the drain: on SIGTERM the sidecar first answers the
+calls that had reached it (gRPC cancels a call it has received but the server has not yet
+started, if the server stops with it queued), then refuses new ones with UNAVAILABLE until the
+last in flight has answered, and only then stops the gRPC server.
+"""
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from solaris.server.errors import ResourceExhausted, Unavailable
+
+SETTLE_SECONDS = 0.25
+"""How long no call must be in flight, at the start of a drain, for the calls sent before it
+(in the caller's hands, on the wire, or queued in gRPC) to have reached the handlers."""
+QUIET_SECONDS = 0.02
+"""How long no call must be in flight for the calls gRPC has queued to have started."""
+ROW_OVERHEAD_BYTES = 6
+"""A row's status (one byte) and its age (a varint of up to five) beside its values."""
+ANSWER_OVERHEAD_BYTES = 256
+"""An answer's fixed fields: dim, dtype, model version, and their keys."""
+
+
+def answer_bytes(rows: int, dim: int, dtype: np.dtype) -> int:
+    """The most bytes a read of `rows` rows answers with, once serialized."""
+    return rows * (dim * dtype.itemsize + ROW_OVERHEAD_BYTES) + ANSWER_OVERHEAD_BYTES
+
+
+class Admission:
+    """Counts calls in flight and the bytes of their answers until gRPC has sent them."""
+
+    def __init__(self, max_unsent_bytes: int) -> None:
+        self.max_unsent_bytes = max_unsent_bytes
+        self.unsent_bytes = 0
+        self.calls = 0
+        self.draining = False
+        self.refused_full = 0
+        """Reads refused because answers not yet sent held too many bytes."""
+        self.refused_draining = 0
+        """Calls refused because the sidecar was draining to stop."""
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    def admit(self, context: Any, answer_bytes: int) -> None:
+        """Takes on a call whose answer holds up to `answer_bytes` until its caller has it: the
+        call is counted until gRPC reports it done (sent, failed or cancelled).
+
+        Raises:
+            Unavailable: the sidecar is draining.
+            ResourceExhausted: the answer would take the unsent bytes past the cap.
+        """
+        if self.draining:
+            self.refused_draining += 1
+            raise Unavailable("the sidecar is stopping; call again (another sidecar)")
+        if self.unsent_bytes + answer_bytes > self.max_unsent_bytes:
+            self.refused_full += 1
+            raise ResourceExhausted(
+                f"answers not yet taken by their callers hold {self.unsent_bytes} bytes, and "
+                f"this one ({answer_bytes} bytes) would pass the cap of {self.max_unsent_bytes} "
+                "(max-unsent-bytes): some callers are not reading their answers; retry later"
+            )
+        self.unsent_bytes += answer_bytes
+        self.calls += 1
+        self._quiet.clear()
+        context.add_done_callback(lambda _: self._done(answer_bytes))
+
+    def _done(self, answer_bytes: int) -> None:
+        self.unsent_bytes -= answer_bytes
+        self.calls -= 1
+        if not self.calls:
+            self._quiet.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Within `seconds`: answers every call for up to half of them, until none has been in
+        flight for a moment (which answers those gRPC had queued when the drain began); then
+        refuses new calls until the last in flight has answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        await self._until_quiet(loop.time() + seconds / 2, SETTLE_SECONDS)
+        self.draining = True
+        await self._until_quiet(deadline, QUIET_SECONDS)
+
+    async def _until_quiet(self, until: float, quiet_seconds: float) -> bool:
+        """Whether no call is in flight, nor starts for `quiet_seconds`, before `until`."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            try:
+                await asyncio.wait_for(self._quiet.wait(), until - loop.time())
+            except TimeoutError:
+                return False
+            await asyncio.sleep(min(quiet_seconds, max(0.0, until - loop.time())))
+            if self._quiet.is_set():
+                return True
+        return False
