@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,12 +37,16 @@ def wait_until_serving(channel: grpc.Channel, timeout: float = 30.0) -> None:
 
 @contextmanager
 def serving(
-    flags: Sequence[str], env: dict[str, str] | None = None
+    flags: Sequence[str],
+    env: dict[str, str] | None = None,
+    log_level: str = "info",
+    stderr: IO[str] | int = subprocess.PIPE,
 ) -> Iterator[subprocess.Popen[str]]:
-    """`solaris serve --precompute false` with `flags`, its stderr piped; killed if still
-    running at the end."""
-    command = [sys.executable, "-m", "solaris.app.cli", "serve", "--precompute", "false", *flags]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    """`solaris serve --precompute false` with `flags`, its stderr piped (or to `stderr`);
+    killed if still running at the end."""
+    command = [sys.executable, "-m", "solaris.app.cli", "--log-level", log_level, "serve"]
+    command += ["--precompute", "false", *flags]
+    process = subprocess.Popen(command, stderr=stderr, text=True, env=env)
     with process:
         try:
             yield process

@@ -33,6 +33,28 @@ MIN_CLIENT_PING_MS = 10_000
 logger = logging.getLogger("solaris.server")
 
 
+class QuietDisconnects(logging.Filter):
+    """gRPC logs an ERROR with a traceback (`ExecuteBatchError`) for every answer it could not
+    send because its caller had gone: an ordinary event for a server, told here in one DEBUG
+    line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ != "ExecuteBatchError":
+            return True
+        logger.debug("a caller went away before its answer was sent (%s)", record.getMessage())
+        return False
+
+
+GRPC_SERVER_LOGGER = logging.getLogger("grpc._cython.cygrpc")
+
+
+def quiet_disconnects() -> None:
+    """Installs QuietDisconnects on gRPC's server logger, once."""
+    if not any(isinstance(each, QuietDisconnects) for each in GRPC_SERVER_LOGGER.filters):
+        GRPC_SERVER_LOGGER.addFilter(QuietDisconnects())
+
+
 def server_options(settings: SidecarSettings) -> list[tuple[str, int]]:
     """The gRPC server's limits. Connections are not closed for age or idleness: a ranker's
     one channel to its sidecar would pay a reconnect on the serving path for it."""
@@ -91,6 +113,7 @@ class Sidecar:
     async def start(self) -> None:
         """Binds the port (so a port taken fails before anything runs), starts the background
         work, then serves."""
+        quiet_disconnects()
         self._server = self._grpc_server()
         address = f"{self.settings.host}:{self.settings.port}"
         try:
