@@ -6,13 +6,17 @@ flow-control window) holds it for as long as its connection lives. `Admission` c
 of the answers held so, and refuses a read that would take them past a cap with
 RESOURCE_EXHAUSTED, so that no set of slow readers can take the process past its memory limit.
 
-It also counts the calls in flight, for the drain: on SIGTERM the sidecar first answers the
-calls that had reached it (gRPC cancels a call it has received but the server has not yet
-started, if the server stops with it queued), then refuses new ones with UNAVAILABLE until the
-last in flight has answered, and only then stops the gRPC server.
+It also counts the calls in flight, for the drain. gRPC cancels, when its server stops, every
+call it has received but not handed to the server yet, and every call still arriving until
+the caller has its GOAWAY; so on SIGTERM the sidecar first answers every call until callers
+pause (the calls already sent then have all reached it), then refuses new ones with
+UNAVAILABLE until the last in flight has answered and callers have paused again (a caller
+told UNAVAILABLE backs off, as solaris.clients' breaker does), and only then stops the server.
 """
 
 import asyncio
+import math
+import time
 from typing import Any
 
 import numpy as np
@@ -20,10 +24,9 @@ import numpy as np
 from solaris.server.errors import ResourceExhausted, Unavailable
 
 SETTLE_SECONDS = 0.25
-"""How long no call must be in flight, at the start of a drain, for the calls sent before it
-(in the caller's hands, on the wire, or queued in gRPC) to have reached the handlers."""
-QUIET_SECONDS = 0.02
-"""How long no call must be in flight for the calls gRPC has queued to have started."""
+"""How long no call must come, while draining, for the calls already sent (in the caller's
+hands, on the wire, or queued in gRPC) to have reached the handlers."""
+POLL_SECONDS = 0.02
 ROW_OVERHEAD_BYTES = 6
 """A row's status (one byte) and its age (a varint of up to five) beside its values."""
 ANSWER_OVERHEAD_BYTES = 256
@@ -47,8 +50,7 @@ class Admission:
         """Reads refused because answers not yet sent held too many bytes."""
         self.refused_draining = 0
         """Calls refused because the sidecar was draining to stop."""
-        self._quiet = asyncio.Event()
-        self._quiet.set()
+        self._last_call = -math.inf
 
     def admit(self, context: Any, answer_bytes: int) -> None:
         """Takes on a call whose answer holds up to `answer_bytes` until its caller has it: the
@@ -58,6 +60,7 @@ class Admission:
             Unavailable: the sidecar is draining.
             ResourceExhausted: the answer would take the unsent bytes past the cap.
         """
+        self._last_call = time.monotonic()
         if self.draining:
             self.refused_draining += 1
             raise Unavailable("the sidecar is stopping; call again (another sidecar)")
@@ -70,34 +73,28 @@ class Admission:
             )
         self.unsent_bytes += answer_bytes
         self.calls += 1
-        self._quiet.clear()
         context.add_done_callback(lambda _: self._done(answer_bytes))
 
     def _done(self, answer_bytes: int) -> None:
         self.unsent_bytes -= answer_bytes
         self.calls -= 1
-        if not self.calls:
-            self._quiet.set()
 
     async def drain(self, seconds: float) -> None:
-        """Within `seconds`: answers every call for up to half of them, until none has been in
-        flight for a moment (which answers those gRPC had queued when the drain began); then
-        refuses new calls until the last in flight has answered."""
+        """Within `seconds`: answers every call for up to half of them, until callers pause
+        (which answers those already sent when the drain began, even queued in gRPC); then
+        refuses new calls until the last in flight has answered and callers have paused
+        again, so that none is on its way when the server stops (gRPC cancels those)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        await self._until_quiet(loop.time() + seconds / 2, SETTLE_SECONDS)
+        await self._until_quiet(loop.time() + seconds / 2)
         self.draining = True
-        await self._until_quiet(deadline, QUIET_SECONDS)
+        await self._until_quiet(deadline)
 
-    async def _until_quiet(self, until: float, quiet_seconds: float) -> bool:
-        """Whether no call is in flight, nor starts for `quiet_seconds`, before `until`."""
+    async def _until_quiet(self, until: float) -> bool:
+        """Whether, before `until`, no call is in flight and none has come for SETTLE_SECONDS."""
         loop = asyncio.get_running_loop()
         while loop.time() < until:
-            try:
-                await asyncio.wait_for(self._quiet.wait(), until - loop.time())
-            except TimeoutError:
-                return False
-            await asyncio.sleep(min(quiet_seconds, max(0.0, until - loop.time())))
-            if self._quiet.is_set():
+            if not self.calls and time.monotonic() - self._last_call >= SETTLE_SECONDS:
                 return True
+            await asyncio.sleep(min(POLL_SECONDS, until - loop.time()))
         return False
