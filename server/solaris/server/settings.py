@@ -98,6 +98,24 @@ def check_host(value: str) -> str:
     return value
 
 
+def check_host_or_empty(value: str) -> str:
+    return check_host(value) if value else value
+
+
+def check_pem_file(value: str) -> str:
+    """Empty (none), or a readable file holding a PEM block. Checked when the settings load,
+    so that a wrong path is one line at start, not a gRPC failure later."""
+    if not value:
+        return value
+    try:
+        text = Path(value).read_bytes()
+    except OSError as error:
+        raise SettingsError(f"cannot read {value} ({error.strerror}); give a PEM file") from None
+    if b"-----BEGIN " not in text:
+        raise SettingsError(f"{value} holds no PEM block (-----BEGIN ...); give a PEM file")
+    return value
+
+
 def check_redis_url(value: str) -> str:
     """Empty (no Redis), or a URL redis-py connects to. Its text is never put in the error:
     it may hold a password."""
@@ -149,6 +167,16 @@ Size = Annotated[
     ),
 ]
 Host = Annotated[str, AfterValidator(check_host), Accepts("an IP address or a host name", "HOST")]
+OptionalHost = Annotated[
+    str,
+    AfterValidator(check_host_or_empty),
+    Accepts("an IP address or a host name, or empty", "HOST"),
+]
+PemFile = Annotated[
+    str,
+    AfterValidator(check_pem_file),
+    Accepts("the path of a readable PEM file, or empty", "FILE"),
+]
 RedisUrl = Annotated[
     str,
     AfterValidator(check_redis_url),
@@ -204,16 +232,28 @@ class StoreSettings(SettingsModel):
         ge=0.1,
         description="A work entry left this long by a silent daemon is claimed by another.",
     )
-    metrics_host: Host = Field(
-        "0.0.0.0", description="Address the metrics port listens on (the Pod IP)."
+    metrics_host: OptionalHost = Field(
+        "",
+        description="Address the metrics port listens on (in a pod: the Pod IP); empty: the "
+        "gRPC host for the sidecar, 127.0.0.1 for the daemon.",
     )
     metrics_port: Port = Field(
         0, description="HTTP port for Prometheus metrics at /metrics; 0 for none."
     )
 
+    @property
+    def served_metrics_host(self) -> str:
+        """Where /metrics listens: metrics_host, or loopback."""
+        return self.metrics_host or "127.0.0.1"
+
 
 class SidecarSettings(StoreSettings):
     """Everything the sidecar's serving part is told: the store's settings and its own."""
+
+    @property
+    def served_metrics_host(self) -> str:
+        """Where /metrics listens: metrics_host, or the gRPC host."""
+        return self.metrics_host or self.host
 
     host: Host = Field(
         "127.0.0.1", description="Address to listen on; loopback, as befits a sidecar."
@@ -275,12 +315,59 @@ class SidecarSettings(StoreSettings):
         "20 s is closed, with the calls and answers it held.",
     )
 
+    health_host: OptionalHost = Field(
+        "",
+        description="Address the health port listens on (in a pod: the Pod IP, where the "
+        "kubelet probes); empty: the gRPC host.",
+    )
+    health_port: Port = Field(
+        0,
+        description="A port serving only gRPC health checking, so that probes reach the "
+        "sidecar while the data port stays on loopback; 0 for none (health is also served on "
+        "the data port).",
+    )
+    tls_cert: PemFile = Field(
+        "",
+        description="PEM server certificate (chain): the data port serves TLS (the health "
+        "port stays plain: probes speak none); empty: plain.",
+    )
+    tls_key: PemFile = Field("", description="PEM private key of tls-cert.")
+    tls_client_ca: PemFile = Field(
+        "",
+        description="PEM certificates of the CAs whose client certificates are accepted: with "
+        "it, a caller without such a certificate is refused (mutual TLS).",
+    )
+    auth_token: str = Field(
+        "",
+        repr=False,
+        description="A shared token every call but health checks must carry as metadata "
+        "`authorization: Bearer TOKEN` (else UNAUTHENTICATED); empty: none. Never printed.",
+    )
+    reflection: bool = Field(
+        True, description="Serve gRPC server reflection (what grpcurl lists); off in production."
+    )
+
     @model_validator(mode="after")
     def _ports_differ(self) -> "SidecarSettings":
         if self.port and self.port == self.metrics_port:
             raise SettingsError(
                 f"must differ from port (both {self.port}); 0 serves no metrics", "metrics_port"
             )
+        taken = {self.port: "port", self.metrics_port: "metrics_port"}
+        if self.health_port and self.health_port in taken:
+            raise SettingsError(
+                f"must differ from {taken[self.health_port]} (both {self.health_port})",
+                "health_port",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_has_cert_and_key(self) -> "SidecarSettings":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise SettingsError("must be set with the other of tls-cert and tls-key", missing)
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("needs tls-cert and tls-key: mutual TLS is TLS", "tls_client_ca")
         return self
 
     @model_validator(mode="after")
@@ -352,6 +439,11 @@ class SidecarSettings(StoreSettings):
         if self._cap_from_fraction:
             return int(self.memory_limit * self.cache_fraction)
         return self.cache_bytes
+
+    @property
+    def served_health_host(self) -> str:
+        """Where the health port listens: health_host, or the gRPC host."""
+        return self.health_host or self.host
 
     @property
     def _largest_answer(self) -> int:

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
-from http.server import HTTPServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,19 +17,46 @@ from prometheus_client import CollectorRegistry
 from solaris.server.background import Background
 from solaris.server.core import EmbeddingService
 from solaris.server.grpc_api.admission import Admission
+from solaris.server.grpc_api.security import TokenCheck, server_credentials
 from solaris.server.grpc_api.servicer import EmbeddingStoreHandlers, add_to_server
-from solaris.server.metrics import serve_metrics
+from solaris.server.metrics_http import MetricsServer
 from solaris.server.settings import BindError, SidecarSettings
 from solaris.server.tiered import Reachability
 from solaris.v1 import embedding_store_pb2
 
 SERVICE_NAME = embedding_store_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+HEALTH_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 4096),
+    ("grpc.max_concurrent_streams", 16),
+]
+"""A health check is a few bytes; a watcher holds a stream."""
 REDIS_HEALTH_NAME = "solaris.redis"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 KEEPALIVE_TIMEOUT_MS = 20_000
 MIN_CLIENT_PING_MS = 10_000
 logger = logging.getLogger("solaris.server")
+
+
+def _bind(
+    server: grpc.aio.Server,
+    address: str,
+    setting: str,
+    credentials: grpc.ServerCredentials | None,
+) -> int:
+    """Binds `address` on `server`, with TLS when there are `credentials`; returns the port.
+
+    Raises:
+        BindError: naming `setting`.
+    """
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        raise BindError(setting, address) from error
 
 
 class QuietDisconnects(logging.Filter):
@@ -102,8 +128,10 @@ class Sidecar:
             redis.watch(self._report_redis)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._metrics_server: HTTPServer | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
 
     @property
@@ -111,26 +139,34 @@ class Sidecar:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
-        """Binds the port (so a port taken fails before anything runs), starts the background
+        """Binds the ports (so a port taken fails before anything runs), starts the background
         work, then serves."""
         quiet_disconnects()
+        settings = self.settings
         self._server = self._grpc_server()
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            self.port = self._server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise BindError("port", address) from error
+        address = f"{settings.host}:{settings.port}"
+        self.port = _bind(self._server, address, "port", server_credentials(settings))
+        if settings.health_port:
+            self._health_server = self._health_only_server()
+            address = f"{settings.served_health_host}:{settings.health_port}"
+            # Plain, whatever the data port: the kubelet's gRPC probe speaks no TLS.
+            self.health_port = _bind(self._health_server, address, "health_port", None)
         for work in self.background:
             await work.start()
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         await self.health.set(SERVICE_NAME, _SERVING)
         if self.redis is not None:
             await self.health.set(REDIS_HEALTH_NAME, _SERVING if self.redis.up else _NOT_SERVING)
         if self.settings.metrics_port:
-            self._metrics_server, self.metrics_port = serve_metrics(
-                self.registry, self.settings.metrics_host, self.settings.metrics_port
+            self._metrics_server = MetricsServer(self.registry)
+            self.metrics_port = await self._metrics_server.start(
+                self.settings.served_metrics_host, self.settings.metrics_port
             )
         logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
+        if self.health_port:
+            logger.info("health checks on %s:%s", settings.served_health_host, self.health_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets the calls in flight answer and refuses new ones (see
@@ -144,20 +180,32 @@ class Sidecar:
         await self.admission.drain(deadline - loop.time())
         await self._server.stop(max(0.0, deadline - loop.time()))
         self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for work in reversed(self.background):
             await work.stop()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            await self._metrics_server.stop()
         await self.service.store.close()
         logger.info("stopped")
 
     def _grpc_server(self) -> grpc.aio.Server:
-        server = grpc.aio.server(options=server_options(self.settings))
+        token = self.settings.auth_token
+        server = grpc.aio.server(
+            options=server_options(self.settings),
+            interceptors=[TokenCheck(token)] if token else None,
+        )
         add_to_server(EmbeddingStoreHandlers(self.service, self.admission), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
+        if self.settings.reflection:
+            services = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(services, server)
+        return server
+
+    def _health_only_server(self) -> grpc.aio.Server:
+        """A server of the health service alone (the same one), for probes from off the pod."""
+        server = grpc.aio.server(options=HEALTH_SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         return server
 
     def _report_redis(self, up: bool) -> None:
