@@ -211,3 +211,28 @@ def test_the_token_is_never_printed() -> None:
     failed = solaris(*SERVE, "--auth-token", TOKEN, "--max-items", "0", env=env)
     assert failed.returncode == 2
     assert TOKEN not in failed.stderr
+
+
+async def test_the_health_port_serves_health_alone_on_its_own_host(running: Any) -> None:
+    """As in a pod: data on 127.0.0.1, health on another address (the Pod IP there)."""
+    sidecar = await running(health_host="127.0.0.2", health_port=free_port())
+    request = pb.BatchGetRequest(user_id="u", item_ids=["a"])
+    async with grpc.aio.insecure_channel(f"127.0.0.2:{sidecar.port}") as elsewhere:
+        with pytest.raises(grpc.aio.AioRpcError) as off_loopback:
+            await EmbeddingStoreStub(elsewhere).BatchGet(request, timeout=2)
+        assert off_loopback.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await read_status(sidecar) == RowStatus.HIT
+    async with grpc.aio.insecure_channel(f"127.0.0.2:{sidecar.health_port}") as probe:
+        health = health_pb2_grpc.HealthStub(probe)
+        for service in ("", "solaris.v1.EmbeddingStore"):
+            checked = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as only_health:
+            await EmbeddingStoreStub(probe).BatchGet(request)
+        assert only_health.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="solaris.v1.EmbeddingStore"))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+        stopping = asyncio.create_task(sidecar.stop(grace=1))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
