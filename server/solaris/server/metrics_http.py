@@ -9,6 +9,7 @@ on its own loop; the daemon, which has none, on a thread of its own (`ThreadedMe
 """
 
 import asyncio
+import os
 import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -42,7 +43,8 @@ class MetricsServer:
                 self._serve, host, port, limit=MAX_HEAD_BYTES, backlog=BACKLOG
             )
         except OSError as error:
-            raise BindError("metrics_port", f"{host}:{port}", error.strerror or "") from error
+            reason = os.strerror(error.errno).lower() if error.errno else str(error)
+            raise BindError("metrics_port", f"{host}:{port}", reason) from error
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
