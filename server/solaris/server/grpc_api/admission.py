@@ -15,6 +15,7 @@ told UNAVAILABLE backs off, as solaris.clients' breaker does), and only then sto
 """
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any
@@ -23,10 +24,12 @@ import numpy as np
 
 from solaris.server.errors import ResourceExhausted, Unavailable
 
-SETTLE_SECONDS = 0.25
+SETTLE_SECONDS = 1.0
 """How long no call must come, while draining, for the calls already sent (in the caller's
-hands, on the wire, or queued in gRPC) to have reached the handlers."""
+hands, on the wire, or queued in gRPC) to have reached the handlers: long, because on a busy
+machine gRPC's own threads may wait that long for a core. A quarter of the grace at most."""
 POLL_SECONDS = 0.02
+logger = logging.getLogger("solaris.server")
 ROW_OVERHEAD_BYTES = 6
 """A row's status (one byte) and its age (a varint of up to five) beside its values."""
 ANSWER_OVERHEAD_BYTES = 256
@@ -86,15 +89,22 @@ class Admission:
         again, so that none is on its way when the server stops (gRPC cancels those)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        await self._until_quiet(loop.time() + seconds / 2)
+        settle = min(SETTLE_SECONDS, seconds / 4)
+        paused = await self._until_quiet(loop.time() + seconds / 2, settle)
+        logger.info(
+            "draining: %s; refusing new calls, %d in flight",
+            "callers paused" if paused else "callers did not pause",
+            self.calls,
+        )
         self.draining = True
-        await self._until_quiet(deadline)
+        if not await self._until_quiet(deadline, settle):
+            logger.warning("drain: %d calls still in flight at the end of the grace", self.calls)
 
-    async def _until_quiet(self, until: float) -> bool:
-        """Whether, before `until`, no call is in flight and none has come for SETTLE_SECONDS."""
+    async def _until_quiet(self, until: float, settle: float) -> bool:
+        """Whether, before `until`, no call is in flight and none has come for `settle` s."""
         loop = asyncio.get_running_loop()
         while loop.time() < until:
-            if not self.calls and time.monotonic() - self._last_call >= SETTLE_SECONDS:
+            if not self.calls and time.monotonic() - self._last_call >= settle:
                 return True
             await asyncio.sleep(min(POLL_SECONDS, until - loop.time()))
         return False
