@@ -195,6 +195,8 @@ def test_bad_tls_and_reflection_flags_exit_2_with_one_line(pki: Pki, tmp_path: P
         (["--tls-cert", str(tmp_path / "missing.pem"), *key], "tls_cert", "cannot read"),
         (["--tls-cert", str(not_pem), *key], "tls_cert", "no PEM block"),
         (cert, "tls_key", "tls-key"),
+        ([*cert, "--tls-key", str(pki.client_key)], "tls_key", "not the private key"),
+        ([*cert, *key, "--tls-client-ca", str(pki.server_key)], "tls_client_ca", "no CA"),
         (["--tls-client-ca", str(pki.ca)], "tls_client_ca", "needs tls-cert"),
         (["--reflection", "maybe"], "reflection", "true or false"),
         (["--health-port", "50051", "--port", "50051"], "health_port", "must differ"),

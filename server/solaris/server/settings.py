@@ -10,6 +10,7 @@ came from, is refused with one line that names the setting and what it takes.
 import bisect
 import ipaddress
 import re
+import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,25 @@ def check_pem_file(value: str) -> str:
     if b"-----BEGIN " not in text:
         raise SettingsError(f"{value} holds no PEM block (-----BEGIN ...); give a PEM file")
     return value
+
+
+def check_tls_files(cert: str, key: str, client_ca: str) -> None:
+    """Refuses, at start, a key that is not the certificate's, or a CA file of no
+    certificate: found by gRPC, either would fail every handshake instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise SettingsError(
+            f"{key} is not the private key of {cert} ({error.reason or error})", "tls_key"
+        ) from None
+    try:
+        if client_ca:
+            context.load_verify_locations(client_ca)
+    except ssl.SSLError as error:
+        raise SettingsError(
+            f"{client_ca} holds no CA certificate ({error.reason or error})", "tls_client_ca"
+        ) from None
 
 
 def check_redis_url(value: str) -> str:
@@ -368,6 +388,8 @@ class SidecarSettings(StoreSettings):
             raise SettingsError("must be set with the other of tls-cert and tls-key", missing)
         if self.tls_client_ca and not self.tls_cert:
             raise SettingsError("needs tls-cert and tls-key: mutual TLS is TLS", "tls_client_ca")
+        if self.tls_cert:
+            check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
 
     @model_validator(mode="after")
