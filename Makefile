@@ -58,4 +58,5 @@ bench: install
 	$(BIN)/python bench/serve_only.py
 	$(BIN)/python bench/sidecar_memory.py
 	$(BIN)/python bench/speculator.py
+	$(BIN)/python bench/stalled_readers.py
 	$(BIN)/python bench/wire.py

@@ -42,10 +42,14 @@ METHOD = "/solaris.v1.EmbeddingStore/BatchGet"
 
 
 class Deadline:
-    """The one part of a ServicerContext the BatchGet handler reads."""
+    """The parts of a ServicerContext the BatchGet handler uses; its answer counts as sent
+    once built."""
 
     def time_remaining(self) -> float:
         return 1.0
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        callback(self)
 
 
 class Registry:
@@ -113,11 +117,12 @@ def store(l1: MemoryStore, ids: list[str], dim: int) -> None:
 async def setup(items: int, dim: int) -> tuple[EmbeddingService, Any, list[str]]:
     """A service with every pair in L1, and the BatchGet method registered for it."""
     parts = sidecar_parts(SidecarSettings(port=0, dim=dim, metrics_port=0))
-    service = parts.sidecar().service
+    sidecar = parts.sidecar()
+    service = sidecar.service
     ids = [f"item-{n}" for n in range(items)]
     store(parts.l1, ids, dim)
     registry = Registry()
-    add_to_server(EmbeddingStoreHandlers(service), registry)  # type: ignore[arg-type]
+    add_to_server(EmbeddingStoreHandlers(service, sidecar.admission), registry)  # type: ignore[arg-type]
     return service, registry.method(METHOD), ids
 
 

@@ -14,6 +14,7 @@ import yaml
 REPO = Path(__file__).parents[2]
 OVERLAYS = ("cpu", "gpu")
 MEMORY_LIMIT_FOR_TESTS = "1073741824"
+POD_IP_FOR_TESTS = "127.0.0.1"
 
 
 def tool(name: str) -> str:
@@ -87,4 +88,6 @@ def value_of(overlay: str, variable: dict[str, Any]) -> str:
         return base64.b64decode(data).decode()
     if "resourceFieldRef" in source:
         return MEMORY_LIMIT_FOR_TESTS
+    if source.get("fieldRef", {}).get("fieldPath") == "status.podIP":
+        return POD_IP_FOR_TESTS
     raise AssertionError(f"unhandled valueFrom in {variable}")

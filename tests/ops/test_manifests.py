@@ -61,12 +61,14 @@ def test_probes_and_ports_match_the_settings(overlay: str) -> None:
     sidecar = pod["solaris-sidecar"]
     assert sidecar.spec["restartPolicy"] == "Always"
     settings = load(ServeSettings, environ=sidecar.env)
-    assert settings.host == "0.0.0.0"
-    assert sidecar.port("grpc") == settings.port
+    assert settings.host == "127.0.0.1"
+    assert not settings.reflection
+    assert from_pod_ip(sidecar) == {"SOLARIS_HEALTH_HOST", "SOLARIS_METRICS_HOST"}
+    assert sidecar.port("health") == settings.health_port
     assert sidecar.port("metrics") == settings.metrics_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = sidecar.spec[probe]["grpc"]
-        assert grpc_probe["port"] == settings.port, probe
+        assert grpc_probe["port"] == settings.health_port, probe
         assert grpc_probe.get("service", "") in ("", SERVICE_NAME), probe
     ranker_args = load_example_ranker().build_parser().parse_args(pod["ranker"].argv[2:])
     assert ranker_args.sidecar == f"127.0.0.1:{settings.port}"
@@ -74,6 +76,16 @@ def test_probes_and_ports_match_the_settings(overlay: str) -> None:
     daemon = containers(overlay, "solaris-precompute")["precompute"]
     daemon_settings = load(DaemonSettings, environ=daemon.env)
     assert daemon.spec["livenessProbe"]["httpGet"]["port"] == daemon_settings.metrics_port
+    assert from_pod_ip(daemon) == {"SOLARIS_METRICS_HOST"}
+
+
+def from_pod_ip(container: Container) -> set[str]:
+    """The container's variables the downward API sets to the Pod IP."""
+    return {
+        variable["name"]
+        for variable in container.spec["env"]
+        if variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,5 +1,6 @@
 """The /metrics endpoint, scraped over HTTP after real traffic, against what was served."""
 
+import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -46,7 +47,8 @@ async def test_counters_match_what_was_served(measured: Sidecar) -> None:
         await stub.BatchGet(pb.BatchGetRequest(user_id="user", item_ids=["a"]))
         await stub.Prefetch(pb.PrefetchRequest(user_id="user", item_ids=["x", "y"]))
     assert measured.metrics_port is not None
-    samples = scrape(measured.metrics_port)
+    # The sidecar serves /metrics on its event loop, which this test's loop is.
+    samples = await asyncio.to_thread(scrape, measured.metrics_port)
     assert samples['solaris_rows_total{status="hit"}'] == 3
     assert samples['solaris_rows_total{status="miss"}'] == 1
     assert samples['solaris_rows_total{status="stale"}'] == 0

@@ -40,7 +40,7 @@ def moved(container: Container, replacements: dict[str, str]) -> tuple[list[str]
 def launch(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     executables = {"solaris": tool("solaris"), "python": sys.executable}
     argv = [executables.get(argv[0], argv[0]), *argv[1:]]
-    base = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
+    base = {key: os.environ[key] for key in ("PATH", "HOME", "PYTHONPATH") if key in os.environ}
     return subprocess.Popen(argv, env={**base, **env}, stdout=subprocess.PIPE, text=True)
 
 
@@ -88,10 +88,10 @@ def test_the_ranker_gets_embeddings_wired_as_the_manifest_wires_it(
     pod = containers(OVERLAY, "ranker")
     daemon = containers(OVERLAY, "solaris-precompute")["precompute"]
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    health_port = free_port()
     cluster = {"solaris-redis:6379": redis_address}
-    sidecar_argv, sidecar_env = moved(
-        pod["solaris-sidecar"], {**cluster, "50051": str(grpc_port), "9400": str(metrics_port)}
-    )
+    sidecar_ports = {"50051": str(grpc_port), "50052": str(health_port), "9400": str(metrics_port)}
+    sidecar_argv, sidecar_env = moved(pod["solaris-sidecar"], {**cluster, **sidecar_ports})
     ranker_argv, ranker_env = moved(
         pod["ranker"],
         {
@@ -104,7 +104,7 @@ def test_the_ranker_gets_embeddings_wired_as_the_manifest_wires_it(
     daemon_env["SOLARIS_MODEL_DIR"] = "~/.cache/solaris/models"
     processes = [launch(sidecar_argv, sidecar_env)]
     try:
-        wait_serving(f"127.0.0.1:{grpc_port}")
+        wait_serving(f"127.0.0.1:{health_port}")  # where the kubelet probes (the Pod IP)
         processes.append(launch(daemon_argv, daemon_env))
         processes.append(launch(ranker_argv, ranker_env))
         assert processes[-1].stdout is not None

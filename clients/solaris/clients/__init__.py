@@ -13,7 +13,7 @@ fallback itself raises. Nothing the sidecar does (slow, down, killed, refusing) 
 """
 
 from solaris.clients._async import AsyncEmbeddingClient
-from solaris.clients._engine import ClientOptions
+from solaris.clients._engine import ClientOptions, Tls
 from solaris.clients._fallback import Fallback, FallbackError
 from solaris.clients._result import Embedding, Embeddings, FallbackReason, RowStatus
 from solaris.clients._stats import LATENCY_BUCKETS, StatsSnapshot
@@ -31,4 +31,5 @@ __all__ = [
     "FallbackReason",
     "RowStatus",
     "StatsSnapshot",
+    "Tls",
 ]

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 import grpc
 from numpy.typing import ArrayLike
 
-from solaris.clients._engine import DEFAULT_OPTIONS, ClientOptions, Engine, one_item
+from solaris.clients._engine import (
+    DEFAULT_OPTIONS,
+    ClientOptions,
+    Engine,
+    Tls,
+    call_metadata,
+    one_item,
+)
 from solaris.clients._fallback import Fallback
 from solaris.clients._result import Embedding, Embeddings, FallbackReason
 from solaris.clients._stats import StatsSnapshot
@@ -27,9 +34,18 @@ class AsyncEmbeddingClient:
         fallback: Fallback | ArrayLike | None = None,
         deadline: float = 0.05,
         options: ClientOptions = DEFAULT_OPTIONS,
+        tls: Tls | None = None,
+        token: str | None = None,
     ) -> None:
         self._engine = Engine(dim, fallback, deadline, options)
-        self._channel = grpc.aio.insecure_channel(target, options=self._engine.channel_options())
+        channel_options = self._engine.channel_options()
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                target, tls.credentials(), options=channel_options
+            )
+        self._metadata = call_metadata(token)
         self._stub = EmbeddingStoreStub(self._channel)
         self._prefetches: set[asyncio.Task[None]] = set()
 
@@ -46,7 +62,9 @@ class AsyncEmbeddingClient:
         if attempt.skip is not None:
             return engine.skipped(attempt)
         try:
-            response = await self._stub.BatchGet(attempt.request, timeout=attempt.timeout)
+            response = await self._stub.BatchGet(
+                attempt.request, timeout=attempt.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             return engine.failed(attempt, error)
         result = engine.answered(attempt, response)
@@ -77,7 +95,9 @@ class AsyncEmbeddingClient:
         ok = False
         try:
             await self._stub.Prefetch(
-                request, timeout=self._engine.options.prefetch_timeout_seconds
+                request,
+                timeout=self._engine.options.prefetch_timeout_seconds,
+                metadata=self._metadata,
             )
             ok = True
         except grpc.RpcError:

@@ -60,6 +60,27 @@ class ClientOptions:
 DEFAULT_OPTIONS = ClientOptions()
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS to a sidecar serving it (`--tls-cert`), in PEM bytes: the certificates of the CA
+    that signed the sidecar's (None: the system's), and for mutual TLS (`--tls-client-ca`) the
+    client's private key and certificate chain."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """What every call carries for a sidecar with `--auth-token`."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 @dataclass(slots=True)
 class Attempt:
     """One `batch_get` from start to answer."""

@@ -5,7 +5,14 @@ from collections.abc import Sequence
 import grpc
 from numpy.typing import ArrayLike
 
-from solaris.clients._engine import DEFAULT_OPTIONS, ClientOptions, Engine, one_item
+from solaris.clients._engine import (
+    DEFAULT_OPTIONS,
+    ClientOptions,
+    Engine,
+    Tls,
+    call_metadata,
+    one_item,
+)
 from solaris.clients._fallback import Fallback
 from solaris.clients._result import Embedding, Embeddings, FallbackReason
 from solaris.clients._stats import StatsSnapshot
@@ -27,6 +34,8 @@ class EmbeddingClient:
             `(user_id, item_ids) -> len(item_ids) x dim array`.
         deadline: the default budget of a call, in seconds.
         options: tuning; see `ClientOptions`.
+        tls: for a sidecar serving TLS: the CA to trust (and a client certificate); see `Tls`.
+        token: for a sidecar with --auth-token: sent as `authorization: Bearer <token>`.
     """
 
     def __init__(
@@ -37,9 +46,16 @@ class EmbeddingClient:
         fallback: Fallback | ArrayLike | None = None,
         deadline: float = 0.05,
         options: ClientOptions = DEFAULT_OPTIONS,
+        tls: Tls | None = None,
+        token: str | None = None,
     ) -> None:
         self._engine = Engine(dim, fallback, deadline, options)
-        self._channel = grpc.insecure_channel(target, options=self._engine.channel_options())
+        channel_options = self._engine.channel_options()
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=channel_options)
+        self._metadata = call_metadata(token)
         self._stub = EmbeddingStoreStub(self._channel)
 
     def batch_get(
@@ -57,7 +73,9 @@ class EmbeddingClient:
         if attempt.skip is not None:
             return engine.skipped(attempt)
         try:
-            response = self._stub.BatchGet(attempt.request, timeout=attempt.timeout)
+            response = self._stub.BatchGet(
+                attempt.request, timeout=attempt.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             return engine.failed(attempt, error)
         result = engine.answered(attempt, response)
@@ -82,7 +100,9 @@ class EmbeddingClient:
             return
         try:
             call = self._stub.Prefetch.future(
-                request, timeout=self._engine.options.prefetch_timeout_seconds
+                request,
+                timeout=self._engine.options.prefetch_timeout_seconds,
+                metadata=self._metadata,
             )
         except BaseException:
             self._engine.prefetch_finished(ok=False)

@@ -93,9 +93,12 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     settings = load(ServeSettings, args, config=args.config)
     check_can_listen(settings.host, settings.port, ("host", "port"))
+    if settings.health_port:
+        names = ("health_host", "health_port")
+        check_can_listen(settings.served_health_host, settings.health_port, names)
     if settings.metrics_port:
         names = ("metrics_host", "metrics_port")
-        check_can_listen(settings.metrics_host, settings.metrics_port, names)
+        check_can_listen(settings.served_metrics_host, settings.metrics_port, names)
     run_sidecar(settings)
     return 0
 
@@ -104,7 +107,7 @@ def precompute(args: argparse.Namespace) -> int:
     settings = load(DaemonSettings, args, config=args.config)
     if settings.metrics_port:
         names = ("metrics_host", "metrics_port")
-        check_can_listen(settings.metrics_host, settings.metrics_port, names)
+        check_can_listen(settings.served_metrics_host, settings.metrics_port, names)
     run_daemon(settings)
     return 0
 

@@ -34,10 +34,12 @@ from solaris.precompute.shared_speculation import SharedSpeculation
 from solaris.precompute.speculator import Speculator
 from solaris.server.background import Background, OnThread
 from solaris.server.core import EmbeddingService, WorkQueue
+from solaris.server.grpc_api.admission import Admission
 from solaris.server.l1 import MemoryStore
 from solaris.server.metrics import (
     LiveValues,
     ReadMetrics,
+    admission_values,
     l1_values,
     prefetch_queue_values,
     redis_values,
@@ -91,7 +93,11 @@ class SidecarParts:
         service = EmbeddingService(
             self.settings, self.store, self.request_log, self.work_queue, metrics
         )
-        return Sidecar(self.settings, service, self.registry, self.background, self.reachability)
+        admission = Admission(self.settings.unsent_bytes_cap)
+        admission_values(self.live, admission)
+        return Sidecar(
+            self.settings, service, self.registry, self.background, self.reachability, admission
+        )
 
 
 def build_sidecar(

@@ -34,7 +34,8 @@ def run_daemon(settings: DaemonSettings) -> None:
         parts.speculation.start()
     metrics = None
     if settings.metrics_port:
-        metrics, _ = serve_metrics(parts.registry, settings.metrics_host, settings.metrics_port)
+        host = settings.served_metrics_host
+        metrics, _ = serve_metrics(parts.registry, host, settings.metrics_port)
     logger.info("precomputing for %s (model %s)", redacted(settings.redis), parts.model_version)
     stop.wait()
     if parts.speculation is not None:

@@ -7,19 +7,19 @@ scrapes. Each process (and each sidecar in a test) has its own registry.
 """
 
 from collections.abc import Callable, Iterator
-from http.server import HTTPServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from solaris.server.grpc_api.admission import Admission
 from solaris.server.l1 import MemoryStore
+from solaris.server.metrics_http import ThreadedMetricsServer
 from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.redis_store import RedisStore
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
-from solaris.server.settings import BindError
 from solaris.server.store import RowStatus
 from solaris.server.tiered import Reachability
 
@@ -76,13 +76,13 @@ class LiveValues(Collector):
             yield CounterMetricFamily(name, help_text, value=read())
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[HTTPServer, int]:
-    """Starts the /metrics HTTP server on a thread; returns it and the port it bound."""
-    try:
-        server, _ = start_http_server(port, addr=host, registry=registry)
-    except OSError as error:
-        raise BindError("metrics_port", f"{host}:{port}", error.strerror or "") from error
-    return server, server.server_port
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[ThreadedMetricsServer, int]:
+    """Starts the /metrics HTTP server on a thread of its own (for a process without an event
+    loop); returns it and the port it bound."""
+    server = ThreadedMetricsServer(registry)
+    return server, server.start(host, port)
 
 
 def l1_values(live: LiveValues, l1: MemoryStore) -> None:
@@ -138,4 +138,25 @@ def shipper_values(live: LiveValues, shipper: RequestShipper) -> None:
         "solaris_request_stream_bytes",
         "Bytes of the entries shipped to the Redis request stream.",
         lambda: shipper.shipped_bytes,
+    )
+
+
+def admission_values(live: LiveValues, admission: Admission) -> None:
+    live.gauge(
+        "solaris_unsent_answer_bytes",
+        "Bytes of answers built but not yet taken by their callers (--max-unsent-bytes caps it).",
+        lambda: admission.unsent_bytes,
+    )
+    live.gauge(
+        "solaris_calls_in_flight", "EmbeddingStore calls in flight.", lambda: admission.calls
+    )
+    live.counter(
+        "solaris_refused_unsent_full",
+        "Reads refused (RESOURCE_EXHAUSTED): answers not yet sent held --max-unsent-bytes.",
+        lambda: admission.refused_full,
+    )
+    live.counter(
+        "solaris_refused_draining",
+        "Calls refused (UNAVAILABLE) while the sidecar drained to stop.",
+        lambda: admission.refused_draining,
     )

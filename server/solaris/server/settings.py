@@ -10,20 +10,25 @@ came from, is refused with one line that names the setting and what it takes.
 import bisect
 import ipaddress
 import re
+import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from redis import connection
 
+from solaris.server.grpc_api.admission import answer_bytes
 from solaris.server.l1 import entry_bytes
 from solaris.server.request_stream import least_budget
 from solaris.wire import max_message_bytes
 
+DEFAULT_UNSENT_BYTES = 128 * 1024**2
+"""The cap on answers not yet sent, when neither it nor the memory limit is set."""
 GRPC_MESSAGE_LIMIT = 2**31
 """gRPC takes a message size limit as a C int: below 2 GiB."""
 
@@ -94,6 +99,43 @@ def check_host(value: str) -> str:
     return value
 
 
+def check_host_or_empty(value: str) -> str:
+    return check_host(value) if value else value
+
+
+def check_pem_file(value: str) -> str:
+    """Empty (none), or a readable file holding a PEM block. Checked when the settings load,
+    so that a wrong path is one line at start, not a gRPC failure later."""
+    if not value:
+        return value
+    try:
+        text = Path(value).read_bytes()
+    except OSError as error:
+        raise SettingsError(f"cannot read {value} ({error.strerror}); give a PEM file") from None
+    if b"-----BEGIN " not in text:
+        raise SettingsError(f"{value} holds no PEM block (-----BEGIN ...); give a PEM file")
+    return value
+
+
+def check_tls_files(cert: str, key: str, client_ca: str) -> None:
+    """Refuses, at start, a key that is not the certificate's, or a CA file of no
+    certificate: found by gRPC, either would fail every handshake instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise SettingsError(
+            f"{key} is not the private key of {cert} ({error.reason or error})", "tls_key"
+        ) from None
+    try:
+        if client_ca:
+            context.load_verify_locations(client_ca)
+    except ssl.SSLError as error:
+        raise SettingsError(
+            f"{client_ca} holds no CA certificate ({error.reason or error})", "tls_client_ca"
+        ) from None
+
+
 def check_redis_url(value: str) -> str:
     """Empty (no Redis), or a URL redis-py connects to. Its text is never put in the error:
     it may hold a password."""
@@ -145,6 +187,16 @@ Size = Annotated[
     ),
 ]
 Host = Annotated[str, AfterValidator(check_host), Accepts("an IP address or a host name", "HOST")]
+OptionalHost = Annotated[
+    str,
+    AfterValidator(check_host_or_empty),
+    Accepts("an IP address or a host name, or empty", "HOST"),
+]
+PemFile = Annotated[
+    str,
+    AfterValidator(check_pem_file),
+    Accepts("the path of a readable PEM file, or empty", "FILE"),
+]
 RedisUrl = Annotated[
     str,
     AfterValidator(check_redis_url),
@@ -200,16 +252,28 @@ class StoreSettings(SettingsModel):
         ge=0.1,
         description="A work entry left this long by a silent daemon is claimed by another.",
     )
-    metrics_host: Host = Field(
-        "0.0.0.0", description="Address the metrics port listens on (the Pod IP)."
+    metrics_host: OptionalHost = Field(
+        "",
+        description="Address the metrics port listens on (in a pod: the Pod IP); empty: the "
+        "gRPC host for the sidecar, 127.0.0.1 for the daemon.",
     )
     metrics_port: Port = Field(
         0, description="HTTP port for Prometheus metrics at /metrics; 0 for none."
     )
 
+    @property
+    def served_metrics_host(self) -> str:
+        """Where /metrics listens: metrics_host, or loopback."""
+        return self.metrics_host or "127.0.0.1"
+
 
 class SidecarSettings(StoreSettings):
     """Everything the sidecar's serving part is told: the store's settings and its own."""
+
+    @property
+    def served_metrics_host(self) -> str:
+        """Where /metrics listens: metrics_host, or the gRPC host."""
+        return self.metrics_host or self.host
 
     host: Host = Field(
         "127.0.0.1", description="Address to listen on; loopback, as befits a sidecar."
@@ -252,6 +316,56 @@ class SidecarSettings(StoreSettings):
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
+    max_concurrent_streams: int = Field(
+        100, ge=1, description="Most calls one connection may have open at once; more wait."
+    )
+    max_unsent_bytes: Size = Field(
+        0,
+        ge=0,
+        description="Bytes of answers built but not yet taken by their callers (a caller that "
+        "stops reading holds its answers) the sidecar keeps at once; past it, a read gets "
+        "RESOURCE_EXHAUSTED. Each such byte costs about two of memory. 0: an eighth of "
+        "memory-limit, or 128Mi without one, and at least one full-size answer (suffixes as "
+        "for cache-bytes).",
+    )
+    keepalive_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="How often the sidecar pings a connection; one that does not answer within "
+        "20 s is closed, with the calls and answers it held.",
+    )
+
+    health_host: OptionalHost = Field(
+        "",
+        description="Address the health port listens on (in a pod: the Pod IP, where the "
+        "kubelet probes); empty: the gRPC host.",
+    )
+    health_port: Port = Field(
+        0,
+        description="A port serving only gRPC health checking, so that probes reach the "
+        "sidecar while the data port stays on loopback; 0 for none (health is also served on "
+        "the data port).",
+    )
+    tls_cert: PemFile = Field(
+        "",
+        description="PEM server certificate (chain): the data port serves TLS (the health "
+        "port stays plain: probes speak none); empty: plain.",
+    )
+    tls_key: PemFile = Field("", description="PEM private key of tls-cert.")
+    tls_client_ca: PemFile = Field(
+        "",
+        description="PEM certificates of the CAs whose client certificates are accepted: with "
+        "it, a caller without such a certificate is refused (mutual TLS).",
+    )
+    auth_token: str = Field(
+        "",
+        repr=False,
+        description="A shared token every call but health checks must carry as metadata "
+        "`authorization: Bearer TOKEN` (else UNAUTHENTICATED); empty: none. Never printed.",
+    )
+    reflection: bool = Field(
+        True, description="Serve gRPC server reflection (what grpcurl lists); off in production."
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> "SidecarSettings":
@@ -259,6 +373,23 @@ class SidecarSettings(StoreSettings):
             raise SettingsError(
                 f"must differ from port (both {self.port}); 0 serves no metrics", "metrics_port"
             )
+        taken = {self.port: "port", self.metrics_port: "metrics_port"}
+        if self.health_port and self.health_port in taken:
+            raise SettingsError(
+                f"must differ from {taken[self.health_port]} (both {self.health_port})",
+                "health_port",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_has_cert_and_key(self) -> "SidecarSettings":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise SettingsError("must be set with the other of tls-cert and tls-key", missing)
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("needs tls-cert and tls-key: mutual TLS is TLS", "tls_client_ca")
+        if self.tls_cert:
+            check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
 
     @model_validator(mode="after")
@@ -307,6 +438,16 @@ class SidecarSettings(StoreSettings):
             "max_items",
         )
 
+    @model_validator(mode="after")
+    def _unsent_bytes_hold_an_answer(self) -> "SidecarSettings":
+        if not self.max_unsent_bytes or self.max_unsent_bytes >= self._largest_answer:
+            return self
+        raise SettingsError(
+            f"must hold one full-size answer: at least {self._largest_answer} bytes with "
+            f"max_items {self.max_items} and dim {self.dim}",
+            "max_unsent_bytes",
+        )
+
     def _message_bytes(self, max_items: int) -> int:
         return max_message_bytes(max_items, self.max_id_bytes, self.max_history, self.dim)
 
@@ -320,6 +461,24 @@ class SidecarSettings(StoreSettings):
         if self._cap_from_fraction:
             return int(self.memory_limit * self.cache_fraction)
         return self.cache_bytes
+
+    @property
+    def served_health_host(self) -> str:
+        """Where the health port listens: health_host, or the gRPC host."""
+        return self.health_host or self.host
+
+    @property
+    def _largest_answer(self) -> int:
+        return answer_bytes(self.max_items, self.dim, np.dtype(np.float32))
+
+    @property
+    def unsent_bytes_cap(self) -> int:
+        """The cap on bytes of answers not yet sent: max_unsent_bytes, else an eighth of the
+        memory limit (or a default without one), and at least one full-size answer."""
+        if self.max_unsent_bytes:
+            return self.max_unsent_bytes
+        derived = self.memory_limit // 8 if self.memory_limit else DEFAULT_UNSENT_BYTES
+        return max(derived, self._largest_answer)
 
     @property
     def max_message_bytes(self) -> int:

@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from solaris.server.core import BatchResult, EmbeddingService
 from solaris.server.grpc_api import converters
+from solaris.server.grpc_api.admission import ANSWER_OVERHEAD_BYTES, Admission, answer_bytes
 from solaris.server.grpc_api.status import Context, grpc_errors
 from solaris.v1 import embedding_store_pb2 as pb
 
@@ -27,14 +28,19 @@ _RESPONSE_SERIALIZERS: dict[str, Callable[[Any], bytes]] = {
 
 
 class EmbeddingStoreHandlers:
-    """gRPC handlers for solaris.v1.EmbeddingStore."""
+    """gRPC handlers for solaris.v1.EmbeddingStore. Each call is admitted first: counted for
+    the drain, and its answer's bytes counted until sent."""
 
-    def __init__(self, service: EmbeddingService) -> None:
+    def __init__(self, service: EmbeddingService, admission: Admission) -> None:
         self.service = service
+        self.admission = admission
+        self.dim = service.settings.dim
+        self.max_items = service.settings.max_items
 
     @grpc_errors
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         dtype = converters.dtype_from_proto(request.dtype)
+        self.admission.admit(context, answer_bytes(1, self.dim, dtype))
         result = await self.service.get(request.user_id, request.item_id, dtype, _deadline(context))
         return converters.get_response(result)
 
@@ -42,12 +48,15 @@ class EmbeddingStoreHandlers:
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> BatchResult:
         """Answers the core's result; the registered serializer encodes it."""
         dtype = converters.dtype_from_proto(request.dtype)
+        rows = min(len(request.item_ids), self.max_items)  # more is refused, naming the field
+        self.admission.admit(context, answer_bytes(rows, self.dim, dtype))
         return await self.service.batch_get(
             request.user_id, tuple(request.item_ids), dtype, _deadline(context)
         )
 
     @grpc_errors
     async def Prefetch(self, request: pb.PrefetchRequest, context: Context) -> pb.PrefetchResponse:
+        self.admission.admit(context, ANSWER_OVERHEAD_BYTES)
         result = await self.service.prefetch(
             request.user_id,
             tuple(request.item_ids),
