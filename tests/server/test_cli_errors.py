@@ -274,3 +274,13 @@ def test_a_command_that_needs_the_model_stack_where_it_is_not_installed(
         also,
         f"pip install 'solaris-embeddings[{extra}]' (from a checkout: pip install './[{extra}]')",
     )
+
+
+def test_a_cache_larger_than_the_machine() -> None:
+    line = refused(solaris(*SERVE, "--cache-bytes", "100000Gi"), "cache_bytes", "--cache-bytes")
+    assert "must be below this machine's memory" in line
+
+
+def test_a_cache_larger_than_the_memory_limit() -> None:
+    argv = [*SERVE, "--cache-bytes", "2Gi", "--memory-limit", "1Gi"]
+    refused(solaris(*argv), "cache_bytes", "must be below memory_limit (1073741824 bytes)")

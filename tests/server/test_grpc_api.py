@@ -1,12 +1,14 @@
 """The three RPCs end to end through the generated stub, against a real sidecar."""
 
+import socket
 import time
 
 import grpc
 import numpy as np
 import pytest
 
-from solaris.app.compose import SidecarParts
+from solaris.app.compose import SidecarParts, sidecar_parts
+from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Freshness
 from solaris.v1 import embedding_store_pb2 as pb
@@ -209,3 +211,27 @@ async def test_bad_input_stores_and_logs_nothing(
     assert sidecar.service.request_log.snapshot() == []
     response = await stub.BatchGet(pb.BatchGetRequest(user_id="u1", item_ids=["a"]))
     np.testing.assert_array_equal(decode(response)[0], stored[0])
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_a_sidecar_on_an_ipv6_host_answers_at_its_bracketed_address(
+    settings: SidecarSettings,
+) -> None:
+    sidecar = sidecar_parts(settings.model_copy(update={"host": "::1"})).sidecar()
+    await sidecar.start()
+    try:
+        assert sidecar.address.startswith("[::1]:")
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            reply = await EmbeddingStoreStub(channel).Get(pb.GetRequest(user_id="u", item_id="i"))
+        assert reply.status == pb.MISS
+    finally:
+        await sidecar.stop(grace=0)

@@ -5,7 +5,7 @@ be a C-core log line and a bare RuntimeError, after it."""
 import errno
 import socket
 
-from solaris.server.settings import BindError
+from solaris.server.settings import BindError, host_port
 
 
 def check_can_listen(host: str, port: int, names: tuple[str, str]) -> None:
@@ -13,7 +13,7 @@ def check_can_listen(host: str, port: int, names: tuple[str, str]) -> None:
     resolves to, as gRPC does). `names` are the host's and the port's settings: the error
     names the host's when the address is not this machine's, else the port's."""
     host_name, port_name = names
-    address = f"{host}:{port}"
+    address = host_port(host, port)
     try:
         candidates = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -14,7 +14,7 @@ import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from solaris.server.settings import BindError
+from solaris.server.settings import BindError, host_port
 
 MAX_CONNECTIONS = 64
 MAX_HEAD_BYTES = 8192
@@ -44,7 +44,7 @@ class MetricsServer:
             )
         except OSError as error:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
-            raise BindError("metrics_port", f"{host}:{port}", reason) from error
+            raise BindError("metrics_port", host_port(host, port), reason) from error
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

@@ -9,6 +9,7 @@ came from, is refused with one line that names the setting and what it takes.
 
 import bisect
 import ipaddress
+import os
 import re
 import ssl
 import tempfile
@@ -81,6 +82,16 @@ def parse_size(value: Any) -> Any:
     if match is None:
         raise ValueError("not a size")
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes, as the kernel reports it."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC and logs want it, with an IPv6 address in brackets (`[::1]:50051`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_host(value: str) -> str:
@@ -417,6 +428,19 @@ class SidecarSettings(StoreSettings):
             f"with memory_limit {self.memory_limit}, it makes an L1 cap of {self.l1_bytes} "
             f"bytes, which {needs}",
             "cache_fraction",
+        )
+
+    @model_validator(mode="after")
+    def _l1_fits_memory(self) -> "SidecarSettings":
+        """L1 allocates its cap up front: a cap past the memory there is would fail later, as a
+        numpy allocation error."""
+        limit = self.memory_limit or physical_memory()
+        if self.l1_bytes < limit:
+            return self
+        where = "memory_limit" if self.memory_limit else "this machine's memory"
+        setting = "cache_fraction" if self._cap_from_fraction else "cache_bytes"
+        raise SettingsError(
+            f"an L1 cap of {self.l1_bytes} bytes must be below {where} ({limit} bytes)", setting
         )
 
     @model_validator(mode="after")

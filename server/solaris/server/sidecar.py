@@ -20,7 +20,7 @@ from solaris.server.grpc_api.admission import Admission
 from solaris.server.grpc_api.security import TokenCheck, server_credentials
 from solaris.server.grpc_api.servicer import EmbeddingStoreHandlers, add_to_server
 from solaris.server.metrics_http import MetricsServer
-from solaris.server.settings import BindError, SidecarSettings
+from solaris.server.settings import BindError, SidecarSettings, host_port
 from solaris.server.tiered import Reachability
 from solaris.v1 import embedding_store_pb2
 
@@ -136,7 +136,7 @@ class Sidecar:
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.port}"
+        return host_port(self.settings.host, self.port or self.settings.port)
 
     async def start(self) -> None:
         """Binds the ports (so a port taken fails before anything runs), starts the background
@@ -144,11 +144,11 @@ class Sidecar:
         quiet_disconnects()
         settings = self.settings
         self._server = self._grpc_server()
-        address = f"{settings.host}:{settings.port}"
+        address = host_port(settings.host, settings.port)
         self.port = _bind(self._server, address, "port", server_credentials(settings))
         if settings.health_port:
             self._health_server = self._health_only_server()
-            address = f"{settings.served_health_host}:{settings.health_port}"
+            address = host_port(settings.served_health_host, settings.health_port)
             # Plain, whatever the data port: the kubelet's gRPC probe speaks no TLS.
             self.health_port = _bind(self._health_server, address, "health_port", None)
         for work in self.background:
