@@ -43,7 +43,7 @@ async def test_a_read_cut_short_by_its_deadline_does_not_mark_redis_down(
     client = connect(redis_server.url, 0.5)
     tiered = TieredStore(MemoryStore(1024**2, DIM), RedisStore(client, DIM, "v1"), 0.5)
     await tiered.read("user", ["a"], FLOAT32, time.time(), deadline=time.monotonic())
-    await client.aclose()
+    await tiered.close()
     assert tiered.reachability.up
     assert tiered.reachability.errors == 0
 

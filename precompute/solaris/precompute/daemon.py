@@ -26,8 +26,8 @@ from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import Pair
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.reachability import REDIS_ERRORS
 from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
-from solaris.server.tiered import REDIS_ERRORS
 
 _POLL_SECONDS = 0.2
 _PAUSE = 1.0

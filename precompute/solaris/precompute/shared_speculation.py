@@ -37,13 +37,13 @@ from solaris.precompute.speculator import (
     by_user,
 )
 from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.reachability import REDIS_ERRORS
 from solaris.server.redis_store import (
     read_stale_at,
 )
 from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, PartJoiner, decode_entry
-from solaris.server.tiered import REDIS_ERRORS
 from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
 
 LEASE_PREFIX = "solaris:speculator"

@@ -47,6 +47,7 @@ from solaris.server.metrics import (
     shipper_values,
 )
 from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.reachability import SLOW_REDIS_SECONDS, Reachability, RedisPing
 from solaris.server.redis_store import (
     DAEMON_REDIS_TIMEOUT_SECONDS,
     RedisStore,
@@ -59,7 +60,7 @@ from solaris.server.request_stream import RequestShipper
 from solaris.server.settings import SettingsError, SidecarSettings, StoreSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Store
-from solaris.server.tiered import Reachability, TieredStore
+from solaris.server.tiered import TieredStore
 from solaris.server.work_stream import StreamWorkQueue, StreamWorkSource
 
 if TYPE_CHECKING:
@@ -150,14 +151,20 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     """L1 in front of Redis, Prefetch work to the shared stream, reads to the request stream."""
     settings = parts.settings
     timeout = settings.redis_timeout_ms / 1000
-    client = connect(url, timeout)
+    client = connect(url, SLOW_REDIS_SECONDS)
     parts.l2 = RedisStore(client, settings.dim)
-    parts.reachability = Reachability()
-    parts.store = TieredStore(parts.l1, parts.l2, timeout, parts.reachability)
-    parts.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout)
-    shipper = RequestShipper(client, settings.request_stream_bytes, timeout, settings.max_id_bytes)
+    reachability = parts.reachability = Reachability()
+    parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)
+    parts.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout, reachability)
+    shipper = RequestShipper(
+        client,
+        settings.request_stream_bytes,
+        SLOW_REDIS_SECONDS,
+        settings.max_id_bytes,
+        reachability=reachability,
+    )
     parts.request_log.listeners.append(shipper.append)
-    parts.background.append(shipper)
+    parts.background += [RedisPing(client, reachability), shipper]
     redis_values(parts.live, parts.reachability, parts.l2)
     shipper_values(parts.live, shipper)
     logger.info("shared store and work queue on %s", redacted(url))

@@ -17,11 +17,11 @@ from solaris.server.grpc_api.admission import Admission
 from solaris.server.l1 import MemoryStore
 from solaris.server.metrics_http import ThreadedMetricsServer
 from solaris.server.prefetch_queue import PrefetchQueue
+from solaris.server.reachability import Reachability
 from solaris.server.redis_store import RedisStore
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
 from solaris.server.store import RowStatus
-from solaris.server.tiered import Reachability
 
 READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 REQUEST_ITEMS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4096)
@@ -102,6 +102,11 @@ def prefetch_queue_values(live: LiveValues, queue: PrefetchQueue) -> None:
 def redis_values(live: LiveValues, reachability: Reachability, l2: RedisStore) -> None:
     live.gauge("solaris_redis_up", "1 while Redis answers.", lambda: int(reachability.up))
     live.counter("solaris_redis_errors", "Redis calls failed.", lambda: reachability.errors)
+    live.counter(
+        "solaris_redis_timeouts",
+        "Redis calls gone on without at their budget (a read answered from L1 alone).",
+        lambda: reachability.timeouts,
+    )
     live.counter(
         "solaris_redis_corrupt_values",
         "Redis values read as misses: header did not fit.",

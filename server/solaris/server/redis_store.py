@@ -144,8 +144,10 @@ def _decode_fitting(
 
 def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
     """A client for `url` (redis:// or rediss:// for TLS). The password comes from the URL or
-    from SOLARIS_REDIS_PASSWORD. No retries: the caller's deadline is the only budget. Its
-    connections, of the class the URL's scheme picks, pack commands with hiredis."""
+    from SOLARIS_REDIS_PASSWORD. No retries: the caller's budget is its own to keep (see
+    `solaris.server.reachability.within`); `timeout_seconds` is how long Redis may take before
+    the client gives up on it. Its connections, of the class the URL's scheme picks, pack
+    commands with hiredis."""
     client = redis.asyncio.Redis.from_url(
         url,
         password=os.environ.get(PASSWORD_ENV) or None,

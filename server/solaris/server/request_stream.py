@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import redis.asyncio
 
+from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_streams import StreamFields
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
-from solaris.server.tiered import REDIS_ERRORS
 
 REQUEST_STREAM_KEY = "solaris:requests"
 FIELD = b"read"
@@ -370,8 +370,12 @@ class RequestShipper:
         timeout_seconds: float,
         max_id_bytes: int,
         buffer_pairs: int = 250_000,
+        reachability: Reachability | None = None,
     ) -> None:
+        """Each shipment is reported to `reachability`: the shipper talks to Redis every
+        50 ms, whatever the reads."""
         self.client = client
+        self.reachability = reachability or Reachability()
         self.max_length = stream_length(budget_bytes, max_id_bytes)
         self.entry_bytes = entry_bytes(max_id_bytes)
         self.timeout_seconds = timeout_seconds
@@ -443,16 +447,12 @@ class RequestShipper:
         return taken, values
 
     async def _send(self, requests: int, values: list[bytes]) -> bool:
+        # No `async with`: a pipeline past its budget runs on (and resets itself when done).
+        pipe = self.client.pipeline(transaction=False)
+        for value in values:
+            pipe.xadd(REQUEST_STREAM_KEY, {FIELD: value}, maxlen=self.max_length, approximate=True)
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for value in values:
-                    pipe.xadd(
-                        REQUEST_STREAM_KEY,
-                        {FIELD: value},
-                        maxlen=self.max_length,
-                        approximate=True,
-                    )
-                await asyncio.wait_for(pipe.execute(), self.timeout_seconds)
+            await within(pipe.execute(), self.timeout_seconds, self.reachability)
         except asyncio.CancelledError:
             self.dropped += requests
             raise

@@ -1,69 +1,25 @@
 """L1 in front of L2: reads go to memory first and to Redis only for what memory lacks, filling
 memory with what Redis had; writes go to both.
 
-Redis failing never fails a read. A read that Redis cannot answer in time is answered from L1
-alone (misses as misses); Redis is then left alone for a backoff that doubles up to 5 s, and
-the next read after it is the probe. Changes are logged once and reported to whoever watches
-(the sidecar's health service).
+Redis failing never fails a read. A read that Redis does not answer within its budget (the
+Redis timeout, or the caller's deadline if sooner) is answered from L1 alone, misses as misses;
+that alone says nothing about Redis (`solaris.server.reachability` decides that). Once Redis is
+down, reads leave it alone for a backoff that doubles up to 5 s, and the next read after it is
+the probe.
 """
 
-import asyncio
-import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import redis.exceptions
 
 from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
+from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_store import RedisStore
 from solaris.server.store import FLOAT32, Freshness, Rows
 
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
-_FIRST_BACKOFF_SECONDS = 0.1
-_MAX_BACKOFF_SECONDS = 5.0
+__all__ = ["Reachability", "TieredStore"]
 _ANSWER_MARGIN_SECONDS = 0.001
-logger = logging.getLogger("solaris.redis")
-
-
-class Reachability:
-    """Whether Redis is worth asking now, with exponential backoff after failures."""
-
-    def __init__(self) -> None:
-        self.up = True
-        self.errors = 0
-        self._watchers: list[Callable[[bool], None]] = []
-        self._retry_at = 0.0
-        self._backoff = _FIRST_BACKOFF_SECONDS
-
-    def watch(self, on_change: Callable[[bool], None]) -> None:
-        """Calls `on_change(up)` each time Redis is lost or found again."""
-        self._watchers.append(on_change)
-
-    def worth_trying(self) -> bool:
-        return self.up or time.monotonic() >= self._retry_at
-
-    def failed(self, error: BaseException) -> None:
-        self.errors += 1
-        if self.up:
-            self.up = False
-            self._backoff = _FIRST_BACKOFF_SECONDS
-            logger.warning("Redis unreachable (%r): serving from L1 alone, retrying", error)
-            self._notify()
-        else:
-            self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
-        self._retry_at = time.monotonic() + self._backoff
-
-    def succeeded(self) -> None:
-        if not self.up:
-            self.up = True
-            logger.warning("Redis reachable again")
-            self._notify()
-
-    def _notify(self) -> None:
-        for on_change in self._watchers:
-            on_change(self.up)
 
 
 class TieredStore:
@@ -96,44 +52,34 @@ class TieredStore:
         if not lacking.size or not self.reachability.worth_trying():
             return rows
         wanted = _picked(item_ids, lacking)
-        timeout = self._timeout(deadline)
+        reading = self.l2.read(user_id, wanted, FLOAT32, now)
+        until = None if deadline is None else deadline - _ANSWER_MARGIN_SECONDS
         try:
-            found = await asyncio.wait_for(self.l2.read(user_id, wanted, FLOAT32, now), timeout)
-        except REDIS_ERRORS as error:
-            # Running out of the caller's deadline says nothing about Redis.
-            if not (isinstance(error, TimeoutError) and timeout < self.timeout_seconds):
-                self.reachability.failed(error)
+            found = await within(reading, self.timeout_seconds, self.reachability, until)
+        except REDIS_ERRORS:
             return rows
-        self.reachability.succeeded()
         return self._merge(user_id, rows, lacking, wanted, found, dtype, now)
 
     async def close(self) -> None:
-        """Closes L2's connections; L1 is shared with others and left as it is."""
+        """Closes L2's connections once the calls past their budget are answered (or Redis is
+        given up on); L1 is shared with others and left as it is."""
+        await self.reachability.settle()
         await self.l2.close()
 
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
-        """Writes L2, then L1. Raises Unavailable, writing nothing, when L2 cannot be written:
-        the daemon leaves its task unacknowledged, and the retry must not find the pairs
-        fresh in L1 and acknowledge work that never reached the shared store."""
+        """Writes L2, then L1. Raises Unavailable, writing no L1, when L2 did not take the
+        pairs in time: the daemon leaves its task unacknowledged, and the retry must not find
+        the pairs fresh in L1 and acknowledge work that never reached the shared store."""
         if not self.reachability.worth_trying():
             raise Unavailable("Redis unreachable: not stored")
+        writing = self.l2.write(user_id, item_ids, vectors, freshness)
         try:
-            await asyncio.wait_for(
-                self.l2.write(user_id, item_ids, vectors, freshness), self.timeout_seconds
-            )
+            await within(writing, self.timeout_seconds, self.reachability)
         except REDIS_ERRORS as error:
-            self.reachability.failed(error)
             raise Unavailable(f"Redis unreachable: not stored ({error!r})") from error
-        self.reachability.succeeded()
         self.l1.write_sync(user_id, item_ids, vectors, freshness)
-
-    def _timeout(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.timeout_seconds
-        left = deadline - time.monotonic() - _ANSWER_MARGIN_SECONDS
-        return max(0.0, min(self.timeout_seconds, left))
 
     def _merge(
         self,

@@ -7,7 +7,6 @@ daemons do not compute the same task; the store's freshness check drops the rest
 is first come, first served: Prefetch priority orders only the in-process queue.
 """
 
-import asyncio
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ import redis.exceptions
 
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_store import MODEL_VERSION_KEY
 from solaris.server.redis_streams import (
     Entry,
@@ -27,7 +27,6 @@ from solaris.server.redis_streams import (
     process_name,
     stream_entries,
 )
-from solaris.server.tiered import REDIS_ERRORS
 
 _PUBLISH_EVERY_SECONDS = 5.0
 STREAM_KEY = "solaris:work"
@@ -55,20 +54,25 @@ class StreamWorkQueue:
     """The sidecar's side: adds Prefetch tasks to the stream."""
 
     def __init__(
-        self, client: redis.asyncio.Redis, max_length: int, timeout_seconds: float
+        self,
+        client: redis.asyncio.Redis,
+        max_length: int,
+        timeout_seconds: float,
+        reachability: Reachability | None = None,
     ) -> None:
         self.client = client
         self.max_length = max_length
         self.timeout_seconds = timeout_seconds
+        self.reachability = reachability or Reachability()
 
     async def submit(self, task: PrefetchTask) -> None:
+        """Adds `task`, or raises Unavailable when Redis did not take it within the timeout
+        (it may still: an XADD past its budget runs on, and a task twice is computed once)."""
+        adding = self.client.xadd(
+            STREAM_KEY, encode_task(task), maxlen=self.max_length, approximate=True
+        )
         try:
-            await asyncio.wait_for(
-                self.client.xadd(
-                    STREAM_KEY, encode_task(task), maxlen=self.max_length, approximate=True
-                ),
-                self.timeout_seconds,
-            )
+            await within(adding, self.timeout_seconds, self.reachability)
         except REDIS_ERRORS as error:
             raise Unavailable(f"work queue: Redis unreachable ({error!r})") from error
 
