@@ -65,6 +65,14 @@ def test_a_redis_url_of_another_scheme() -> None:
     assert "http://x" not in line
 
 
+def test_a_redis_url_with_an_option_redis_py_does_not_take() -> None:
+    """Refused at start, not by a traceback at the first connection (a TLS option on a plain
+    connection, which would also be printed)."""
+    url = "redis://127.0.0.1:1/0?ssl_password=sekret9"
+    line = refused(solaris(*SERVE, "--redis", url), "redis", "options")
+    assert "sekret9" not in line
+
+
 def test_the_metrics_port_equal_to_the_port() -> None:
     argv = [*SERVE, "--port", "45123", "--metrics-port", "45123"]
     refused(solaris(*argv), "metrics_port", "must differ from port")

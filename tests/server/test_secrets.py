@@ -20,6 +20,10 @@ from tests.server.test_lifecycle import free_port, wait_until_serving
         ("redis://h:6379/0?password=sekret9", "redis://h:6379/0?password=***"),
         ("unix:///run/r.sock?db=1&password=sekret9", "unix:///run/r.sock?db=1&password=***"),
         ("rediss://h:6380/0?ssl_cert_reqs=none", "rediss://h:6380/0?ssl_cert_reqs=none"),
+        (
+            "rediss://h:6380/0?ssl_password=sekret9&ssl_cert_reqs=none",
+            "rediss://h:6380/0?ssl_password=***&ssl_cert_reqs=none",
+        ),
     ],
 )
 def test_redacted_masks_the_password_in_the_userinfo_and_in_the_options(

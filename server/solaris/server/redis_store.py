@@ -214,8 +214,9 @@ def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:
 
 
 def redacted(url: str) -> str:
-    """The URL with its password masked, for logs: the one in `user:password@` and the one a
-    `?password=` option carries (redis-py reads both; a unix:// URL has only the second)."""
+    """The URL with its passwords masked, for logs: the one in `user:password@` and any option
+    named for one (`?password=`, `ssl_password=`: redis-py reads them all; a unix:// URL has
+    only options)."""
     base, question, query = url.partition("?")
     parts = urlsplit(base)
     if parts.password is not None:
@@ -223,7 +224,7 @@ def redacted(url: str) -> str:
         base = base.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{hostport}", 1)
     options = (option.partition("=") for option in query.split("&"))
     query = "&".join(
-        f"{name}=***" if name == "password" else f"{name}{sep}{value}"
+        f"{name}=***" if "password" in name.lower() else f"{name}{sep}{value}"
         for name, sep, value in options
     )
     return base + question + query

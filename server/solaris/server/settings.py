@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
+import redis.asyncio
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from redis import connection
@@ -72,6 +73,10 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # How redis-py reads a URL (it raises ValueError), typed: redis-py leaves it unannotated.
 _parse_redis_url: Callable[[str], dict[str, Any]] = connection.parse_url
+_redis_connection: Callable[[redis.asyncio.ConnectionPool], object] = (
+    redis.asyncio.ConnectionPool.make_connection
+)
+"""Builds (without connecting) a connection from a pool's options: refuses one it does not take."""
 
 
 def parse_size(value: Any) -> Any:
@@ -156,7 +161,8 @@ def check_redis_url(value: str) -> str:
         raise ValueError("not a Redis URL")
     try:
         _parse_redis_url(value)
-    except ValueError:
+        _redis_connection(redis.asyncio.ConnectionPool.from_url(value))
+    except (ValueError, TypeError):
         raise SettingsError(
             "is not a Redis URL that redis-py can read (check its port, database number and "
             "options)",
