@@ -2,15 +2,19 @@
 and, for failures, with a model that fails on chosen pairs."""
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2_grpc
 
 from solaris.app.compose import SidecarParts, build_sidecar
-from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.daemon import HistoryBook, PrecomputeDaemon, history_size
 from solaris.precompute.export import ExportReport
 from solaris.precompute.features import UserWork
 from solaris.precompute.runner import OnnxRunner
@@ -22,8 +26,10 @@ from solaris.server.sidecar import Sidecar
 from solaris.server.store import FLOAT32, RowStatus
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
-from tests.conftest import DIM
+from tests.conftest import DIM, wait_until
+from tests.ops.test_metrics import scrape
 from tests.precompute.test_runner import pytorch_embedding
+from tests.server.test_lifecycle import free_port, wait_until_serving
 
 
 async def batch_get_when_all_hit(
@@ -181,3 +187,38 @@ async def test_with_speculation_off_only_prefetch_work_is_computed(
 def daemon_of(parts: SidecarParts) -> PrecomputeDaemon:
     assert parts.daemon is not None
     return parts.daemon
+
+
+def test_a_history_book_keeps_to_its_bytes_and_lets_the_oldest_user_go_first() -> None:
+    history = tuple(f"{i:0>250}" for i in range(256))
+    one_user = history_size("user-0", history)
+    book = HistoryBook(3 * one_user)
+    for user in range(5):
+        book.update(f"user-{user}", history)
+        assert book.nbytes <= book.max_bytes
+    assert (len(book), book.evicted_users) == (3, 2)
+    assert book.get("user-0") == book.get("user-1") == ()
+    assert book.get("user-4") == history
+    assert one_user > 256 * 250  # the ids' own bytes, and more
+
+
+def test_serve_keeps_prefetch_histories_within_history_bytes(tiny_model: ExportReport) -> None:
+    """A real `solaris serve` and its daemon, given many users' longest histories: the
+    histories it keeps stay within --history-bytes, the users let go counted in /metrics."""
+    port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "solaris.app.cli", "serve", "--port", str(port)]
+    command += ["--model", str(tiny_model.path), "--dim", str(DIM), "--device", "cpu"]
+    command += ["--metrics-port", str(metrics_port), "--history-bytes", "1Mi"]
+    command += ["--speculation", "", "--grace-seconds", "0"]
+    history = [f"{i:0>250}" for i in range(256)]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        stub = EmbeddingStoreStub(channel)
+        for user in range(40):
+            request = pb.PrefetchRequest(user_id=f"user-{user}", item_ids=["a"], history=history)
+            stub.Prefetch(request, timeout=10)
+        assert wait_until(lambda: scrape(metrics_port)["solaris_daemon_history_evicted_total"] > 0)
+        samples = scrape(metrics_port)
+        process.send_signal(signal.SIGTERM)
+    assert 0 < samples["solaris_daemon_history_bytes"] <= 1024**2

@@ -244,7 +244,7 @@ def test_added_work_carries_the_users_latest_prefetch_history(redis_server: Redi
         assert wait_until(lambda: speculator.stats.leading, timeout=5)
         hinted = PrefetchTask("user-1", ("p",), history=("seen-1", "seen-2"))
         redis_server.client().xadd(STREAM_KEY, encode_task(hinted))
-        assert wait_until(lambda: speculator._histories.get("user-1") != (), timeout=5)
+        assert wait_until(lambda: speculator.histories.get("user-1") != (), timeout=5)
         log_misses(redis_server, "user-1", ["m"])
         assert wait_until(lambda: speculator.stats.pairs_added == 1, timeout=5)
     finally:

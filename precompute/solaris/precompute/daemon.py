@@ -11,6 +11,7 @@ pair: dropped and counted, never retried, and its batch-mates are still computed
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -81,23 +82,50 @@ class DaemonStats:
 
 
 class HistoryBook:
-    """Each user's latest known history, for the users seen most recently (capped in users)."""
+    """Each user's latest known history, for the users seen most recently: capped in bytes,
+    the least recent user dropped first (and counted)."""
 
-    def __init__(self, max_users: int) -> None:
-        self.max_users = max_users
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        """What the kept histories take, as `history_size` counts it."""
+        self.evicted_users = 0
         self._histories: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._histories)
+
     def update(self, user_id: str, history: tuple[str, ...]) -> None:
-        """Remembers `history`; an empty one keeps what was known."""
+        """Remembers `history`; an empty one keeps what was known. A history larger than the
+        whole cap is not kept."""
         if history:
+            self._forget(user_id)
             self._histories[user_id] = history
+            self.nbytes += history_size(user_id, history)
         if user_id in self._histories:
             self._histories.move_to_end(user_id)
-            if len(self._histories) > self.max_users:
-                self._histories.popitem(last=False)
+            while self.nbytes > self.max_bytes:
+                self._forget(next(iter(self._histories)))
+                self.evicted_users += 1
 
     def get(self, user_id: str) -> tuple[str, ...]:
         return self._histories.get(user_id, ())
+
+    def _forget(self, user_id: str) -> None:
+        history = self._histories.pop(user_id, None)
+        if history is not None:
+            self.nbytes -= history_size(user_id, history)
+
+
+_HISTORY_ENTRY_BYTES = 120
+"""A history's place in the book beside its strings: the dict entry and the tuple's header."""
+
+
+def history_size(user_id: str, history: tuple[str, ...]) -> int:
+    """The memory one user's history takes in a HistoryBook: its strings as Python objects,
+    the tuple's pointers and the entry (measured: 256 ids of 256 bytes take about 85 KB)."""
+    strings = sys.getsizeof(user_id) + sum(map(sys.getsizeof, history))
+    return _HISTORY_ENTRY_BYTES + 8 * len(history) + strings
 
 
 class PrecomputeDaemon:
@@ -121,7 +149,7 @@ class PrecomputeDaemon:
         self.settings = settings
         self.ttl_seconds = ttl_seconds
         self.stale_seconds = stale_seconds
-        self.histories = HistoryBook(settings.history_users)
+        self.histories = HistoryBook(settings.history_bytes)
         self.stats = DaemonStats()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

@@ -35,7 +35,7 @@ class EmbeddedSpeculation:
         self,
         queue: PrefetchQueue,
         speculator: Speculator,
-        history_users: int,
+        history_bytes: int,
         buffered_pairs: int = 250_000,
     ) -> None:
         """`buffered_pairs`: the requested pairs of the reads waiting for the daemon's thread
@@ -47,7 +47,7 @@ class EmbeddedSpeculation:
         self._reads: deque[LoggedRequest] = deque()
         self._pairs = 0
         self._lock = threading.Lock()
-        self._histories = HistoryBook(history_users)
+        self.histories = HistoryBook(history_bytes)
 
     def observe(self, request: LoggedRequest) -> None:
         """Called on the serving path: an append, nothing more."""
@@ -94,9 +94,9 @@ class EmbeddedSpeculation:
         hints = self.queue.take(max_tasks=_HINTS_PER_TAKE, timeout=0)
         self._learn(self._take_reads())
         for hint in hints:
-            self._histories.update(hint.user_id, hint.history)
+            self.histories.update(hint.user_id, hint.history)
             self.speculator.hint(hint.user_id, hint.item_ids, hint.priority)
         return [
-            PrefetchTask(user, tuple(entry.item_id for entry in entries), self._histories.get(user))
+            PrefetchTask(user, tuple(entry.item_id for entry in entries), self.histories.get(user))
             for user, entries in by_user(self.speculator.take()).items()
         ]

@@ -1,7 +1,7 @@
 """The precompute side's metrics: the daemon's and the speculators' counters, registered on a
 process's LiveValues by its composition root (once, whichever process runs them)."""
 
-from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.daemon import HistoryBook, PrecomputeDaemon
 from solaris.precompute.embedded_speculation import EmbeddedSpeculation
 from solaris.precompute.shared_speculation import SharedSpeculation
 from solaris.server.metrics import LiveValues
@@ -10,6 +10,7 @@ from solaris.server.work_stream import StreamWorkSource
 
 def daemon_values(live: LiveValues, daemon: PrecomputeDaemon) -> None:
     stats = daemon.stats
+    history_values(live, daemon.histories, "daemon")
     live.counter(
         "solaris_runner_pairs", "Pairs the model computed and stored.", lambda: stats.pairs_computed
     )
@@ -44,6 +45,20 @@ def daemon_values(live: LiveValues, daemon: PrecomputeDaemon) -> None:
     )
 
 
+def history_values(live: LiveValues, book: HistoryBook, holder: str) -> None:
+    """The `holder`'s (daemon's or speculator's) book of users' histories."""
+    live.gauge(
+        f"solaris_{holder}_history_bytes",
+        "Memory the users' latest Prefetch histories take (--history-bytes).",
+        lambda: book.nbytes,
+    )
+    live.counter(
+        f"solaris_{holder}_history_evicted",
+        "Users whose history was let go to stay within --history-bytes.",
+        lambda: book.evicted_users,
+    )
+
+
 def stream_source_values(live: LiveValues, source: StreamWorkSource) -> None:
     live.counter(
         "solaris_tasks_claimed",
@@ -53,6 +68,7 @@ def stream_source_values(live: LiveValues, source: StreamWorkSource) -> None:
 
 
 def embedded_speculation_values(live: LiveValues, source: EmbeddedSpeculation) -> None:
+    history_values(live, source.histories, "speculator")
     live.counter(
         "solaris_speculator_reads_dropped",
         "Reads the embedded speculator never learnt from: its buffer was full.",
@@ -61,6 +77,7 @@ def embedded_speculation_values(live: LiveValues, source: EmbeddedSpeculation) -
 
 
 def shared_speculation_values(live: LiveValues, speculation: SharedSpeculation) -> None:
+    history_values(live, speculation.histories, "speculator")
     stats = speculation.stats
     live.gauge(
         "solaris_speculator_leading",

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from solaris.precompute.speculator import DEFAULT_WEIGHTS, Policy, SpeculationSettings
-from solaris.server.settings import SettingsError, SettingsModel
+from solaris.server.settings import SettingsError, SettingsModel, Size
 
 DEFAULT_MODEL_DIR = "~/.cache/solaris/models"
 DEFAULT_SPECULATION = ",".join(f"{policy}={weight:g}" for policy, weight in DEFAULT_WEIGHTS.items())
@@ -50,10 +50,12 @@ class PrecomputeSettings(SettingsModel):
         "by another daemon (at most the number of daemons; the same on every daemon); raise it "
         "when one cannot keep up.",
     )
-    history_users: int = Field(
-        100_000,
+    history_bytes: Size = Field(
+        64 * 1024**2,
         ge=1,
-        description="Users whose latest Prefetch history is kept, least recent dropped.",
+        description="Memory the users' latest Prefetch histories may take (suffixes as for "
+        "cache-bytes), least recent user dropped first; the daemon and the speculator keep "
+        "one such book each.",
     )
 
     @field_validator("model")

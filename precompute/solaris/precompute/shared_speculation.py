@@ -136,7 +136,7 @@ class SharedSpeculation:
         lease_seconds: float = 10.0,
         max_waiting_tasks: int = 200,
         work_stream_length: int = 1_000_000,
-        history_users: int = 100_000,
+        history_bytes: int = 64 * 1024**2,
         shards: int = 1,
     ) -> None:
         """`max_waiting_tasks`: work entries no daemon has taken yet above which the
@@ -151,7 +151,7 @@ class SharedSpeculation:
         self.stats = SharedSpeculationStats()
         self._speculator: Speculator | None = None
         self._led_shard: int | None = None
-        self._histories = HistoryBook(history_users)
+        self.histories = HistoryBook(history_bytes)
         self._parts = PartJoiner()
         self._cursors: dict[KeyT, StreamIdT] = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
         self._stop = threading.Event()
@@ -258,7 +258,7 @@ class SharedSpeculation:
     def _learn_history(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         task = decode_task(entry_id, fields)
         if task is not None and task.history and self._ours(task.user_id):
-            self._histories.update(task.user_id, task.history)
+            self.histories.update(task.user_id, task.history)
 
     def _ours(self, user_id: str) -> bool:
         return self.lease.shards == 1 or shard_of(user_id, self.lease.shards) == self.lease.shard
@@ -303,7 +303,7 @@ class SharedSpeculation:
             for entries in tasks:
                 user_id = entries[0].user_id
                 items = tuple(entry.item_id for entry in entries)
-                task = encode_task(PrefetchTask(user_id, items, self._histories.get(user_id)))
+                task = encode_task(PrefetchTask(user_id, items, self.histories.get(user_id)))
                 pipe.xadd(STREAM_KEY, task, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
 

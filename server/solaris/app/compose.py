@@ -196,7 +196,7 @@ def _embedded_daemon(
     source: WorkSource = parts.prefetch_queue
     if precompute.policies:
         speculator = Speculator(precompute.speculation_settings(), parts.l1.stale_at)
-        embedded = EmbeddedSpeculation(parts.prefetch_queue, speculator, precompute.history_users)
+        embedded = EmbeddedSpeculation(parts.prefetch_queue, speculator, precompute.history_bytes)
         parts.request_log.listeners.append(embedded.observe)
         embedded_speculation_values(parts.live, embedded)
         source = embedded
@@ -276,7 +276,7 @@ def shared_speculation(
         settings.dim,
         model_version,
         work_stream_length=settings.work_stream_length,
-        history_users=precompute.history_users,
+        history_bytes=precompute.history_bytes,
         shards=shards,
     )
 
