@@ -152,7 +152,7 @@ def drained(client: redis.Redis, tasks: int) -> bool:
 
 async def submit(url: str, tasks: list[PrefetchTask]) -> None:
     client = connect(url, 5.0)
-    queue = StreamWorkQueue(client, 1_000_000, 5.0)
+    queue = StreamWorkQueue(client, 1024**3, 256, 5.0)
     for task in tasks:
         await queue.submit(task)
     await client.aclose()

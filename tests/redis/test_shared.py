@@ -228,7 +228,7 @@ async def submit_all(
     settings: SidecarSettings, tasks: list[PrefetchTask], pause: float = 0
 ) -> None:
     client = connect(settings.redis, 1.0)
-    queue = StreamWorkQueue(client, 100_000, 1.0)
+    queue = StreamWorkQueue(client, 256 * 1024**2, 256, 1.0)
     for task in tasks:
         await queue.submit(task)
         if pause:

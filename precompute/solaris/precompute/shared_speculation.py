@@ -44,7 +44,14 @@ from solaris.server.redis_store import (
 from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, PartJoiner, decode_entry
-from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
+from solaris.server.work_stream import (
+    GROUP,
+    STREAM_KEY,
+    decode_task,
+    encode_tasks,
+    work_entry_bytes,
+    work_stream_length,
+)
 
 LEASE_PREFIX = "solaris:speculator"
 _RENEW = """
@@ -135,19 +142,22 @@ class SharedSpeculation:
         model_version: str,
         lease_seconds: float = 10.0,
         max_waiting_tasks: int = 200,
-        work_stream_length: int = 1_000_000,
+        work_stream_bytes: int = 256 * 1024**2,
+        max_id_bytes: int = 256,
         history_bytes: int = 64 * 1024**2,
         shards: int = 1,
     ) -> None:
         """`max_waiting_tasks`: work entries no daemon has taken yet above which the
-        speculator adds none. `settings.budget_pairs_per_second` is this shard's share."""
+        speculator adds none. `settings.budget_pairs_per_second` is this shard's share.
+        `work_stream_bytes` and `max_id_bytes` bound the work stream as the sidecars do."""
         self.client = client
         self.settings = settings
         self.dim = dim
         self.model_version = model_version
         self.lease = Lease(client, lease_seconds, shards)
         self.max_waiting_tasks = max_waiting_tasks
-        self.work_stream_length = work_stream_length
+        self.work_stream_length = work_stream_length(work_stream_bytes, max_id_bytes)
+        self.work_entry_bytes = work_entry_bytes(max_id_bytes)
         self.stats = SharedSpeculationStats()
         self._speculator: Speculator | None = None
         self._led_shard: int | None = None
@@ -303,8 +313,9 @@ class SharedSpeculation:
             for entries in tasks:
                 user_id = entries[0].user_id
                 items = tuple(entry.item_id for entry in entries)
-                task = encode_task(PrefetchTask(user_id, items, self.histories.get(user_id)))
-                pipe.xadd(STREAM_KEY, task, maxlen=self.work_stream_length, approximate=True)
+                task = PrefetchTask(user_id, items, self.histories.get(user_id))
+                for entry in encode_tasks(task, self.work_entry_bytes):
+                    pipe.xadd(STREAM_KEY, entry, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
 
     def _stale_at(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:

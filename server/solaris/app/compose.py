@@ -155,7 +155,9 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     parts.l2 = RedisStore(client, settings.dim)
     reachability = parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)
-    parts.work_queue = StreamWorkQueue(client, settings.work_stream_length, timeout, reachability)
+    parts.work_queue = StreamWorkQueue(
+        client, settings.work_stream_bytes, settings.max_id_bytes, timeout, reachability
+    )
     shipper = RequestShipper(
         client,
         settings.request_stream_bytes,
@@ -275,7 +277,8 @@ def shared_speculation(
         replace(speculation, budget_pairs_per_second=speculation.budget_pairs_per_second / shards),
         settings.dim,
         model_version,
-        work_stream_length=settings.work_stream_length,
+        work_stream_bytes=settings.work_stream_bytes,
+        max_id_bytes=settings.max_id_bytes,
         history_bytes=precompute.history_bytes,
         shards=shards,
     )

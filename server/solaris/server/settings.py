@@ -27,6 +27,7 @@ from redis import connection
 from solaris.server.grpc_api.admission import answer_bytes
 from solaris.server.l1 import entry_bytes
 from solaris.server.request_stream import least_budget
+from solaris.server.work_stream import least_work_budget
 from solaris.wire import max_message_bytes
 
 DEFAULT_UNSENT_BYTES = 128 * 1024**2
@@ -252,10 +253,13 @@ class StoreSettings(SettingsModel):
     redis_timeout_ms: float = Field(
         20.0, ge=1, description="Longest a read or write waits on Redis before going on without it."
     )
-    work_stream_length: int = Field(
-        1_000_000,
+    max_id_bytes: int = Field(256, ge=1, description="Longest user or item id, in UTF-8 bytes.")
+    work_stream_bytes: Size = Field(
+        256 * 1024**2,
         ge=1,
-        description="Entries the Redis work stream keeps (approximately), oldest trimmed.",
+        description="Redis memory the work stream may take (suffixes as for cache-bytes): one "
+        "task entry per 16.5 KiB of it (an entry's most: a larger task goes in parts), oldest "
+        "trimmed. Count it in Redis's maxmemory.",
     )
     request_stream_bytes: Size = Field(
         64 * 1024**2,
@@ -282,6 +286,16 @@ class StoreSettings(SettingsModel):
     def served_metrics_host(self) -> str:
         """Where /metrics listens: metrics_host, or loopback."""
         return self.metrics_host or "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _work_stream_holds_entries(self) -> "StoreSettings":
+        least = least_work_budget(self.max_id_bytes)
+        if self.work_stream_bytes < least:
+            raise SettingsError(
+                f"must hold an entry: at least {least} bytes with max_id_bytes {self.max_id_bytes}",
+                "work_stream_bytes",
+            )
+        return self
 
 
 class SidecarSettings(StoreSettings):
@@ -318,7 +332,6 @@ class SidecarSettings(StoreSettings):
         "match the dtype readers ask for (float16 halves L1's bytes per pair).",
     )
     max_items: int = Field(4096, ge=1, description="Most items in one BatchGet or Prefetch.")
-    max_id_bytes: int = Field(256, ge=1, description="Longest user or item id, in UTF-8 bytes.")
     max_history: int = Field(256, ge=0, description="Most history items in one Prefetch.")
     prefetch_queue_pairs: int = Field(
         100_000, ge=1, description="Pairs the Prefetch queue holds before RESOURCE_EXHAUSTED."

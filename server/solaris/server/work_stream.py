@@ -1,10 +1,15 @@
 """The shared work queue on a Redis Stream with one consumer group.
 
-Sidecars XADD Prefetch work (capped with MAXLEN ~); daemons XREADGROUP it, acknowledge each
+Sidecars (and the shared speculator) XADD Prefetch work; daemons XREADGROUP it, acknowledge each
 entry only after its pairs are written, and claim entries a dead daemon left pending
 (XAUTOCLAIM after `claim_idle_seconds`). An entry is read by one consumer at a time, so two
 daemons do not compute the same task; the store's freshness check drops the rest. The stream
 is first come, first served: Prefetch priority orders only the in-process queue.
+
+Bounded in bytes: an entry holds at most `work_entry_bytes` (a larger task goes in several,
+each a task of its own with a share of the items; its history cut, where it must be, to the
+most recent items that fit half an entry: the model reads only the most recent anyway), and
+the stream keeps `work_stream_length(budget)` entries (`MAXLEN ~`).
 """
 
 import json
@@ -18,6 +23,7 @@ import redis.exceptions
 
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.reachability import LOST as REDIS_LOST
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_store import MODEL_VERSION_KEY
 from solaris.server.redis_streams import (
@@ -34,8 +40,85 @@ GROUP = "solaris-precompute"
 logger = logging.getLogger("solaris.redis")
 
 
+_NODE_BYTES = 16 * 1024
+_REDIS_ENTRY_OVERHEAD = 64 + 512
+"""Redis's bytes beside an entry's value: in its stream node, and the stream's index (as
+measured for the request stream)."""
+_ESCAPED = 6
+"""The most JSON bytes per byte of an id (a control character is written `\\u001f`)."""
+
+
+def work_entry_bytes(max_id_bytes: int) -> int:
+    """The most bytes one entry's value holds: 16 KiB less Redis's overhead, or the next power
+    of two where a user and one item at `max_id_bytes`, escaped, would not fit in half that."""
+    node = _NODE_BYTES
+    while (node - 64) // 2 < 2 * _ESCAPED * max_id_bytes + 64:
+        node *= 2
+    return node - 64
+
+
+def work_stream_length(budget_bytes: int, max_id_bytes: int) -> int:
+    """The MAXLEN that keeps the work stream within `budget_bytes` of Redis memory when every
+    entry is as large as it may be; two kept back for `MAXLEN ~`, which trims whole nodes."""
+    return budget_bytes // (work_entry_bytes(max_id_bytes) + _REDIS_ENTRY_OVERHEAD) - 2
+
+
+def least_work_budget(max_id_bytes: int) -> int:
+    """The smallest budget that keeps one entry."""
+    return 3 * (work_entry_bytes(max_id_bytes) + _REDIS_ENTRY_OVERHEAD)
+
+
 def encode_task(task: PrefetchTask) -> StreamFields:
-    return {"task": json.dumps([task.user_id, task.item_ids, task.history, task.priority])}
+    """One entry holding all of `task`, whatever its size (`encode_tasks` keeps to a bound)."""
+    return {"task": _encoded(task)}
+
+
+def encode_tasks(task: PrefetchTask, max_bytes: int) -> list[StreamFields]:
+    """The entries for `task`, each at most `max_bytes` (`work_entry_bytes`): one, unless the
+    task is larger; then parts of its items, each with the history's most recent items that
+    fit half an entry."""
+    whole = _encoded(task)
+    if len(whole) <= max_bytes:
+        return [{"task": whole}]
+    history = _recent_fitting(task.user_id, task.history, max_bytes // 2)
+    base = len(_encoded(PrefetchTask(task.user_id, (), history, task.priority)))
+    entries: list[StreamFields] = []
+    start, used = 0, base
+    for index, size in enumerate(map(_json_bytes, task.item_ids)):
+        if index > start and used + size > max_bytes:
+            entries.append(_part(task, start, index, history))
+            start, used = index, base
+        used += size
+    entries.append(_part(task, start, len(task.item_ids), history))
+    return entries
+
+
+def _part(task: PrefetchTask, start: int, end: int, history: tuple[str, ...]) -> StreamFields:
+    part = PrefetchTask(task.user_id, task.item_ids[start:end], history, task.priority)
+    return {"task": _encoded(part)}
+
+
+def _recent_fitting(user_id: str, history: tuple[str, ...], room: int) -> tuple[str, ...]:
+    used = _json_bytes(user_id) + 16
+    kept = 0
+    for item in reversed(history):
+        used += _json_bytes(item)
+        if used > room:
+            break
+        kept += 1
+    return history[len(history) - kept :]
+
+
+def _json_bytes(text: str) -> int:
+    """An id's bytes in a task's JSON, with the comma after it."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")) + 1
+
+
+def _encoded(task: PrefetchTask) -> bytes:
+    fields = [task.user_id, task.item_ids, task.history, task.priority]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
 
 
 def decode_task(entry_id: str, fields: dict[bytes, bytes]) -> PrefetchTask | None:
@@ -56,24 +139,28 @@ class StreamWorkQueue:
     def __init__(
         self,
         client: redis.asyncio.Redis,
-        max_length: int,
+        budget_bytes: int,
+        max_id_bytes: int,
         timeout_seconds: float,
         reachability: Reachability | None = None,
     ) -> None:
         self.client = client
-        self.max_length = max_length
+        self.max_length = work_stream_length(budget_bytes, max_id_bytes)
+        self.entry_bytes = work_entry_bytes(max_id_bytes)
         self.timeout_seconds = timeout_seconds
         self.reachability = reachability or Reachability()
 
     async def submit(self, task: PrefetchTask) -> None:
         """Adds `task`, or raises Unavailable when Redis did not take it within the timeout
         (it may still: an XADD past its budget runs on, and a task twice is computed once)."""
-        adding = self.client.xadd(
-            STREAM_KEY, encode_task(task), maxlen=self.max_length, approximate=True
-        )
+        pipe = self.client.pipeline(transaction=False)
+        for entry in encode_tasks(task, self.entry_bytes):
+            pipe.xadd(STREAM_KEY, entry, maxlen=self.max_length, approximate=True)
         try:
-            await within(adding, self.timeout_seconds, self.reachability)
+            await within(pipe.execute(), self.timeout_seconds, self.reachability)
         except REDIS_ERRORS as error:
+            if isinstance(error, TimeoutError) and not isinstance(error, REDIS_LOST):
+                raise Unavailable(f"work queue: {error}") from error
             raise Unavailable(f"work queue: Redis unreachable ({error!r})") from error
 
 

@@ -1,0 +1,75 @@
+"""Redis memory bounded in bytes: a real `solaris serve --redis` given Prefetches far larger
+than its work-stream budget, against a redis-server with a `maxmemory` and the `volatile-ttl`
+policy the k8s base sets. The streams stay within their budgets, and so no embedding (the only
+keys with a TTL, the only ones Redis may evict) is pushed out."""
+
+from dataclasses import replace
+
+import grpc
+
+from solaris.server.prefetch_queue import PrefetchTask
+from solaris.server.redis_streams import StreamFields
+from solaris.server.work_stream import (
+    STREAM_KEY,
+    decode_task,
+    encode_tasks,
+    work_entry_bytes,
+)
+from solaris.v1 import embedding_store_pb2 as pb
+from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
+from tests.redis.conftest import RedisProcess
+from tests.redis.test_health import serve, store_pairs
+
+BUDGET = 1024**2
+
+
+def test_the_work_stream_keeps_to_its_bytes_and_no_embedding_is_evicted(
+    redis_server: RedisProcess,
+) -> None:
+    check = redis_server.client()
+    check.config_set("maxmemory", 8 * 1024**2)
+    check.config_set("maxmemory-policy", "volatile-ttl")
+    users, items = [f"user-{i}" for i in range(50)], [f"item-{i}" for i in range(16)]
+    store_pairs(redis_server, users, items)
+    pairs = len(users) * len(items)
+    flags = ("--work-stream-bytes", str(BUDGET), "--request-stream-bytes", str(BUDGET))
+    flags += ("--redis-timeout-ms", "2000")  # 800 KB Prefetches
+    with serve(redis_server.url, *flags) as (_, address), grpc.insecure_channel(address) as channel:
+        stub = EmbeddingStoreStub(channel)
+        for prefetch in range(20):
+            wanted = [f"{prefetch}-{i:0>200}" for i in range(4096)]
+            stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=wanted), timeout=30)
+    entries = check.xrange(STREAM_KEY)
+    assert len(entries) > 3
+    assert max(len(fields[b"task"]) for _, fields in entries) <= work_entry_bytes(256)
+    assert check.memory_usage(STREAM_KEY, samples=0) <= BUDGET
+    assert check.info("stats")["evicted_keys"] == 0
+    assert sum(1 for _ in check.scan_iter("solaris:v1:*", count=1000)) == pairs
+
+
+def test_a_task_larger_than_an_entry_goes_in_parts_with_the_most_recent_history() -> None:
+    items = tuple(f"{i:0>256}" for i in range(4096))
+    history = tuple(f"h{i:0>255}" for i in range(256))
+    task = PrefetchTask("user", items, history, priority=7)
+    parts = [decode_task("0-1", fields_of(entry)) for entry in encode_tasks(task, 16_320)]
+    assert all(len(task_bytes(entry)) <= 16_320 for entry in encode_tasks(task, 16_320))
+    assert tuple(item for part in parts if part for item in part.item_ids) == items
+    assert {(part.user_id, part.priority) for part in parts if part} == {("user", 7)}
+    kept = {part.history for part in parts if part}
+    assert len(kept) == 1
+    assert 0 < len(next(iter(kept))) < len(history)
+    assert history[-len(next(iter(kept))) :] == next(iter(kept))
+    small = PrefetchTask("user", ("a", "b"), ("h",))
+    assert [decode_task("0-1", fields_of(entry)) for entry in encode_tasks(small, 16_320)] == [
+        replace(small, receipt="0-1")
+    ]
+
+
+def task_bytes(entry: StreamFields) -> bytes:
+    value = entry["task"]
+    assert isinstance(value, bytes)
+    return value
+
+
+def fields_of(entry: StreamFields) -> dict[bytes, bytes]:
+    return {b"task": task_bytes(entry)}
