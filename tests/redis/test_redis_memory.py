@@ -1,7 +1,8 @@
-"""Redis memory bounded in bytes: a real `solaris serve --redis` given Prefetches far larger
-than its work-stream budget, against a redis-server with a `maxmemory` and the `volatile-ttl`
-policy the k8s base sets. The streams stay within their budgets, and so no embedding (the only
-keys with a TTL, the only ones Redis may evict) is pushed out."""
+"""Redis memory bounded in bytes: a real `solaris serve --redis` given Prefetches and reads
+far larger than its work- and request-stream budgets, against a redis-server with a
+`maxmemory` and the `volatile-ttl` policy the k8s base sets. The streams stay within their
+budgets, and so no embedding (the only keys with a TTL, the only ones Redis may evict) is
+pushed out."""
 
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import grpc
 
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_streams import StreamFields
+from solaris.server.request_stream import REQUEST_STREAM_KEY, stream_length
 from solaris.server.work_stream import (
     STREAM_KEY,
     decode_task,
@@ -17,13 +19,14 @@ from solaris.server.work_stream import (
 )
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
+from tests.conftest import wait_until
 from tests.redis.conftest import RedisProcess
 from tests.redis.test_health import serve, store_pairs
 
 BUDGET = 1024**2
 
 
-def test_the_work_stream_keeps_to_its_bytes_and_no_embedding_is_evicted(
+def test_the_streams_keep_to_their_bytes_and_no_embedding_is_evicted(
     redis_server: RedisProcess,
 ) -> None:
     check = redis_server.client()
@@ -39,10 +42,14 @@ def test_the_work_stream_keeps_to_its_bytes_and_no_embedding_is_evicted(
         for prefetch in range(20):
             wanted = [f"{prefetch}-{i:0>200}" for i in range(4096)]
             stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=wanted), timeout=30)
+            stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=wanted), timeout=30)
+        kept = stream_length(BUDGET, 256)
+        assert wait_until(lambda: check.xlen(REQUEST_STREAM_KEY) >= kept, timeout=30)
     entries = check.xrange(STREAM_KEY)
     assert len(entries) > 3
     assert max(len(fields[b"task"]) for _, fields in entries) <= work_entry_bytes(256)
     assert check.memory_usage(STREAM_KEY, samples=0) <= BUDGET
+    assert check.memory_usage(REQUEST_STREAM_KEY, samples=0) <= BUDGET
     assert check.info("stats")["evicted_keys"] == 0
     assert sum(1 for _ in check.scan_iter("solaris:v1:*", count=1000)) == pairs
 
