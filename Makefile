@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/l1.py
 	$(BIN)/python bench/precompute.py
+	$(BIN)/python bench/redis_health.py
 	$(BIN)/python bench/redis_l2.py
 	$(BIN)/python bench/serve_only.py
 	$(BIN)/python bench/sidecar_memory.py
