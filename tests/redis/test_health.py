@@ -25,6 +25,7 @@ from solaris.server.store import Freshness
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM, wait_until
+from tests.ops.test_metrics import scrape
 from tests.redis.conftest import RedisProcess
 from tests.server.test_lifecycle import free_port, wait_until_serving
 
@@ -99,12 +100,17 @@ class HealthWatch:
 
 
 def test_health_follows_a_dead_redis_with_only_l1_hits(redis_server: RedisProcess) -> None:
-    """Every read an L1 hit: Redis dying still turns `solaris.redis` NOT_SERVING, and its
-    return SERVING again, each change logged once."""
+    """Every read an L1 hit: Redis dying still turns `solaris.redis` NOT_SERVING (and
+    `solaris_redis_up` 0), and its return SERVING again, each change logged once."""
     items = [f"item-{i}" for i in range(8)]
     store_pairs(redis_server, ["user"], items)
     request = pb.BatchGetRequest(user_id="user", item_ids=items)
-    with serve(redis_server.url) as (process, address), grpc.insecure_channel(address) as channel:
+    metrics_port = free_port()
+    flags = ("--metrics-port", str(metrics_port))
+    with (
+        serve(redis_server.url, *flags) as (process, address),
+        grpc.insecure_channel(address) as channel,
+    ):
         stub = EmbeddingStoreStub(channel)
         assert wait_until(lambda: set(stub.BatchGet(request, timeout=5).statuses) == {pb.HIT})
         assert redis_health(address) == SERVING
@@ -117,8 +123,10 @@ def test_health_follows_a_dead_redis_with_only_l1_hits(redis_server: RedisProces
 
         assert wait_until(lost, timeout=20)
         print(f"solaris.redis NOT_SERVING {time.monotonic() - killed:.2f} s after Redis died")
+        assert scrape(metrics_port)["solaris_redis_up"] == 0
         redis_server.start()
         assert wait_until(lambda: redis_health(address) == SERVING, timeout=20)
+        assert scrape(metrics_port)["solaris_redis_up"] == 1
         process.send_signal(signal.SIGTERM)
         logs = process.communicate(timeout=20)[1]
     assert logs.count("Redis unreachable") == 1, logs
