@@ -47,7 +47,12 @@ from solaris.server.metrics import (
     shipper_values,
 )
 from solaris.server.prefetch_queue import PrefetchQueue
-from solaris.server.reachability import SLOW_REDIS_SECONDS, Reachability, RedisPing
+from solaris.server.reachability import (
+    CLIENT_TIMEOUT_SECONDS,
+    SLOW_REDIS_SECONDS,
+    Reachability,
+    RedisPing,
+)
 from solaris.server.redis_store import (
     DAEMON_REDIS_TIMEOUT_SECONDS,
     RedisStore,
@@ -151,7 +156,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     """L1 in front of Redis, Prefetch work to the shared stream, reads to the request stream."""
     settings = parts.settings
     timeout = settings.redis_timeout_ms / 1000
-    client = connect(url, SLOW_REDIS_SECONDS)
+    client = connect(url, CLIENT_TIMEOUT_SECONDS)
     parts.l2 = RedisStore(client, settings.dim)
     reachability = parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)

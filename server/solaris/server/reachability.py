@@ -4,11 +4,13 @@ Every Redis call of the sidecar (reads, writes, the work queue, the request-stre
 goes through `Reachability.observe`, and a `RedisPing` asks Redis every half second, so that a
 dead Redis shows within a second whatever the traffic (even when every read is an L1 hit).
 
-Redis is *down* on evidence from Redis alone: a connection refused or reset, or a command
-that took longer than `SLOW_REDIS_SECONDS` (the client's socket timeout). A call the serving
-path stops waiting for at its own budget (`within`) is not evidence: the budget counts time
-our event loop spent elsewhere, so the call goes on in the background and its outcome is what
-counts. Each change is logged once and reported to whoever watches (the health service).
+Redis is *down* on evidence from Redis alone: a connection refused or reset, or a ping not
+answered within `SLOW_REDIS_SECONDS` of being sent (with the same allowance for a busy loop as
+every call: see `within`). A call the serving path stops waiting for at its own budget is not
+evidence: it goes on in the background and its outcome is what counts. The clients' own socket
+timeout (`CLIENT_TIMEOUT_SECONDS`) is only a backstop: redis-py measures it with a timer that
+a starved process finds expired beside the answer, and counts it as Redis's. Each change is
+logged once and reported to whoever watches (the health service).
 """
 
 import asyncio
@@ -26,7 +28,9 @@ REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 """What says Redis is not answering (a ResponseError is an answer)."""
 SLOW_REDIS_SECONDS = 1.0
-"""A command Redis has not answered in this long marks it down (the clients' socket timeout)."""
+"""A ping Redis has not answered in this long marks it down."""
+CLIENT_TIMEOUT_SECONDS = 10.0
+"""The clients' socket timeout: how long a call past its budget may run on."""
 PING_EVERY_SECONDS = 0.5
 WARM_CONNECTIONS = 16
 """Connections opened at start, so that the first reads need not open theirs."""
@@ -177,8 +181,12 @@ class RedisPing:
             self._pinging = None
 
     async def ping(self) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self.reachability.observe(self.client.ping())
+        try:
+            await within(self.client.ping(), SLOW_REDIS_SECONDS, self.reachability)
+        except TimeoutError as error:
+            self.reachability.failed(error)
+        except REDIS_ERRORS:
+            pass  # observed
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
