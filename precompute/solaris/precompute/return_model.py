@@ -75,6 +75,11 @@ class ReturnModel:
             forgotten, _ = self._users.popitem(last=False)
             self._due_at.pop(forgotten, None)
 
+    @property
+    def gaps_seen(self) -> int:
+        """Gaps between two requests of a user seen so far, all users together."""
+        return int(self._gap_counts.sum())
+
     def last_items(self, user_id: str) -> tuple[str, ...]:
         visits = self._users.get(user_id)
         return visits.last_items if visits else ()

@@ -64,6 +64,7 @@ class Policy(StrEnum):
 EXPANSION = frozenset({Policy.COVISIT, Policy.POPULAR, Policy.RETURN, Policy.WIDEN})
 """Guesses, not evidence: offered again, so their offers do not add up."""
 RETURNING = frozenset({Policy.RETURN, Policy.WIDEN})
+MISS = Policy.MISS
 
 DEFAULT_WEIGHTS = {
     Policy.PREFETCH: 1.0,
@@ -189,23 +190,36 @@ class Speculator:
     def observe(self, requests: Iterable[LoggedRequest]) -> None:
         """Reads the sidecar answered: misses and soon-stale pairs to compute, and the
         traffic that expansion draws on. Each read's signals are valued as of its own time, so
-        a read learnt late is worth less."""
+        a read learnt late is worth less. With return or widen on, a miss is also worth the
+        user's chance to come back before its pair would go stale: budget short of every miss
+        goes to users who will read them."""
         refresh = Policy.REFRESH in self.settings.policies
         returning = bool(RETURNING & self.settings.policies)
         horizon = self._clock() + self.settings.refresh_window_seconds
         for request in requests:
             self.traffic.learn(request.user_id, request.item_ids)
-            if returning:
-                self.returns.visit(request.user_id, request.time, request.item_ids)
-                self.returns.schedule(request.user_id, request.time + self.settings.ttl_seconds)
             at = min(request.time, self._clock())
+            miss_value = 1.0
+            if returning:
+                ttl = self.settings.ttl_seconds
+                self.returns.visit(request.user_id, request.time, request.item_ids)
+                self.returns.schedule(request.user_id, request.time + ttl)
+                miss_value = self._miss_value(request.user_id, request.time)
             missed = request.statuses == RowStatus.MISS
             for index in np.flatnonzero(missed):
-                self._offer(request.user_id, request.item_ids[index], Policy.MISS, 1.0, at)
+                self._offer(request.user_id, request.item_ids[index], MISS, miss_value, at)
             if refresh:
                 due = ~missed & (request.stale_at < horizon)
                 for index in np.flatnonzero(due):
                     self._offer(request.user_id, request.item_ids[index], Policy.REFRESH, 1.0, at)
+
+    def _miss_value(self, user_id: str, at: float) -> float:
+        """The user's chance to be back within a TTL, no less than the least worth renewing
+        (1 until any user has been seen to come back)."""
+        if not self.returns.gaps_seen:
+            return 1.0
+        chance = self.returns.probability(user_id, at, self.settings.ttl_seconds)
+        return max(chance, self.settings.returns.min_probability)
 
     def take(self, max_pairs: int | None = None, max_users: int | None = None) -> list[Speculated]:
         """The best pairs not already fresh, as many as the budget allows since the last take

@@ -152,7 +152,7 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         "--ttl-seconds",
         type=number(0, above=True),
         help="How long a computed pair is fresh, in traffic seconds; default: 600 for "
-        "synthetic traffic, 86400 (a day) for a log.",
+        "synthetic traffic, 604800 (a week) for a log.",
     )
     replay.add_argument(
         "--stale-seconds",
@@ -309,7 +309,7 @@ def replay(args: argparse.Namespace) -> int:
         return make_log(args)
     speculation = replay_speculation(args)
     events, source = logged_events(args.log) if args.log else synthetic(args)
-    ttl = args.ttl_seconds or (86_400.0 if args.log else 600.0)
+    ttl = args.ttl_seconds or (604_800.0 if args.log else 600.0)
     decay = args.decay_seconds or ttl / 10
     # The model stack only now, once the traffic is known to be good.
     from solaris.precompute.export import reference_model
