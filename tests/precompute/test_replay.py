@@ -122,7 +122,7 @@ def test_a_generated_log_in_the_movielens_layout_loads(tmp_path: Path) -> None:
     write_synthetic_log(log, users=20, items=100, days=2, seed=0)
     rows = load_interactions(log)
     assert rows == sorted(rows, key=lambda row: row[2])
-    assert requests_from_log(rows, LogReplay(time_scale=1440))
+    assert requests_from_log(rows, LogReplay())
 
 
 def test_the_report_breaks_computed_and_served_pairs_down_by_policy(runner: OnnxRunner) -> None:
@@ -211,3 +211,20 @@ def test_a_realistic_log_has_heavy_tailed_users_and_is_reproducible(tmp_path: Pa
     assert visits[-1] >= 20 * visits[len(visits) // 2]  # a few come very often
     span_days = (interactions[-1][2] - interactions[0][2]) / 86_400
     assert 0.8 * 3_650 < span_days <= 3_650
+
+
+def test_the_replay_command_on_a_generated_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from solaris.app.cli import main
+
+    log, png = tmp_path / "ratings.csv", tmp_path / "replay.png"
+    assert main(["replay", "--make-log", str(log), "--users", "30", "--days", "365"]) == 0
+    argv = ["replay", "--log", str(log), "--budgets", "1x,0.5", "--plot", str(png)]
+    assert main([*argv, "--model-dir", str(tmp_path / "models")]) == 0
+    out = capsys.readouterr().out
+    assert "TTL 604800 s, stale window 0 s" in out
+    assert "gap closed" in out
+    assert "1x = " in out
+    assert f"plot: {png.resolve()}" in out
+    assert png.stat().st_size > 0

@@ -257,3 +257,19 @@ def test_a_traffic_model_passed_in_is_the_one_learnt_into_and_expanded_from(worl
     speculator.observe([world.request("c", ["x"], [HIT])])
     assert traffic.active_users() == ["c", "a"]
     assert pairs(speculator.take()) == {("c", "y", Policy.COVISIT)}
+
+
+def test_with_return_a_miss_of_a_user_likely_back_goes_first(world: World) -> None:
+    def first_served(policies: frozenset[Policy]) -> str:
+        speculator = world.speculator(rate=1, policies=policies)
+        for _ in range(5):
+            speculator.observe([world.request("loyal", ["x"], [HIT])])
+            world.now += 60
+        once, loyal = world.request("once", ["a"], [MISS]), world.request("loyal", ["b"], [MISS])
+        speculator.observe([once, loyal])
+        world.now += 1
+        (taken,) = speculator.take()
+        return taken.user_id
+
+    assert first_served(frozenset({Policy.MISS})) == "once"  # equal value: first come
+    assert first_served(frozenset({Policy.MISS, Policy.RETURN})) == "loyal"

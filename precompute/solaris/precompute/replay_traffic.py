@@ -103,8 +103,6 @@ class LogReplay:
     candidates: int = 50
     recent_items: int = 20
     """The user's latest items that seed co-visitation retrieval."""
-    time_scale: float = 1.0
-    """Log seconds per replay second (a day of log in a minute of replay: 1440)."""
 
 
 def load_interactions(path: Path) -> list[tuple[str, str, float]]:
@@ -167,7 +165,7 @@ def requests_from_log(rows: Iterable[tuple[str, str, float]], how: LogReplay) ->
         if previous is None or stamp - previous > how.visit_gap_seconds:
             candidates = retrieval.candidates(user)
             if candidates:
-                events.append(Event((stamp - start) / how.time_scale, user, tuple(candidates)))
+                events.append(Event(stamp - start, user, tuple(candidates)))
         last_seen[user] = stamp
         retrieval.learn(user, item)
     return events

@@ -421,11 +421,9 @@ def logged_events(log: str) -> "tuple[list[Event], str]":
     if not events:
         problem = f"{log} makes no ranking requests ({len(rows)} interactions)"
         raise SettingsError(f"{problem}; give {LOG_LAYOUT}", "log")
-    years = (rows[-1][2] - rows[0][2]) / (365 * 86_400)
-    return (
-        events,
-        f"{Path(log).name}: {len(rows):,} rows, {years:.1f} years, {len(events):,} requests",
-    )
+    days = (rows[-1][2] - rows[0][2]) / 86_400
+    span = f"{days / 365:.1f} years" if days >= 730 else f"{days:.1f} days"
+    return events, f"{Path(log).name}: {len(rows):,} rows over {span}, {len(events):,} requests"
 
 
 def export_model(args: argparse.Namespace) -> int:
