@@ -416,22 +416,32 @@ class Speculator:
         """Each user due for a look whose chance of a return within the next TTL is worth it:
         their latest candidates that are no longer fresh are offered for return (the fresh
         ones are looked at again when they go stale); once none is fresh, their other recent
-        items and co-visited items for widen, so that all are fresh as long."""
+        items and co-visited items for widen, so that all are fresh as long. One read of the
+        store covers every user due."""
         if not RETURNING & self.settings.policies:
             return
         now = self._clock()
         ttl = self.settings.ttl_seconds
-        for user_id in self.returns.pop_due(now):
-            chance = self.returns.probability(user_id, now, ttl)
-            if chance < self.settings.returns.min_probability:
-                continue
+        chances = {
+            user_id: self.returns.probability(user_id, now, ttl)
+            for user_id in self.returns.pop_due(now)
+        }
+        worth = {
+            user_id: chance
+            for user_id, chance in chances.items()
+            if chance >= self.settings.returns.min_probability
+        }
+        pairs = [(user, item) for user in worth for item in self.returns.last_items(user)]
+        if not pairs:
+            return
+        stale_at = iter(self._stale_at(pairs))
+        for user_id, chance in worth.items():
             latest = self.returns.last_items(user_id)
-            stale_at = self._stale_at([(user_id, item_id) for item_id in latest])
-            fresh = stale_at > now
-            due = [item for item, is_fresh in zip(latest, fresh, strict=True) if not is_fresh]
+            fresh_until = [float(next(stale_at)) for _ in latest]
+            due = [item for item, until in zip(latest, fresh_until, strict=True) if until <= now]
             self._offer_all(user_id, [(item, chance) for item in due], Policy.RETURN, now)
-            if fresh.any():
-                self.returns.schedule(user_id, float(stale_at[fresh].min()))
+            if len(due) < len(latest):
+                self.returns.schedule(user_id, min(until for until in fresh_until if until > now))
                 continue
             if Policy.WIDEN in self.settings.policies:
                 self._offer_all(user_id, self._wider(user_id, latest, chance), Policy.WIDEN, now)
