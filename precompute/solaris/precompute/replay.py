@@ -1,11 +1,13 @@
-"""`solaris replay`: drives the real sidecar core, store, daemon and model with a
-time-compressed stream of ranking requests, and reports what each speculation policy set buys:
-hit rate, precision, why misses missed, compute spent and the age of what was served.
+"""`solaris replay`: drives the real sidecar core, store, daemon and model with a stream of
+ranking requests in its own time, and reports what each speculation policy set buys: hit rate,
+precision (per policy), why misses missed, compute spent and the age of what was served.
 
 Time is simulated (a clock the core and the daemon read), so a replay is exact and
-repeatable: the same events, budget and seed give the same report. Each simulated second the
-speculator hands out what the budget allows, the daemon computes it with the model through ONNX
-Runtime and writes it to the store; requests are answered by the sidecar's own read path.
+repeatable: the same events, budget and seed give the same report. At a compute round the
+speculator (or the oracle) hands out what the budget allows, the daemon computes it with the
+model through ONNX Runtime and writes it to the store; requests are answered by the sidecar's
+own read path. Rounds run on a grid of one-second ticks, but only where there is work, so a
+log spanning years costs what its events do.
 """
 
 import asyncio
@@ -207,10 +209,10 @@ class Oracle:
 @dataclass
 class RoundBudget:
     """The budget as a per-tick token bucket would spend it, worked out for any later tick at
-    once: `rate` tokens a tick-second; while the source has nothing to do the bucket holds at
-    most one tick's worth plus one token (tokens are lost as they would be, tick by tick), and
-    while it takes all it is given every token accrues (the ticks the replay skipped would
-    have spent them)."""
+    once: `rate` tokens a second; while the source has nothing to do the bucket holds at most
+    one tick's worth plus one token (tokens are lost as they would be, tick by tick), and while
+    it takes all it is given every token accrues (the ticks the replay skipped would have
+    spent them). Times are seconds since the replay's start."""
 
     rate: float
     tick_seconds: float
@@ -223,7 +225,7 @@ class RoundBudget:
         return self.rate * self.tick_seconds + 1
 
     def tokens_at(self, when: float, work_from: float) -> float:
-        """Tokens at tick `when`, the source having had work since tick `work_from`."""
+        """Tokens at `when`, the source having had work since `work_from`."""
         if self.busy:
             return self.tokens + self.rate * (when - self.at)
         held = min(self.cap, self.tokens + self.rate * max(0.0, work_from - self.at))
