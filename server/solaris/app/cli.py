@@ -195,7 +195,7 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
     replay.add_argument(
         "--round-pairs",
         type=whole(1),
-        default=64,
+        default=4,
         help="While the budget is short of work, compute rounds are merged until they hold "
         "this many pairs (or the next event comes); 1: exactly a round every second.",
     )
