@@ -2,18 +2,27 @@
 it replays: synthetic with a seed, or an interaction log turned into requests."""
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from solaris.precompute.export import ExportReport
-from solaris.precompute.replay import ORACLE, Replay, ReplayResult, format_report
+from solaris.precompute.replay import (
+    ORACLE,
+    Replay,
+    ReplayResult,
+    demand,
+    format_report,
+    resolve_budgets,
+)
 from solaris.precompute.replay_traffic import (
     Event,
     LogReplay,
     SyntheticTraffic,
     load_interactions,
     requests_from_log,
+    write_log,
     write_synthetic_log,
 )
 from solaris.precompute.runner import OnnxRunner
@@ -50,14 +59,14 @@ def test_without_the_miss_policy_the_repeat_misses_again(runner: OnnxRunner) -> 
 
 def test_a_hint_ahead_of_a_request_makes_it_a_hit(runner: OnnxRunner) -> None:
     events = [Event(5.0, "u", ITEMS, is_hint=True), Event(10.0, "u", ITEMS)]
-    assert Replay(events, runner).run("prefetch+miss", budget=100).served == 5
+    assert Replay(events, runner).run("prefetch+miss+refresh", budget=100).served == 5
 
 
 def test_a_budget_too_small_leaves_predicted_pairs_too_late(runner: OnnxRunner) -> None:
     events = [Event(9.5, "u", ITEMS, is_hint=True), Event(10.0, "u", ITEMS)]
-    result = Replay(events, runner).run("prefetch+miss", budget=2)
-    assert result.computed <= 2
-    assert result.too_late >= 3
+    result = Replay(events, runner).run("prefetch+miss+refresh", budget=2)
+    assert result.computed <= 3  # a second's budget, and the whole token the bucket holds over
+    assert result.too_late >= 2
 
 
 def test_an_expired_pair_is_counted_as_expired(runner: OnnxRunner) -> None:
@@ -113,7 +122,7 @@ def test_a_generated_log_in_the_movielens_layout_loads(tmp_path: Path) -> None:
     write_synthetic_log(log, users=20, items=100, days=2, seed=0)
     rows = load_interactions(log)
     assert rows == sorted(rows, key=lambda row: row[2])
-    assert requests_from_log(rows, LogReplay(time_scale=1440))
+    assert requests_from_log(rows, LogReplay())
 
 
 def test_the_report_breaks_computed_and_served_pairs_down_by_policy(runner: OnnxRunner) -> None:
@@ -122,3 +131,100 @@ def test_the_report_breaks_computed_and_served_pairs_down_by_policy(runner: Onnx
     assert result.computed_by["prefetch"] == 5
     assert result.used_by["prefetch"] == 5
     assert "prefetch 5/5/1.00" in format_report([result])
+
+
+@pytest.mark.parametrize("policy_set", ["no speculation", "all policies", ORACLE])
+@pytest.mark.parametrize("budget", [0.5, 30.0])
+def test_jumping_between_events_computes_what_a_round_every_second_does(
+    runner: OnnxRunner, policy_set: str, budget: float
+) -> None:
+    events = [event for event in SMALL.events() if event.time < 60]
+    events += [Event(event.time + 400, event.user_id, event.item_ids) for event in events[:20]]
+    jumping = Replay(events, runner, ttl_seconds=120, stale_seconds=30)
+    ticking = Replay(events, runner, ttl_seconds=120, stale_seconds=30, every_tick=True)
+    by_event, by_tick = jumping.run(policy_set, budget), ticking.run(policy_set, budget)
+    assert by_event.rounds < by_tick.rounds
+    by_event.rounds = by_tick.rounds
+    assert by_event == by_tick
+    assert by_event.served > 0
+
+
+def test_a_budget_relative_to_demand_is_that_share_of_the_mean_pair_rate() -> None:
+    events = [Event(0.0, "u", ITEMS), Event(10.0, "v", ITEMS), Event(9.0, "u", ITEMS, True)]
+    assert demand(events) == 1.0  # 10 pairs requested over 10 seconds; hints are no demand
+    relative, absolute = resolve_budgets([(3.0, True), (25.0, False)], demand(events))
+    assert (relative.pairs_per_second, relative.label) == (3.0, "3x")
+    assert (absolute.pairs_per_second, absolute.label) == (25.0, "25/s")
+
+
+@pytest.mark.parametrize("policy_set", ["no speculation", ORACLE])
+def test_a_budget_below_a_pair_a_second_saves_up_for_whole_pairs(
+    runner: OnnxRunner, policy_set: str
+) -> None:
+    events = [Event(float(at), "u", ITEMS) for at in range(0, 200, 20)]
+    result = Replay(events, runner, ttl_seconds=1_000).run(policy_set, budget=0.25)
+    assert 0 < result.computed <= 0.25 * 200 + 1
+    assert result.served > 0
+
+
+def regular_visits(lists: list[tuple[str, ...]], visits: int, gap: float) -> list[Event]:
+    return [Event(index * gap, "u", lists[index % len(lists)]) for index in range(visits)]
+
+
+def test_return_renews_a_returning_users_pairs_before_their_next_visit(
+    runner: OnnxRunner,
+) -> None:
+    events = regular_visits([ITEMS], visits=8, gap=7_200)
+    replay = Replay(events, runner, ttl_seconds=3_600)
+    misses_only = replay.run(frozenset({Policy.MISS}), budget=100)
+    with_return = replay.run(frozenset({Policy.MISS, Policy.RETURN}), budget=100)
+    assert misses_only.served == 0  # every pair expired by the next visit
+    assert with_return.served >= 5 * 5
+    assert with_return.used_by["return"] >= 5 * 5
+    assert "return" not in misses_only.computed_by
+
+
+def test_widen_renews_the_users_other_recent_items_too(runner: OnnxRunner) -> None:
+    other = tuple(f"other-{n}" for n in range(5))
+    events = regular_visits([ITEMS, other], visits=10, gap=7_200)
+    replay = Replay(events, runner, ttl_seconds=3_600)
+    last_list_only = replay.run(frozenset({Policy.MISS, Policy.RETURN}), budget=100)
+    widened = replay.run(frozenset({Policy.MISS, Policy.RETURN, Policy.WIDEN}), budget=100)
+    assert last_list_only.served == 0  # each visit asks for the list before the last
+    assert widened.served >= 5 * 5
+    assert widened.used_by["widen"] >= 5 * 5
+    assert "widen" not in last_list_only.computed_by
+
+
+def test_a_realistic_log_has_heavy_tailed_users_and_is_reproducible(tmp_path: Path) -> None:
+    first, again, other = (tmp_path / name for name in ("a.csv", "b.csv", "c.csv"))
+    rows = write_log(first, "realistic", users=200, items=2_000, days=3_650, seed=1)
+    write_log(again, "realistic", users=200, items=2_000, days=3_650, seed=1)
+    write_log(other, "realistic", users=200, items=2_000, days=3_650, seed=2)
+    assert first.read_bytes() == again.read_bytes() != other.read_bytes()
+    interactions = load_interactions(first)
+    assert len(interactions) == rows
+    visits = sorted(
+        Counter(e.user_id for e in requests_from_log(interactions, LogReplay())).values()
+    )
+    assert visits.count(1) >= len(visits) / 3  # many come once
+    assert visits[-1] >= 20 * visits[len(visits) // 2]  # a few come very often
+    span_days = (interactions[-1][2] - interactions[0][2]) / 86_400
+    assert 0.8 * 3_650 < span_days <= 3_650
+
+
+def test_the_replay_command_on_a_generated_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from solaris.app.cli import main
+
+    log, png = tmp_path / "ratings.csv", tmp_path / "replay.png"
+    assert main(["replay", "--make-log", str(log), "--users", "30", "--days", "365"]) == 0
+    argv = ["replay", "--log", str(log), "--budgets", "1x,0.5", "--plot", str(png)]
+    assert main([*argv, "--model-dir", str(tmp_path / "models")]) == 0
+    out = capsys.readouterr().out
+    assert "TTL 604800 s, stale window 0 s" in out
+    assert "gap closed" in out
+    assert "1x = " in out
+    assert f"plot: {png.resolve()}" in out
+    assert png.stat().st_size > 0

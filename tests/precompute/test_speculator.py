@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from solaris.precompute.speculator import Policy, SpeculationSettings, Speculator
+from solaris.precompute.speculator import RETURNING, Policy, SpeculationSettings, Speculator
 from solaris.precompute.traffic_model import TrafficModel, TrafficSettings
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
@@ -154,7 +154,9 @@ def test_a_pair_keeps_the_strongest_policy_that_asked_for_it(world: World) -> No
 
 
 def test_a_full_queue_drops_its_least_valuable_half(world: World) -> None:
-    speculator = world.speculator(rate=1000, max_queued_pairs=4)
+    # Without return's valuation of misses by the user's chance to come back: misses by age.
+    not_by_return = frozenset(Policy) - RETURNING
+    speculator = world.speculator(rate=1000, max_queued_pairs=4, policies=not_by_return)
     for item in ("old1", "old2", "old3", "old4"):
         speculator.observe([world.request("u", [item], [MISS])])
         world.now += 1
@@ -255,3 +257,19 @@ def test_a_traffic_model_passed_in_is_the_one_learnt_into_and_expanded_from(worl
     speculator.observe([world.request("c", ["x"], [HIT])])
     assert traffic.active_users() == ["c", "a"]
     assert pairs(speculator.take()) == {("c", "y", Policy.COVISIT)}
+
+
+def test_with_return_a_miss_of_a_user_likely_back_goes_first(world: World) -> None:
+    def first_served(policies: frozenset[Policy]) -> str:
+        speculator = world.speculator(rate=1, policies=policies)
+        for _ in range(5):
+            speculator.observe([world.request("loyal", ["x"], [HIT])])
+            world.now += 60
+        once, loyal = world.request("once", ["a"], [MISS]), world.request("loyal", ["b"], [MISS])
+        speculator.observe([once, loyal])
+        world.now += 1
+        (taken,) = speculator.take()
+        return taken.user_id
+
+    assert first_served(frozenset({Policy.MISS})) == "once"  # equal value: first come
+    assert first_served(frozenset({Policy.MISS, Policy.RETURN})) == "loyal"

@@ -196,12 +196,16 @@ def test_a_checkpoint_that_is_not_there(tmp_path: Path) -> None:
         ("--users", "0", "a whole number of at least 1"),
         ("--items", "0", "a whole number of at least 1"),
         ("--seed", "-1", "a whole number from 0 to 4294967295"),
-        ("--ttl-seconds", "-1", "a number of at least 0"),
+        ("--ttl-seconds", "0", "a number above 0"),
         ("--stale-seconds", "-1", "a number of at least 0"),
         ("--stale-seconds", "nan", "a number of at least 0"),
         ("--duration", "0", "a number above 0"),
-        ("--time-scale", "0", "a number above 0"),
+        ("--decay-seconds", "0", "a number above 0"),
         ("--budgets", "25,inf", "numbers above 0"),
+        ("--budgets", "1y", "Nx (N times the traffic's mean pair rate)"),
+        ("--budgets", "0x", "numbers above 0"),
+        ("--return-min-probability", "2", "a number from 0 to 1"),
+        ("--round-pairs", "0", "a whole number of at least 1"),
     ],
 )
 def test_replay_flags_out_of_range(flag: str, value: str, accepted: str, tmp_path: Path) -> None:

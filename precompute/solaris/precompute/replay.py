@@ -1,18 +1,22 @@
-"""`solaris replay`: drives the real sidecar core, store, daemon and model with a
-time-compressed stream of ranking requests, and reports what each speculation policy set buys:
-hit rate, precision, why misses missed, compute spent and the age of what was served.
+"""`solaris replay`: drives the real sidecar core, store, daemon and model with a stream of
+ranking requests in its own time, and reports what each speculation policy set buys: hit rate,
+precision (per policy), why misses missed, compute spent and the age of what was served.
 
 Time is simulated (a clock the core and the daemon read), so a replay is exact and
-repeatable: the same events, budget and seed give the same report. Each simulated second the
-speculator hands out what the budget allows, the daemon computes it with the model through ONNX
-Runtime and writes it to the store; requests are answered by the sidecar's own read path.
+repeatable: the same events, budget and seed give the same report. At a compute round the
+speculator (or the oracle) hands out what the budget allows, the daemon computes it with the
+model through ONNX Runtime and writes it to the store; requests are answered by the sidecar's
+own read path. Rounds run on a grid of one-second ticks, but only where there is work, so a
+log spanning years costs what its events do.
 """
 
 import asyncio
+import math
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +26,7 @@ from solaris.precompute.replay_traffic import Event
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
+    RETURNING,
     Pair,
     Policy,
     Speculated,
@@ -38,19 +43,25 @@ from solaris.server.settings import SidecarSettings
 from solaris.server.store import RowStatus
 
 ORACLE = "oracle"
+NO_SPECULATION = "no speculation"
+ALL = "all policies"
 POLICY_SETS: dict[str, frozenset[Policy]] = {
-    "no speculation": frozenset({Policy.MISS}),
-    "prefetch+miss": frozenset({Policy.PREFETCH, Policy.MISS}),
+    NO_SPECULATION: frozenset({Policy.MISS}),
     "prefetch+miss+refresh": frozenset({Policy.PREFETCH, Policy.MISS, Policy.REFRESH}),
-    "all policies": frozenset(Policy),
+    "+covisit+popular": frozenset(Policy) - RETURNING,
+    ALL: frozenset(Policy),
 }
-"""Each set a column of the report; "no speculation" only fills the store after misses."""
+"""Each set a row of the report, each adding policies to the one above; "no speculation" only
+fills the store after misses, "all policies" adds return and widen."""
 
 
 @dataclass
 class ReplayResult:
     policy_set: str
     budget: float
+    """Pairs per second of the events' time."""
+    budget_label: str = ""
+    """How the budget was asked for (`1x`: the traffic's own mean pair rate)."""
     rows: int = 0
     served: int = 0
     computed: int = 0
@@ -61,6 +72,8 @@ class ReplayResult:
     """Predicted, but not computed before the request."""
     expired: int = 0
     served_age_ms: float = 0.0
+    rounds: int = 0
+    """Compute rounds the replay ran (what its cost follows, beside the events)."""
     computed_by: Counter[str] = field(default_factory=Counter)
     used_by: Counter[str] = field(default_factory=Counter)
 
@@ -101,72 +114,137 @@ class SimulatedClock:
         return self.now
 
 
+class Source(Protocol):
+    """What hands out pairs to compute: the speculator, or the oracle."""
+
+    def take_up_to(self, count: int) -> list[Speculated]: ...
+
+    def wake_at(self) -> float:
+        """When it next has work that no event brings (clock seconds; inf if never)."""
+        ...
+
+
 class Oracle:
-    """Knows every future request and spends the same budget on the soonest ones, looking no
-    further ahead than half a TTL (so that what it computes is still fresh when asked for),
-    and computes a pair again once its last computation has expired."""
+    """Knows every future request and spends the same budget on the soonest ones whose pairs
+    would not be served when asked for (missing, or expired by then), looking no further
+    ahead than a computation stays servable (TTL plus stale window). A pair still fresh now
+    but not when asked for waits until it goes stale (the daemon computes no fresh pair)."""
 
     def __init__(
         self,
         requests: Sequence[Event],
-        budget: float,
-        horizon_seconds: float,
+        lookahead_seconds: float,
+        stale_seconds: float,
         stale_at: StaleAt,
         clock: SimulatedClock,
     ) -> None:
         self.requests = requests
-        self.budget = budget
-        self.horizon_seconds = horizon_seconds
+        self.lookahead_seconds = lookahead_seconds
+        self.stale_seconds = stale_seconds
         self.stale_at = stale_at
         self.clock = clock
-        self._next = 0
-        self._tokens = 0.0
-        self._at = clock()
-        self._handed_out: dict[Pair, float] = {}
+        self._satisfied = np.zeros(len(requests), bool)
         self._first_open = 0
-        """Requests before this index have every pair handed out: no need to look again."""
+        """Requests before this index are past or have every pair served when asked."""
+        self._window_end = 0
+        """The first request beyond the lookahead at the last take."""
+        self._next_stale = math.inf
+        """When the soonest pair left because it was fresh goes stale."""
 
-    def take(self) -> list[Speculated]:
-        now = self.clock()
-        self._tokens = min(self.budget, self._tokens + (now - self._at) * self.budget)
-        self._at = now
-        elapsed = now - self.clock.start
-        while self._next < len(self.requests) and self.requests[self._next].time < elapsed:
-            self._next += 1
-        chosen: list[Speculated] = []
-        self._first_open = max(self._first_open, self._next)
-        for event in self.requests[self._first_open :]:
-            if event.time > elapsed + self.horizon_seconds / 2 or len(chosen) >= int(self._tokens):
-                break
-            pairs = [(event.user_id, item) for item in event.item_ids]
-            stale = self.stale_at(pairs) <= now
-            for item, is_stale in zip(event.item_ids, stale, strict=True):
-                pair = (event.user_id, item)
-                if is_stale and self._may_hand_out(pair, now) and len(chosen) < int(self._tokens):
-                    self._handed_out[pair] = now
-                    chosen.append(Speculated(event.user_id, item, Policy.PREFETCH, 1.0))
-        self._tokens -= len(chosen)
-        while self._first_open < len(self.requests) and self._all_handed_out(
-            self.requests[self._first_open]
+    def take_up_to(self, count: int) -> list[Speculated]:
+        elapsed = self.clock() - self.clock.start
+        requests = self.requests
+        while self._first_open < len(requests) and (
+            self._satisfied[self._first_open] or requests[self._first_open].time < elapsed
         ):
             self._first_open += 1
+        chosen: list[Speculated] = []
+        chosen_pairs: set[Pair] = set()
+        self._next_stale = math.inf
+        index = self._first_open
+        while index < len(requests) and requests[index].time - elapsed < self.lookahead_seconds:
+            if len(chosen) >= count:
+                break
+            if not self._satisfied[index]:
+                self._satisfied[index] = self._hand_out(
+                    requests[index], count, chosen, chosen_pairs
+                )
+            index += 1
+        self._window_end = index
         return chosen
 
-    def _may_hand_out(self, pair: Pair, now: float) -> bool:
-        handed_out_at = self._handed_out.get(pair)
-        return handed_out_at is None or now - handed_out_at >= self.horizon_seconds
+    def wake_at(self) -> float:
+        """When the first request beyond the lookahead comes into it, or a pair left because
+        it was fresh goes stale."""
+        if self._window_end >= len(self.requests):
+            return self._next_stale
+        enters = self.requests[self._window_end].time - self.lookahead_seconds
+        return min(self._next_stale, math.nextafter(self.clock.start + enters, math.inf))
 
-    def _all_handed_out(self, event: Event) -> bool:
-        """Every pair of `event` computed recently enough to be fresh when it is asked for.
-        Once true it stays true (hand-out times only grow), so the event needs no more looks."""
+    def _hand_out(
+        self, event: Event, count: int, chosen: list[Speculated], chosen_pairs: set[Pair]
+    ) -> bool:
+        """Adds the pairs of `event` that would not be served to `chosen`, up to `count` in
+        all; returns whether every pair of it will be served."""
+        now = self.clock()
         asked_at = self.clock.start + event.time
-        return all(
-            self._handed_out.get((event.user_id, item), -np.inf) + self.horizon_seconds > asked_at
-            for item in event.item_ids
-        )
+        pairs = [(event.user_id, item) for item in event.item_ids]
+        stale_at = self.stale_at(pairs)
+        missing = stale_at + self.stale_seconds <= asked_at
+        satisfied = True
+        for pair, is_missing, pair_stale_at in zip(pairs, missing, stale_at, strict=True):
+            if not is_missing or pair in chosen_pairs:
+                continue
+            if pair_stale_at > now:
+                self._next_stale = min(self._next_stale, float(pair_stale_at))
+                satisfied = False
+            elif len(chosen) >= count:
+                return False
+            else:
+                chosen_pairs.add(pair)
+                chosen.append(Speculated(pair[0], pair[1], Policy.PREFETCH, 1.0))
+        return satisfied
+
+
+@dataclass
+class RoundBudget:
+    """The budget as a per-tick token bucket would spend it, worked out for any later tick at
+    once: `rate` tokens a second; while the source has nothing to do the bucket holds at most
+    one tick's worth plus one token (tokens are lost as they would be, tick by tick), and while
+    it takes all it is given every token accrues (the ticks the replay skipped would have
+    spent them). Times are seconds since the replay's start."""
+
+    rate: float
+    tick_seconds: float
+    tokens: float = 0.0
+    at: float = 0.0
+    busy: bool = False
+
+    @property
+    def cap(self) -> float:
+        return self.rate * self.tick_seconds + 1
+
+    def tokens_at(self, when: float, work_from: float) -> float:
+        """Tokens at `when`, the source having had work since `work_from`."""
+        if self.busy:
+            return self.tokens + self.rate * (when - self.at)
+        held = min(self.cap, self.tokens + self.rate * max(0.0, work_from - self.at))
+        return held + self.rate * (when - work_from)
+
+    def ticks_until(self, tokens: float, work_from: float) -> int:
+        """Whole ticks after `work_from` until the bucket holds `tokens`."""
+        short = tokens - self.tokens_at(work_from, work_from)
+        return max(0, math.ceil(short / (self.rate * self.tick_seconds) - 1e-9))
 
 
 class Replay:
+    """Replays `events` through the store, daemon and model, the clock jumping from event to
+    event: a compute round runs only at a tick where the source has work (after an event,
+    when it wakes, or while it takes all it is given), so a replay costs what its events do,
+    not its time span. With `round_pairs` 1 it computes exactly what a round at every tick
+    would (`every_tick`); above 1, rounds while busy are merged until they hold that many
+    pairs (or the next event comes), so a backlog at a small budget costs few rounds."""
+
     def __init__(
         self,
         events: Sequence[Event],
@@ -174,18 +252,37 @@ class Replay:
         ttl_seconds: float = 600.0,
         stale_seconds: float = 0.0,
         tick_seconds: float = 1.0,
+        speculation: SpeculationSettings | None = None,
+        round_pairs: int = 1,
+        every_tick: bool = False,
     ) -> None:
+        """`speculation`: the speculator's settings but for budget and policies (which each
+        run gives); TTL, stale window and decay are all in the events' seconds."""
         self.events = sorted(events, key=lambda event: (event.time, not event.is_hint))
         self.runner = runner
         self.ttl_seconds = ttl_seconds
         self.stale_seconds = stale_seconds
         self.tick_seconds = tick_seconds
+        self.speculation = speculation or SpeculationSettings()
+        self.round_pairs = max(1, round_pairs)
+        self.every_tick = every_tick
 
-    def run(self, policy_set: str | frozenset[Policy], budget: float) -> ReplayResult:
-        """`policy_set`: a name in POLICY_SETS, ORACLE, or a set of policies."""
-        return asyncio.run(self._run(policy_set, budget))
+    def run(
+        self,
+        policy_set: str | frozenset[Policy],
+        budget: float,
+        on_events: Callable[[int], object] | None = None,
+    ) -> ReplayResult:
+        """`policy_set`: a name in POLICY_SETS, ORACLE, or a set of policies; `budget`: pairs
+        per second of the events' time (any amount above 0). `on_events(n)` hears of progress."""
+        return asyncio.run(self._run(policy_set, budget, on_events))
 
-    async def _run(self, policy_set: str | frozenset[Policy], budget: float) -> ReplayResult:
+    async def _run(
+        self,
+        policy_set: str | frozenset[Policy],
+        budget: float,
+        on_events: Callable[[int], object] | None,
+    ) -> ReplayResult:
         clock = SimulatedClock()
         items = max((len(event.item_ids) for event in self.events), default=1)
         settings = SidecarSettings(
@@ -215,47 +312,63 @@ class Replay:
         result = ReplayResult(label, budget)
         predicted: set[Pair] = set()
         computed = Computed()
+        speculator: Speculator | None = None
+        source: Source
         if policy_set == ORACLE:
             requests = [event for event in self.events if not event.is_hint]
-            speculator: Speculator | Oracle = Oracle(
-                requests, budget, self.ttl_seconds, store.stale_at, clock
+            source = Oracle(
+                requests,
+                self.ttl_seconds + self.stale_seconds,
+                self.stale_seconds,
+                store.stale_at,
+                clock,
             )
         else:
             policies = POLICY_SETS[policy_set] if isinstance(policy_set, str) else policy_set
             speculator = Speculator(
-                SpeculationSettings(budget, policies),
+                replace(
+                    self.speculation,
+                    budget_pairs_per_second=budget,
+                    policies=policies,
+                    ttl_seconds=self.ttl_seconds,
+                ),
                 store.stale_at,
                 clock,
                 on_queue=lambda entry: predicted.add((entry.user_id, entry.item_id)),
             )
-        next_tick = 0.0
-        for event in self.events:
-            while next_tick <= event.time:
-                clock.now = clock.start + next_tick
-                await self._compute(speculator, daemon, computed, result)
-                next_tick += self.tick_seconds
+            source = speculator
+        rounds = _Rounds(self, source, RoundBudget(budget, self.tick_seconds), clock)
+        for done, event in enumerate(self.events, 1):
+            while (round_tick := rounds.next_round(event.time)) is not None:
+                taken = rounds.take(round_tick)
+                if taken:
+                    await self._compute(taken, speculator, daemon, computed, result)
             clock.now = clock.start + event.time
+            rounds.event_at(event.time)
+            if on_events is not None and done % 1_000 == 0:
+                on_events(1_000)
             if event.is_hint:
-                if isinstance(speculator, Speculator):
+                if speculator is not None:
                     speculator.hint(event.user_id, event.item_ids)
                 continue
             answer = await service.batch_get(event.user_id, event.item_ids)
             self._score(event, answer.statuses, answer.ages_ms, predicted, computed, result)
-            if isinstance(speculator, Speculator):
+            if speculator is not None:
                 speculator.observe(reads)
             reads.clear()
+        if on_events is not None:
+            on_events(len(self.events) % 1_000)
+        result.rounds = rounds.count
         return result
 
     async def _compute(
         self,
-        speculator: "Speculator | Oracle",
+        taken: list[Speculated],
+        speculator: Speculator | None,
         daemon: PrecomputeDaemon,
         computed: "Computed",
         result: ReplayResult,
     ) -> None:
-        taken = speculator.take()
-        if not taken:
-            return
         for entry in taken:
             computed.add((entry.user_id, entry.item_id), str(entry.policy))
             result.computed_by[str(entry.policy)] += 1
@@ -266,7 +379,7 @@ class Replay:
         before = daemon.stats.pairs_computed
         await daemon.process(tasks)
         result.computed += daemon.stats.pairs_computed - before
-        if isinstance(speculator, Speculator):
+        if speculator is not None:
             speculator.done((entry.user_id, entry.item_id) for entry in taken)
 
     def _score(
@@ -297,6 +410,72 @@ class Replay:
                 result.never_predicted += 1
 
 
+class _Rounds:
+    """When compute rounds run, on the grid of ticks (tick indices, not seconds, so that a
+    long log has no rounding drift), and what each may spend."""
+
+    def __init__(
+        self, replay: Replay, source: Source, budget: RoundBudget, clock: SimulatedClock
+    ) -> None:
+        self.source = source
+        self.budget = budget
+        self.clock = clock
+        self.tick = replay.tick_seconds
+        self.round_pairs = replay.round_pairs
+        self.every_tick = replay.every_tick
+        self.work_from = 0
+        """The first tick at which the source may have work (no later than any round)."""
+        self.has_work = replay.every_tick
+        self.next_free = 0
+        """The first tick not yet rounded."""
+        self.start = 0
+        """The tick from which the source had work, for the round `next_round` chose."""
+        self.count = 0
+
+    def event_at(self, at: float) -> None:
+        """An event at `at`: the source may have work from the next tick on."""
+        after = math.floor(at / self.tick) + 1
+        self.work_from = after if not self.has_work else min(self.work_from, after)
+        self.has_work = True
+
+    def next_round(self, before: float) -> int | None:
+        """The tick of the next round no later than time `before`, or None."""
+        last = math.floor(before / self.tick)
+        start = self.work_from if self.has_work else math.inf
+        wake = self.source.wake_at()
+        if math.isfinite(wake):
+            start = min(start, math.ceil((wake - self.clock.start) / self.tick - 1e-9))
+        if math.isinf(start):
+            return None
+        self.start = max(int(start), self.next_free)
+        if self.start > last:
+            return None
+        if self.every_tick:
+            return self.start
+        need = max(1.0, self.round_pairs)
+        return min(last, self.start + self.budget.ticks_until(need, self.start * self.tick))
+
+    def take(self, tick: int) -> list[Speculated]:
+        """The round at `tick`: what the source hands out of the budget then."""
+        when = tick * self.tick
+        budget = self.budget
+        tokens = budget.tokens_at(when, self.start * self.tick)
+        self.clock.now = self.clock.start + when
+        self.next_free = tick + 1
+        allowed = int(tokens)
+        budget.tokens, budget.at = tokens, when
+        self.count += 1
+        if allowed == 0:
+            self.work_from = max(self.work_from, tick + 1)
+            return []
+        taken = self.source.take_up_to(allowed)
+        budget.tokens -= len(taken)
+        budget.busy = len(taken) == allowed
+        self.has_work = budget.busy or self.every_tick
+        self.work_from = tick + 1
+        return taken
+
+
 REPLAY_MODEL = ModelConfig(
     dim=16,
     model_width=32,
@@ -310,72 +489,166 @@ REPLAY_MODEL = ModelConfig(
 replay runs a small model through the same runner and daemon so that a sweep takes a minute."""
 
 
-def sweep(
-    events: Sequence[Event],
-    runner: OnnxRunner,
-    budgets: Sequence[float],
-    ttl_seconds: float,
-    stale_seconds: float = 0.0,
-) -> list[ReplayResult]:
-    """Every policy set, then the oracle, at every budget."""
-    replay = Replay(events, runner, ttl_seconds, stale_seconds)
+@dataclass(frozen=True)
+class Budget:
+    pairs_per_second: float
+    label: str
+
+
+def demand(events: Sequence[Event]) -> float:
+    """The traffic's mean pair rate: pairs requested per second over the span of its requests
+    (at least one second)."""
+    requests = [event for event in events if not event.is_hint]
+    if not requests:
+        return 0.0
+    span = max(event.time for event in requests) - min(event.time for event in requests)
+    return sum(len(event.item_ids) for event in requests) / max(span, 1.0)
+
+
+def resolve_budgets(specs: Sequence[tuple[float, bool]], mean_rate: float) -> list[Budget]:
+    """(value, relative) pairs as budgets: a relative one is `value` times `mean_rate`."""
     return [
-        replay.run(policy_set, budget)
-        for budget in budgets
-        for policy_set in (*POLICY_SETS, ORACLE)
+        Budget(value * mean_rate, f"{value:g}x") if relative else Budget(value, f"{value:g}/s")
+        for value, relative in specs
     ]
 
 
+def sweep(
+    replay: Replay,
+    budgets: Sequence[Budget],
+    progress: bool = False,
+) -> list[ReplayResult]:
+    """Every policy set, then the oracle, at every budget; a progress bar on stderr with
+    `progress` (tqdm leaves it out where stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    runs = [(budget, policy_set) for budget in budgets for policy_set in (*POLICY_SETS, ORACLE)]
+    results: list[ReplayResult] = []
+    with tqdm(
+        total=len(runs) * len(replay.events),
+        disable=None if progress else True,
+        unit=" events",
+        unit_scale=True,
+        leave=False,
+    ) as bar:
+        for budget, policy_set in runs:
+            bar.set_description(f"{budget.label} {policy_set}")
+            result = replay.run(policy_set, budget.pairs_per_second, bar.update)
+            result.budget_label = budget.label
+            results.append(result)
+    return results
+
+
+COLUMNS = {
+    "budget": "pairs per second the runner may compute (Nx: N times the traffic's mean pair rate)",
+    "policy set": "the speculation policies on, each row adding to the one above",
+    "hit rate": "requested pairs served from the store (HIT or STALE) / requested pairs",
+    "of oracle": "hit rate / the oracle's hit rate at the same budget",
+    "gap closed": "(hit rate - no speculation's) / (the oracle's - no speculation's)",
+    "precision": "computed pairs later served / computed pairs",
+    "computed": "pairs computed",
+    "never": "missed rows never predicted",
+    "late": "missed rows predicted but not computed before the request",
+    "expired": "missed rows computed earlier, expired by the request",
+    "age s": "mean age of the served embeddings, seconds",
+}
+
+
 def format_report(results: Sequence[ReplayResult]) -> str:
-    header = (
-        f"{'budget/s':>8}  {'policy set':<22} {'hit rate':>8} {'of oracle':>9} "
-        f"{'precision':>9} {'computed':>9} {'never':>7} {'late':>7} {'expired':>7} {'age s':>6}"
-    )
-    lines = [header]
-    oracle = {r.budget: r.hit_rate for r in results if r.policy_set == ORACLE}
+    widths = [9, 22, 8, 9, 10, 9, 10, 8, 8, 8, 9]
+    lines = ["  ".join(f"{name:>{width}}" for name, width in zip(COLUMNS, widths, strict=True))]
+    oracle = {r.budget_label: r.hit_rate for r in results if r.policy_set == ORACLE}
+    floor = {r.budget_label: r.hit_rate for r in results if r.policy_set == NO_SPECULATION}
     for r in results:
-        share = r.hit_rate / oracle[r.budget] if oracle.get(r.budget) else 0.0
+        best, none = oracle.get(r.budget_label), floor.get(r.budget_label)
+        share = f"{r.hit_rate / best:.0%}" if best else "-"
+        closed = (
+            f"{(r.hit_rate - none) / (best - none):.0%}"
+            if best is not None and none is not None and best > none
+            else "-"
+        )
+        cells = [
+            r.budget_label or f"{r.budget:g}/s",
+            r.policy_set,
+            f"{r.hit_rate:.3f}",
+            share,
+            closed,
+            f"{r.precision:.3f}",
+            f"{r.computed:,}",
+            f"{r.never_predicted:,}",
+            f"{r.too_late:,}",
+            f"{r.expired:,}",
+            f"{r.mean_age_s:,.0f}",
+        ]
         lines.append(
-            f"{r.budget:8.0f}  {r.policy_set:<22} {r.hit_rate:8.3f} {share:9.0%} "
-            f"{r.precision:9.3f} {r.computed:9,d} {r.never_predicted:7,d} {r.too_late:7,d} "
-            f"{r.expired:7,d} {r.mean_age_s:6.0f}"
+            "  ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True))
         )
     lines.append("")
-    lines.append("by policy (all policies): pairs computed, later served, precision")
+    lines.append("precision by policy: pairs computed / later served / precision")
     for r in results:
-        if r.policy_set == "all policies":
+        if r.policy_set != ORACLE and r.computed_by:
             cells = [
                 f"{policy} {r.computed_by[policy]:,}/{r.used_by[policy]:,}/"
                 f"{r.used_by[policy] / r.computed_by[policy]:.2f}"
                 for policy in sorted(r.computed_by)
             ]
-            lines.append(f"{r.budget:8.0f}  " + "  ".join(cells))
-    lines.append("misses: never = never predicted, late = predicted but not computed in time,")
-    lines.append("expired = computed but expired; age = mean age of served embeddings.")
+            label = r.budget_label or f"{r.budget:g}/s"
+            lines.append(f"{label:>9}  {r.policy_set:<22} " + "  ".join(cells))
+    lines.append("")
+    lines.append("columns:")
+    lines += [f"  {name:<10} {meaning}" for name, meaning in COLUMNS.items()]
+    budgets = {r.budget_label: r.budget for r in results}
+    lines.append(
+        "  budgets: " + ", ".join(f"{label} = {rate:.4g}/s" for label, rate in budgets.items())
+    )
     return "\n".join(lines)
 
 
+MARKERS = "osD^vP"
+STYLES = ["-", "--", "-.", ":", "-", "--"]
+
+
 def plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
-    """Hit rate against budget, one line per policy set and the oracle."""
+    """Hit rate and precision against budget, one line per policy set and the oracle; lines
+    differ in marker and dash, and each is nudged sideways a little so that equal ones show."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(7, 4.5))
-    for policy_set in (*POLICY_SETS, ORACLE):
-        points = sorted((r.budget, r.hit_rate) for r in results if r.policy_set == policy_set)
-        axes.plot(*zip(*points, strict=True), marker="o", label=policy_set)
-    axes.set_xscale("log")
-    budgets = sorted({r.budget for r in results})
-    axes.set_xticks(budgets, [f"{budget:g}" for budget in budgets])
-    axes.minorticks_off()
-    axes.set_xlabel("compute budget (pairs per second)")
-    axes.set_ylabel("hit rate")
-    axes.set_ylim(0, 1)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    budgets = sorted({(r.budget, r.budget_label) for r in results})
+    position = {label: index for index, (_, label) in enumerate(budgets)}
+    figure, (hits, precision) = pyplot.subplots(1, 2, figsize=(12, 5.5), sharex=True)
+    sets = (*POLICY_SETS, ORACLE)
+    for number, policy_set in enumerate(sets):
+        rows = sorted(
+            (position[r.budget_label], r.hit_rate, r.precision)
+            for r in results
+            if r.policy_set == policy_set
+        )
+        if not rows:
+            continue
+        nudge = (number - (len(sets) - 1) / 2) * 0.04
+        x = [row[0] + nudge for row in rows]
+        style = {
+            "marker": MARKERS[number % len(MARKERS)],
+            "linestyle": STYLES[number % len(STYLES)],
+            "label": policy_set,
+            "markersize": 6,
+        }
+        hits.plot(x, [row[1] for row in rows], **style)
+        if policy_set != ORACLE:
+            precision.plot(x, [row[2] for row in rows], **style)
+    for axes, name in ((hits, "hit rate"), (precision, "precision (computed pairs later served)")):
+        axes.set_xticks(range(len(budgets)), [f"{label}\n{rate:.3g}/s" for rate, label in budgets])
+        axes.set_xlim(-0.5, len(budgets) - 0.5)
+        axes.set_ylim(-0.02, 1.05)
+        axes.set_xlabel("compute budget (pairs per second of traffic time)")
+        axes.set_ylabel(name)
+        axes.grid(alpha=0.3)
+    handles, labels = hits.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     pyplot.close(figure)

@@ -13,10 +13,17 @@ Policies, strongest signal first:
             (never while fresh), while it is still served as STALE, before it expires;
   covisit   items that other users' requests show together with this user's recent
             candidates (co-visitation), for users active recently;
-  popular   the most requested items, for users active recently.
-The last two are expansion: they fill only the budget the first three leave, drawing on a
-`TrafficModel` of recent requests. A pair already fresh in the store is never handed out, and
-every pair remembers the policy that asked for it.
+  popular   the most requested items, for users active recently;
+  return    a user's latest candidates, computed again as they go stale while the user is
+            likely to come back before the new ones would go stale (a `ReturnModel` learns
+            each user's gaps between visits), valued by that chance;
+  widen     for the same users at the same moments, their other recent items and the items
+            co-visited with them, valued by the same chance times their co-visit score.
+Covisit and popular are expansion: they fill only the budget the first three leave, drawing on
+a `TrafficModel` of recent requests. Return and widen spend budget that would go unused while
+demand is below it: their looks at a user are due at set times (`wake_at`), so a caller that
+skips idle time (the replay) knows when to look again. A pair already fresh in the store is
+never handed out, and every pair remembers the policy that asked for it.
 """
 
 import heapq
@@ -30,6 +37,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from solaris.precompute.return_model import ReturnModel, ReturnSettings
 from solaris.precompute.traffic_model import Scored, TrafficModel, TrafficSettings
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
@@ -49,10 +57,14 @@ class Policy(StrEnum):
     REFRESH = "refresh"
     COVISIT = "covisit"
     POPULAR = "popular"
+    RETURN = "return"
+    WIDEN = "widen"
 
 
-EXPANSION = frozenset({Policy.COVISIT, Policy.POPULAR})
-"""Guesses, not evidence: offered again at every take, so their offers do not add up."""
+EXPANSION = frozenset({Policy.COVISIT, Policy.POPULAR, Policy.RETURN, Policy.WIDEN})
+"""Guesses, not evidence: offered again, so their offers do not add up."""
+RETURNING = frozenset({Policy.RETURN, Policy.WIDEN})
+MISS = Policy.MISS
 
 DEFAULT_WEIGHTS = {
     Policy.PREFETCH: 1.0,
@@ -60,6 +72,8 @@ DEFAULT_WEIGHTS = {
     Policy.REFRESH: 0.6,
     Policy.COVISIT: 0.3,
     Policy.POPULAR: 0.1,
+    Policy.RETURN: 0.5,
+    Policy.WIDEN: 0.2,
 }
 
 
@@ -80,11 +94,35 @@ class SpeculationSettings:
     """A pair handed out is not handed out again until `done` or for this long."""
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
     """What the traffic model behind expansion remembers, when the speculator builds it."""
+    ttl_seconds: float = 600.0
+    """How long a computed pair stays fresh in the store: return and widen look at a user
+    again as their pairs go stale, and ask whether they will be back within this long."""
+    returns: ReturnSettings = field(default_factory=ReturnSettings)
+    widen_items: int = 50
+    """The most pairs widen offers a user at one look."""
 
     def __post_init__(self) -> None:
-        for name in ("budget_pairs_per_second", "decay_seconds"):
+        for name in ("budget_pairs_per_second", "decay_seconds", "ttl_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be above 0, got {getattr(self, name)}")
+
+
+class TokenBucket:
+    """The budget: `rate` tokens a second, holding at most one second's worth (or one token,
+    so that a budget below one pair a second saves up for whole pairs)."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = 0.0
+        self._at = now
+
+    def spendable(self, now: float) -> int:
+        self.tokens = min(max(self.rate, 1.0), self.tokens + max(0.0, now - self._at) * self.rate)
+        self._at = max(self._at, now)
+        return int(self.tokens)
+
+    def spend(self, count: float) -> None:
+        self.tokens -= count
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +175,8 @@ class Speculator:
         self._queued: dict[Pair, Speculated] = {}
         self._order = itertools.count()
         self._started_at = clock()
-        self._tokens = 0.0
-        self._tokens_at = clock()
+        self._bucket = TokenBucket(settings.budget_pairs_per_second, clock())
+        self.returns = ReturnModel(settings.returns)
         self._handed_out: OrderedDict[Pair, float] = OrderedDict()
 
     def hint(self, user_id: str, item_ids: Iterable[str], priority: int = 0) -> None:
@@ -152,33 +190,67 @@ class Speculator:
     def observe(self, requests: Iterable[LoggedRequest]) -> None:
         """Reads the sidecar answered: misses and soon-stale pairs to compute, and the
         traffic that expansion draws on. Each read's signals are valued as of its own time, so
-        a read learnt late is worth less."""
+        a read learnt late is worth less. With return or widen on, a miss is also worth the
+        user's chance to come back before its pair would go stale: budget short of every miss
+        goes to users who will read them."""
         refresh = Policy.REFRESH in self.settings.policies
+        returning = bool(RETURNING & self.settings.policies)
         horizon = self._clock() + self.settings.refresh_window_seconds
         for request in requests:
             self.traffic.learn(request.user_id, request.item_ids)
             at = min(request.time, self._clock())
+            miss_value = 1.0
+            if returning:
+                ttl = self.settings.ttl_seconds
+                self.returns.visit(request.user_id, request.time, request.item_ids)
+                self.returns.schedule(request.user_id, request.time + ttl)
+                miss_value = self._miss_value(request.user_id, request.time)
             missed = request.statuses == RowStatus.MISS
             for index in np.flatnonzero(missed):
-                self._offer(request.user_id, request.item_ids[index], Policy.MISS, 1.0, at)
+                self._offer(request.user_id, request.item_ids[index], MISS, miss_value, at)
             if refresh:
                 due = ~missed & (request.stale_at < horizon)
                 for index in np.flatnonzero(due):
                     self._offer(request.user_id, request.item_ids[index], Policy.REFRESH, 1.0, at)
 
+    def _miss_value(self, user_id: str, at: float) -> float:
+        """The user's chance to be back within a TTL, no less than the least worth renewing
+        (1 until any user has been seen to come back)."""
+        if not self.returns.gaps_seen:
+            return 1.0
+        chance = self.returns.probability(user_id, at, self.settings.ttl_seconds)
+        return max(chance, self.settings.returns.min_probability)
+
     def take(self, max_pairs: int | None = None, max_users: int | None = None) -> list[Speculated]:
         """The best pairs not already fresh, as many as the budget allows since the last take
         (and at most `max_pairs`, of at most `max_users` users). Expansion fills what the
         queue leaves."""
-        allowed = self._spendable()
+        allowed = self._bucket.spendable(self._clock())
         if max_pairs is not None:
             allowed = min(allowed, max_pairs)
-        if len(self._queued) < allowed:
-            self._expand(allowed)
-        chosen = self._choose(allowed, max_users)
-        self._tokens -= len(chosen)
+        chosen = self.take_up_to(allowed, max_users)
+        self._bucket.spend(len(chosen))
+        return chosen
+
+    def take_up_to(self, count: int, max_users: int | None = None) -> list[Speculated]:
+        """`take` without the budget, for a caller that keeps the budget itself (the replay):
+        up to `count` of the best pairs not already fresh. Where expansion's pairs turn out
+        fresh, it expands more users, so that budget goes unused only when no user is left."""
+        self._look_at_due_users()
+        chosen: list[Speculated] = []
+        while True:
+            if len(self._queued) < count - len(chosen):
+                self._expand(count - len(chosen))
+            chosen += self._choose(count - len(chosen), max_users)
+            if len(chosen) >= count or max_users is not None or not self.traffic.unexpanded:
+                break
         self._hand_out(chosen)
         return chosen
+
+    def wake_at(self) -> float:
+        """When the speculator next has work that no new signal brings: the next look due at
+        a returning user (inf if none)."""
+        return self.returns.next_due() if RETURNING & self.settings.policies else math.inf
 
     def put_back(self, entries: Iterable[Speculated]) -> None:
         """Taken but not passed on (the work stream did not take them): queued again as they
@@ -186,7 +258,7 @@ class Speculator:
         for entry in entries:
             self._handed_out.pop((entry.user_id, entry.item_id), None)
             self.stats.handed_out[entry.policy] -= 1
-            self._tokens += 1
+            self._bucket.spend(-1)
             self._requeue(entry)
 
     def done(self, pairs: Iterable[Pair]) -> None:
@@ -201,14 +273,6 @@ class Speculator:
     def tracked_items(self) -> int:
         """Items whose popularity (and neighbours) the traffic model remembers."""
         return self.traffic.tracked_items
-
-    def _spendable(self) -> int:
-        """A token bucket: the budget accrues with time, up to one second's worth."""
-        now = self._clock()
-        rate = self.settings.budget_pairs_per_second
-        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        return int(self._tokens)
 
     def _choose(self, allowed: int, max_users: int | None) -> list[Speculated]:
         """Up to `allowed` of the best queued pairs that the store does not hold fresh."""
@@ -348,14 +412,61 @@ class Speculator:
                 unseen = [(item_id, score) for item_id, score in top if item_id not in seen]
                 self._offer_all(user_id, unseen, Policy.POPULAR, now)
 
+    def _look_at_due_users(self) -> None:
+        """Each user due for a look whose chance of a return within the next TTL is worth it:
+        their latest candidates that are no longer fresh are offered for return (the fresh
+        ones are looked at again when they go stale); once none is fresh, their other recent
+        items and co-visited items for widen, so that all are fresh as long. One read of the
+        store covers every user due."""
+        if not RETURNING & self.settings.policies:
+            return
+        now = self._clock()
+        ttl = self.settings.ttl_seconds
+        chances = {
+            user_id: self.returns.probability(user_id, now, ttl)
+            for user_id in self.returns.pop_due(now)
+        }
+        worth = {
+            user_id: chance
+            for user_id, chance in chances.items()
+            if chance >= self.settings.returns.min_probability
+        }
+        pairs = [(user, item) for user in worth for item in self.returns.last_items(user)]
+        if not pairs:
+            return
+        stale_at = iter(self._stale_at(pairs))
+        for user_id, chance in worth.items():
+            latest = self.returns.last_items(user_id)
+            fresh_until = [float(next(stale_at)) for _ in latest]
+            due = [item for item, until in zip(latest, fresh_until, strict=True) if until <= now]
+            self._offer_all(user_id, [(item, chance) for item in due], Policy.RETURN, now)
+            if len(due) < len(latest):
+                self.returns.schedule(user_id, min(until for until in fresh_until if until > now))
+                continue
+            if Policy.WIDEN in self.settings.policies:
+                self._offer_all(user_id, self._wider(user_id, latest, chance), Policy.WIDEN, now)
+            self.returns.schedule(user_id, now + ttl)
+
+    def _wider(self, user_id: str, latest: tuple[str, ...], chance: float) -> Scored:
+        """The user's other recent items, newest first, then items co-visited with them."""
+        shown = set(latest)
+        own = [
+            item for item in reversed(list(self.traffic.recent_items(user_id))) if item not in shown
+        ]
+        scored = [(item, chance) for item in own]
+        scored += [(item, chance * score) for item, score in self.traffic.neighbours(user_id)]
+        return scored[: self.settings.widen_items]
+
     def _offer_all(self, user_id: str, scored: Scored, policy: Policy, now: float) -> None:
         for item_id, score in scored:
             self._offer(user_id, item_id, policy, score, now)
 
 
 def _traffic_model(settings: SpeculationSettings) -> TrafficModel:
-    """Counting co-visits is most of what learning costs: done only for the covisit policy."""
-    return TrafficModel(settings.traffic, covisits=Policy.COVISIT in settings.policies)
+    """Counting co-visits is most of what learning costs: done only for the policies that
+    draw on them (covisit, widen)."""
+    draws = {Policy.COVISIT, Policy.WIDEN} & settings.policies
+    return TrafficModel(settings.traffic, covisits=bool(draws))
 
 
 def by_user(entries: Iterable[Speculated]) -> dict[str, list[Speculated]]:

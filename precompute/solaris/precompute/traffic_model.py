@@ -109,6 +109,11 @@ class TrafficModel:
         return user_id
 
     @property
+    def unexpanded(self) -> int:
+        """Users with a request since they were last popped."""
+        return len(self._unexpanded)
+
+    @property
     def tracked_items(self) -> int:
         """Items whose popularity (and neighbours) the model remembers."""
         return len(self._popularity)

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -15,7 +16,10 @@ from solaris.app.logs import configure_logging
 from solaris.app.ports import check_can_listen
 from solaris.app.processes import run_daemon, run_sidecar
 from solaris.app.settings import DaemonSettings, LogSettings, ServeSettings, add_flags, load
-from solaris.precompute.settings import DEFAULT_MODEL_DIR
+from solaris.precompute.replay_traffic import LOG_PROFILES
+from solaris.precompute.return_model import ReturnSettings
+from solaris.precompute.settings import DEFAULT_MODEL_DIR, DEFAULT_SPECULATION
+from solaris.precompute.speculator import Policy, SpeculationSettings
 from solaris.server.settings import SettingsError, check_writable
 
 if TYPE_CHECKING:
@@ -31,6 +35,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, but for those whose help says how it is chosen."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,19 +129,34 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
     replay = commands.add_parser(
         "replay",
         help="Replay ranking traffic through the sidecar and daemon; report hit rate by policy.",
+        description="Replays ranking traffic (synthetic, or made from an interaction log) "
+        "through the sidecar's read path, store, precompute daemon and a small model, on a "
+        "simulated clock that jumps from event to event, and reports hit rate, precision and "
+        "misses for each speculation policy set and an oracle, at each budget. Every time "
+        "(TTL, stale window, decay, budgets) is in seconds of the traffic's own time: for a "
+        "log, its timestamps.",
+        formatter_class=DefaultsHelp,
+        allow_abbrev=False,
     )
     replay.add_argument(
         "--log",
-        help="A CSV of user,item,timestamp[,rating] (MovieLens "
-        "ratings.csv layout); default: synthetic traffic.",
+        help=f"An interaction log to replay, {LOG_LAYOUT}; one request per user visit. "
+        "Without it: synthetic traffic.",
     )
     replay.add_argument(
         "--budgets",
         type=budgets,
-        default="25,100,400",
-        help="Pairs per second, comma-separated.",
+        default="0.1x,0.3x,1x,3x",
+        help="Compute budgets, comma-separated: pairs per second, or Nx for N times the "
+        "traffic's mean pair rate (pairs requested per second over its span). Fractions of a "
+        "pair per second work: the bucket saves up for whole pairs.",
     )
-    replay.add_argument("--ttl-seconds", type=number(0), default=600.0)
+    replay.add_argument(
+        "--ttl-seconds",
+        type=number(0, above=True),
+        help="How long a computed pair is fresh, in traffic seconds; default: 600 for "
+        "synthetic traffic, 604800 (a week) for a log.",
+    )
     replay.add_argument(
         "--stale-seconds",
         type=number(0),
@@ -136,36 +164,111 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         help="After the TTL, how long a pair is still served as STALE (refresh's window).",
     )
     replay.add_argument(
+        "--decay-seconds",
+        type=number(0, above=True),
+        help="A speculation signal's value falls by e every this many traffic seconds; "
+        "default: a tenth of the TTL.",
+    )
+    replay.add_argument(
+        "--speculation",
+        default=DEFAULT_SPECULATION,
+        help="The policies of the 'all policies' row and their weights (as serve's "
+        "--speculation); the rows above it keep the same weights. Leave a policy out to turn "
+        "it off.",
+    )
+    replay.add_argument(
+        "--return-min-probability",
+        type=probability,
+        default=ReturnSettings.min_probability,
+        help="return and widen: below this chance of a user's return within the next TTL "
+        "their pairs are left to lapse.",
+    )
+    replay.add_argument(
+        "--return-prior-visits",
+        type=number(0),
+        default=ReturnSettings.prior_visits,
+        help="return: how many gaps the pattern of all users counts for in each user's own.",
+    )
+    replay.add_argument(
+        "--widen-items",
+        type=whole(1),
+        default=50,
+        help="widen: the most pairs offered to a returning user at one look.",
+    )
+    replay.add_argument(
+        "--round-pairs",
+        type=whole(1),
+        default=4,
+        help="While the budget is short of work, compute rounds are merged until they hold "
+        "this many pairs (or the next event comes); 1: exactly a round every second.",
+    )
+    replay.add_argument(
         "--duration", type=number(0, above=True), default=900.0, help="Synthetic: seconds."
     )
-    replay.add_argument("--users", type=whole(1), default=2_000, help="Synthetic: users.")
-    replay.add_argument("--items", type=whole(1), default=5_000, help="Synthetic: items.")
-    replay.add_argument("--seed", type=seed, default=0, help="Synthetic: seed.")
     replay.add_argument(
-        "--time-scale",
-        type=number(0, above=True),
-        default=1440.0,
-        help="Log: log seconds per replay second (1440: a day a minute).",
+        "--users",
+        type=whole(1),
+        help="Synthetic traffic and --make-log: users; default: 2000 (600 for a realistic log).",
+    )
+    replay.add_argument(
+        "--items",
+        type=whole(1),
+        help="Synthetic traffic and --make-log: items; default: 5000 (9000 for a realistic log).",
+    )
+    replay.add_argument(
+        "--seed", type=seed, default=0, help="Synthetic traffic and --make-log: the seed."
     )
     replay.add_argument("--plot", default="replay.png", help="Where to write the PNG plot.")
-    replay.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
+    replay.add_argument(
+        "--model-dir", default=DEFAULT_MODEL_DIR, help="Where the small replay model is kept."
+    )
     replay.add_argument(
         "--make-log",
         metavar="PATH",
-        help="Write a synthetic interaction log in the MovieLens ratings.csv layout to PATH "
-        "(--users, --items, --seed; a week of visits) and exit.",
+        help="Write a generated interaction log in the MovieLens ratings.csv layout to PATH "
+        "(--log-profile, --users, --items, --days, --seed) and exit.",
+    )
+    replay.add_argument(
+        "--log-profile",
+        choices=LOG_PROFILES,
+        default="realistic",
+        help="--make-log: realistic (half the users visit once, a few thousands of times, in "
+        "bursts between long gaps, items released over the span) or week (every user two "
+        "short visits a day, the first generator).",
+    )
+    replay.add_argument(
+        "--days",
+        type=number(0, above=True),
+        help="--make-log: the log's span in days; default: 7300 (20 years) for realistic, 7 "
+        "for week.",
     )
 
 
-def budgets(text: str) -> list[float]:
-    """`25,100,400` -> pairs per second, each above 0."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(value) and value > 0 for value in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers above 0, such as 25,100,400")
+def budgets(text: str) -> list[tuple[float, bool]]:
+    """`25,0.5,1x` -> (value, relative to demand) pairs, each value above 0."""
+    values: list[tuple[float, bool]] = []
+    for part in text.split(","):
+        part = part.strip()
+        relative = part.endswith("x")
+        try:
+            value = float(part.removesuffix("x"))
+        except ValueError:
+            value = math.nan
+        values.append((value, relative))
+    if not all(math.isfinite(value) and value > 0 for value, _ in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give numbers above 0 (pairs per second) or Nx (N times the traffic's "
+            "mean pair rate), such as 0.3x,1x,3x or 25,100"
+        )
     return values
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = number(0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number from 0 to 1")
+    return value
 
 
 def whole(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -206,24 +309,84 @@ def number(low: float, above: bool = False) -> Callable[[str], float]:
 def replay(args: argparse.Namespace) -> int:
     check_writable(Path(args.make_log or args.plot), "make_log" if args.make_log else "plot")
     if args.make_log:
-        from solaris.precompute.replay_traffic import write_synthetic_log
-
-        write_synthetic_log(Path(args.make_log), args.users, args.items, days=7, seed=args.seed)
-        print(f"wrote {args.make_log}")
-        return 0
-    events, title = logged_events(args.log, args.time_scale) if args.log else synthetic(args)
+        return make_log(args)
+    speculation = replay_speculation(args)
+    events, source = logged_events(args.log) if args.log else synthetic(args)
+    ttl = args.ttl_seconds or (604_800.0 if args.log else 600.0)
+    decay = args.decay_seconds or ttl / 10
     # The model stack only now, once the traffic is known to be good.
     from solaris.precompute.export import reference_model
-    from solaris.precompute.replay import REPLAY_MODEL, format_report, plot, sweep
+    from solaris.precompute.replay import (
+        REPLAY_MODEL,
+        Replay,
+        demand,
+        format_report,
+        plot,
+        resolve_budgets,
+        sweep,
+    )
     from solaris.precompute.runner import OnnxRunner
 
     runner = OnnxRunner(reference_model(args.model_dir, REPLAY_MODEL), "cpu", 1)
-    results = sweep(events, runner, args.budgets, args.ttl_seconds, args.stale_seconds)
+    speculation = replace(speculation, decay_seconds=decay, ttl_seconds=ttl)
+    mean_rate = demand(events)
+    chosen = resolve_budgets(args.budgets, mean_rate)
+    engine = Replay(
+        events,
+        runner,
+        ttl,
+        args.stale_seconds,
+        speculation=speculation,
+        round_pairs=args.round_pairs,
+    )
+    results = sweep(engine, chosen, progress=True)
+    title = (
+        f"{source}; demand {mean_rate:.4g} pairs/s (1x)\n"
+        f"TTL {ttl:g} s, stale window {args.stale_seconds:g} s, decay {decay:g} s, "
+        f"traffic seconds (no compression), rounds of {args.round_pairs}+ pairs, "
+        f"--speculation {args.speculation}"
+    )
     print(title)
     print(format_report(results))
     plot(results, args.plot, title)
-    print(f"plot: {args.plot}")
+    print(f"plot: {Path(args.plot).resolve()}")
     return 0
+
+
+def make_log(args: argparse.Namespace) -> int:
+    from solaris.precompute.replay_traffic import write_log
+
+    realistic = args.log_profile == "realistic"
+    rows = write_log(
+        Path(args.make_log),
+        args.log_profile,
+        args.users or (600 if realistic else 2_000),
+        args.items or (9_000 if realistic else 5_000),
+        args.days or (7_300.0 if realistic else 7.0),
+        args.seed,
+    )
+    print(f"wrote {args.make_log}: {rows:,} rows ({args.log_profile})")
+    return 0
+
+
+def replay_speculation(args: argparse.Namespace) -> "SpeculationSettings":
+    """The speculator's settings the flags give, less what each run sets.
+
+    Raises:
+        SettingsError: naming speculation, for a policy it does not know.
+    """
+    from solaris.precompute.settings import parse_speculation
+
+    weights = parse_speculation(args.speculation)
+    return SpeculationSettings(
+        policies=frozenset(weights),
+        weights=dict.fromkeys(Policy, 0.0) | weights,
+        returns=ReturnSettings(
+            prior_visits=args.return_prior_visits,
+            min_probability=args.return_min_probability,
+        ),
+        widen_items=args.widen_items,
+    )
 
 
 def synthetic(args: argparse.Namespace) -> "tuple[list[Event], str]":
@@ -231,13 +394,17 @@ def synthetic(args: argparse.Namespace) -> "tuple[list[Event], str]":
     from solaris.precompute.replay_traffic import SyntheticTraffic
 
     traffic = SyntheticTraffic(
-        users=args.users, items=args.items, duration_seconds=args.duration, seed=args.seed
+        users=args.users or 2_000,
+        items=args.items or 5_000,
+        duration_seconds=args.duration,
+        seed=args.seed,
     )
     events = traffic.events()
-    return events, f"synthetic, seed {args.seed}: {sum(not e.is_hint for e in events):,} requests"
+    requests = sum(not e.is_hint for e in events)
+    return events, f"synthetic traffic, seed {args.seed}: {requests:,} requests"
 
 
-def logged_events(log: str, time_scale: float) -> "tuple[list[Event], str]":
+def logged_events(log: str) -> "tuple[list[Event], str]":
     """The requests an interaction log makes, and the report's title.
 
     Raises:
@@ -253,11 +420,13 @@ def logged_events(log: str, time_scale: float) -> "tuple[list[Event], str]":
         ) from None
     except ValueError as error:
         raise SettingsError(f"{error}; give {LOG_LAYOUT}", "log") from None
-    events = requests_from_log(rows, LogReplay(time_scale=time_scale))
+    events = requests_from_log(rows, LogReplay())
     if not events:
         problem = f"{log} makes no ranking requests ({len(rows)} interactions)"
         raise SettingsError(f"{problem}; give {LOG_LAYOUT}", "log")
-    return events, f"{Path(log).name}: {len(events):,} requests"
+    days = (rows[-1][2] - rows[0][2]) / 86_400
+    span = f"{days / 365:.1f} years" if days >= 730 else f"{days:.1f} days"
+    return events, f"{Path(log).name}: {len(rows):,} rows over {span}, {len(events):,} requests"
 
 
 def export_model(args: argparse.Namespace) -> int:

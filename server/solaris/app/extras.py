@@ -7,8 +7,8 @@ DISTRIBUTION = "solaris-embeddings"
 PROVIDES = {
     "model": ("the model stack", frozenset({"torch", "onnx", "onnxruntime", "onnxscript"})),
     "replay": (
-        "the replay's packages (the model stack and matplotlib)",
-        frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "matplotlib"}),
+        "the replay's packages (the model stack, matplotlib and tqdm)",
+        frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "matplotlib", "tqdm"}),
     ),
 }
 """Each extra: what it is called in a message, and the top-level modules it installs."""

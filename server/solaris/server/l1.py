@@ -309,7 +309,7 @@ class MemoryStore:
                 if number is None:
                     continue
                 rows = self._users.find(number, hashes[indices])
-                found = self._times["stale_at"].take(rows)
+                found = self._times.take(rows)["stale_at"]
                 stale_at[indices] = np.where(rows >= 0, found, -np.inf)
         return stale_at
 
