@@ -190,12 +190,15 @@ def test_metrics_listen_on_the_grpc_host_unless_told(settings: SidecarSettings) 
 def test_bad_tls_and_reflection_flags_exit_2_with_one_line(pki: Pki, tmp_path: Path) -> None:
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello")
+    openssl("pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:secret",
+            "-out", "encrypted.key", folder=tmp_path)  # fmt: skip
     cert, key = ["--tls-cert", str(pki.server_cert)], ["--tls-key", str(pki.server_key)]
     cases = [
         (["--tls-cert", str(tmp_path / "missing.pem"), *key], "tls_cert", "cannot read"),
         (["--tls-cert", str(not_pem), *key], "tls_cert", "no PEM block"),
         (cert, "tls_key", "tls-key"),
         ([*cert, "--tls-key", str(pki.client_key)], "tls_key", "not the private key"),
+        ([*cert, "--tls-key", str(tmp_path / "encrypted.key")], "tls_key", "is encrypted"),
         ([*cert, *key, "--tls-client-ca", str(pki.server_key)], "tls_client_ca", "no CA"),
         (["--tls-client-ca", str(pki.ca)], "tls_client_ca", "needs tls-cert"),
         (["--reflection", "maybe"], "reflection", "true or false"),

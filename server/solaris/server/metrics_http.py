@@ -63,7 +63,13 @@ class MetricsServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_SECONDS)
             writer.write(self._answer(head))
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT_SECONDS)
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+        except (
+            TimeoutError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+        ):
             pass  # a client gone, slow or malformed gets nothing more
         finally:
             self.open_connections -= 1

@@ -134,12 +134,22 @@ def check_pem_file(value: str) -> str:
     return value
 
 
+class _EncryptedKey(Exception):
+    """Raised instead of OpenSSL's passphrase prompt: gRPC cannot use an encrypted key."""
+
+
+def _refuse_encrypted_key() -> str:
+    raise _EncryptedKey
+
+
 def check_tls_files(cert: str, key: str, client_ca: str) -> None:
     """Refuses, at start, a key that is not the certificate's, or a CA file of no
     certificate: found by gRPC, either would fail every handshake instead."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_refuse_encrypted_key)
+    except _EncryptedKey:
+        raise SettingsError(f"{key} is encrypted; give an unencrypted PEM key", "tls_key") from None
     except ssl.SSLError as error:
         raise SettingsError(
             f"{key} is not the private key of {cert} ({error.reason or error})", "tls_key"

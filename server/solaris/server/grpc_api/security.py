@@ -76,6 +76,6 @@ def _refusing(handler: Handler) -> Handler:
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
         _refuse,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=None,  # a refused caller's request is never decoded
         response_serializer=handler.response_serializer,
     )
