@@ -5,6 +5,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -222,3 +223,41 @@ def test_serve_keeps_prefetch_histories_within_history_bytes(tiny_model: ExportR
         samples = scrape(metrics_port)
         process.send_signal(signal.SIGTERM)
     assert 0 < samples["solaris_daemon_history_bytes"] <= 1024**2
+
+
+class HeldOnFirstBatch:
+    """The real runner, held on its first batch until released; it notes each batch's thread."""
+
+    def __init__(self, runner: OnnxRunner) -> None:
+        self.runner = runner
+        self.model_version = runner.model_version
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[str] = []
+
+    def compute(self, work: Sequence[UserWork]) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        self.release.wait(30)
+        return self.runner.compute(work)
+
+
+async def test_a_stopped_daemon_leaves_its_next_batch_uncomputed(tiny_model: ExportReport) -> None:
+    model = HeldOnFirstBatch(OnnxRunner(tiny_model.path))
+    store, queue = MemoryStore(1024**2, DIM), PrefetchQueue(100)
+    settings = PrecomputeSettings(batch_pairs=2, batch_wait_ms=0)
+    daemon = PrecomputeDaemon(model, store, queue, settings, 60.0, 0.0)
+    queue.put(PrefetchTask("u", ("a", "b", "c", "d")))
+    daemon.start()
+    assert model.entered.wait(30)
+
+    daemon.stop(timeout=0.1)
+    model.release.set()
+    for thread in threading.enumerate():
+        if thread.name == "solaris-precompute":
+            thread.join(30)
+
+    assert all(name.startswith("solaris-runner") for name in model.threads), model.threads
+    assert daemon.stats.poison_pairs_dropped == 0
+    rows = await store.read("u", ["a", "b", "c", "d"], FLOAT32, time.time())
+    assert rows.statuses(time.time()).tolist().count(RowStatus.HIT) == 2

@@ -128,6 +128,10 @@ def history_size(user_id: str, history: tuple[str, ...]) -> int:
     return _HISTORY_ENTRY_BYTES + 8 * len(history) + strings
 
 
+class _Stopped(Exception):
+    """The daemon was stopped with a batch in hand: it is left for a retry, not computed."""
+
+
 class PrecomputeDaemon:
     """Start it, and it fills the store from the work source until it is stopped."""
 
@@ -170,7 +174,6 @@ class PrecomputeDaemon:
             self._thread = None
         if self._model_thread is not None:
             self._model_thread.shutdown(wait=False)
-            self._model_thread = None
 
     def _run(self) -> None:
         with asyncio.Runner() as loop:
@@ -240,6 +243,8 @@ class PrecomputeDaemon:
         work = self._group_by_user(pairs)
         try:
             vectors = self._compute(work)
+        except _Stopped:
+            return False  # the tasks stay unacknowledged, for another daemon or a restart
         except Exception:
             return await self._retry_in_halves(pairs)
         freshness = Freshness.starting(
@@ -265,10 +270,17 @@ class PrecomputeDaemon:
             start = end
 
     def _compute(self, work: list[UserWork]) -> np.ndarray:
-        """The model's vectors for `work`, computed on the model's thread once started."""
-        if self._model_thread is None:
+        """The model's vectors for `work`, computed on the model's thread once started (never on
+        this one then: only the model's thread runs at idle priority). Raises `_Stopped` once
+        `stop` has shut that thread down."""
+        runner = self._model_thread
+        if runner is None:
             return self.model.compute(work)
-        return self._model_thread.submit(self.model.compute, work).result()
+        try:
+            future = runner.submit(self.model.compute, work)
+        except RuntimeError:  # shut down by stop()
+            raise _Stopped from None
+        return future.result()
 
     async def _retry_in_halves(self, pairs: list[Pair]) -> bool:
         self.stats.failed_batches += 1
