@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
 from solaris.app.compose import SidecarParts, build_sidecar
 from solaris.precompute.daemon import HistoryBook, PrecomputeDaemon, history_size
@@ -30,7 +29,7 @@ from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM, wait_until
 from tests.ops.test_metrics import scrape
 from tests.precompute.test_runner import pytorch_embedding
-from tests.server.test_lifecycle import free_port, wait_until_serving
+from tests.server.serving import free_port, wait_until_serving
 
 
 async def batch_get_when_all_hit(
@@ -214,7 +213,7 @@ def test_serve_keeps_prefetch_histories_within_history_bytes(tiny_model: ExportR
     history = [f"{i:0>250}" for i in range(256)]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        wait_until_serving(channel)
         stub = EmbeddingStoreStub(channel)
         for user in range(40):
             request = pb.PrefetchRequest(user_id=f"user-{user}", item_ids=["a"], history=history)

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2_grpc
 
 from solaris.precompute.export import ExportReport
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM, wait_until
-from tests.server.test_lifecycle import free_port, wait_until_serving
+from tests.server.serving import free_port, wait_until_serving
 
 SECRET = "sekret9"
 WRONG = "wrong8"
@@ -82,7 +81,7 @@ def test_serve_prints_no_redis_credential(guarded_redis: int, form: str) -> None
     command += ["--metrics-port", str(metrics_port), "--grace-seconds", "0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environ)
     with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        wait_until_serving(channel)
         printed = [_prefetch_error(EmbeddingStoreStub(channel))]
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as answer:
             printed.append(answer.read().decode())

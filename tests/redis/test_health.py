@@ -27,7 +27,7 @@ from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM, wait_until
 from tests.ops.test_metrics import scrape
 from tests.redis.conftest import RedisProcess
-from tests.server.test_lifecycle import free_port, wait_until_serving
+from tests.server.serving import free_port, wait_until_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -46,7 +46,7 @@ def serve(redis_url: str, *flags: str) -> Iterator[tuple[subprocess.Popen[str], 
     address = f"127.0.0.1:{port}"
     with process, grpc.insecure_channel(address) as channel:
         try:
-            wait_until_serving(health_pb2_grpc.HealthStub(channel))
+            wait_until_serving(channel)
             yield process, address
         finally:
             if process.poll() is None:

@@ -147,6 +147,8 @@ async def test_the_client_sends_what_redis_py_would(redis_server: RedisProcess) 
     await client.aclose()
     assert got == [b"\x00\xff", b"view", "\u00fc".encode(), b"1.5"]
     assert "maxmemory-policy" in config
+    packer = client.connection_pool.connection_class.pack_command
+    assert packer is not redis.asyncio.Connection.pack_command  # not redis-py's own, in Python
 
 
 async def test_a_sidecar_reads_the_version_the_daemons_published(

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
 from tests.clients.test_install import REPO, _canonical, pip, run
-from tests.server.test_lifecycle import free_port, wait_until_serving
+from tests.server.serving import free_port, wait_until_serving
 
 pytestmark = pytest.mark.install
 
@@ -50,7 +49,7 @@ def test_the_installed_sidecar_serves_only(sidecar_venv: Path, tmp_path: Path) -
     command = [str(sidecar_venv / "bin/solaris"), "serve", "--precompute", "false"]
     process = subprocess.Popen([*command, "--port", str(port)], cwd=tmp_path)
     with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        wait_until_serving(channel)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
 

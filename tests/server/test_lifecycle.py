@@ -3,10 +3,8 @@ to health watchers, stops, and exits 0; serving only, it never loads the model s
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,26 +16,7 @@ from solaris.precompute.export import ExportReport
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM
-
-SERVICE = "solaris.v1.EmbeddingStore"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_serving(stub: health_pb2_grpc.HealthStub, timeout: float = 30.0) -> None:
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
-            if response.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            time.sleep(0.1)
-    raise AssertionError("the sidecar never became healthy")
+from tests.server.serving import SERVICE, free_port, wait_until_serving
 
 
 @pytest.fixture
@@ -72,8 +51,8 @@ def test_sigterm_flips_health_to_not_serving_then_exits_zero(
 ) -> None:
     process, port = sidecar_process
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_until_serving(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        wait_until_serving(health)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=20)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
 
@@ -102,7 +81,7 @@ def test_a_serve_only_sidecar_never_imports_the_model_stack(tmp_path: Path) -> N
         [sys.executable, "-c", RECORD_MODULES_AT_EXIT, str(modules), *command]
     )
     with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        wait_until_serving(channel)
         stub = EmbeddingStoreStub(channel)
         stub.BatchGet(pb.BatchGetRequest(user_id="u", item_ids=["a", "b"]), timeout=5)
         stub.Prefetch(pb.PrefetchRequest(user_id="u", item_ids=["a"]), timeout=5)

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import grpc
 
-from solaris.v1 import embedding_store_pb2 as pb
 from tests.conftest import wait_until
-from tests.server.serving import free_port, serving, wait_until_serving
-from tests.server.test_stalled_readers import REQUEST, STALLED_OPTIONS, metric
+from tests.server.serving import (
+    STALLED_OPTIONS,
+    free_port,
+    open_unread_batch_gets,
+    serving,
+    wait_until_serving,
+)
+from tests.server.test_stalled_readers import REQUEST, metric
 
 CALLS = 4
 
@@ -19,13 +24,7 @@ async def call_and_go_away(port: int) -> None:
     """Opens BatchGets it never reads, waits until the sidecar has answered them (their headers
     came), then closes the connection with the answers unsent."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=STALLED_OPTIONS) as channel:
-        batch_get = channel.unary_stream(
-            "/solaris.v1.EmbeddingStore/BatchGet",
-            request_serializer=pb.BatchGetRequest.SerializeToString,
-            response_deserializer=pb.BatchGetResponse.FromString,
-        )
-        calls = [batch_get(REQUEST) for _ in range(CALLS)]
-        await asyncio.wait_for(asyncio.gather(*(call.initial_metadata() for call in calls)), 60)
+        await open_unread_batch_gets(channel, REQUEST, CALLS)
 
 
 def test_a_caller_going_away_mid_answer_is_a_debug_line_not_a_traceback(tmp_path: Path) -> None:

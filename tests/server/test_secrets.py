@@ -6,10 +6,9 @@ import sys
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
 from solaris.server.redis_store import redacted
-from tests.server.test_lifecycle import free_port, wait_until_serving
+from tests.server.serving import free_port, wait_until_serving
 
 
 @pytest.mark.parametrize(
@@ -42,7 +41,7 @@ def test_a_password_in_the_url_options_is_not_logged_by_serve() -> None:
         text=True,
     )
     with process, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        wait_until_serving(health_pb2_grpc.HealthStub(channel))
+        wait_until_serving(channel)
         process.send_signal(signal.SIGTERM)
         logs = process.communicate(timeout=20)[1]
     assert "password=***" in logs

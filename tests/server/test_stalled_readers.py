@@ -11,16 +11,20 @@ from collections import Counter
 import grpc
 
 from solaris.v1 import embedding_store_pb2 as pb
-from tests.server.serving import free_port, rss_bytes, serving, wait_until_serving
+from tests.server.serving import (
+    STALLED_OPTIONS,
+    free_port,
+    open_unread_batch_gets,
+    rss_bytes,
+    serving,
+    wait_until_serving,
+)
 
 MiB = 1024**2
 CAP = 32 * MiB
 STALLED_CALLS = 60
 """Each answers 4096 rows of 128 float32 (2 MiB): 120 MiB in all, nearly four caps."""
 REQUEST = pb.BatchGetRequest(user_id="u", item_ids=[f"item-{i}" for i in range(4096)])
-# A client's transport takes no more of an answer than its reader asks for once BDP probing
-# (which grows the window on its own) is off: a caller that never reads.
-STALLED_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", -1)]
 
 
 def metric(port: int, name: str) -> float:
@@ -35,16 +39,7 @@ async def stall(port: int, pid: int) -> tuple[Counter[str], list[str], int]:
     call is either refused or held by the sidecar, returns how they ended, their messages,
     and the sidecar's RSS then."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=STALLED_OPTIONS) as channel:
-        # Called as a stream, the answer is read only when iterated: never, here.
-        batch_get = channel.unary_stream(
-            "/solaris.v1.EmbeddingStore/BatchGet",
-            request_serializer=pb.BatchGetRequest.SerializeToString,
-            response_deserializer=pb.BatchGetResponse.FromString,
-        )
-        calls = [batch_get(REQUEST) for _ in range(STALLED_CALLS)]
-        # Headers are not flow-controlled: each call has them once its answer is built (and
-        # held) or it was refused.
-        await asyncio.wait_for(asyncio.gather(*(call.initial_metadata() for call in calls)), 60)
+        calls = await open_unread_batch_gets(channel, REQUEST, STALLED_CALLS)
         rss = rss_bytes(pid)
         print(f"RSS with {STALLED_CALLS} stalled calls: {rss / MiB:.0f} MiB")
         done = [call for call in calls if call.done()]

@@ -156,7 +156,7 @@ def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
         retry=Retry(NoBackoff(), 0),
     )
     pool = client.connection_pool
-    pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
+    pool.connection_class = _packed_by_hiredis(pool.connection_class)
     return client
 
 
@@ -182,23 +182,10 @@ def _pack_with_hiredis(_: object, *args: EncodableT) -> list[bytes]:
         raise redis.exceptions.DataError(str(error)) from error
 
 
-class _HiredisConnection(redis.asyncio.Connection):
-    pack_command = _pack_with_hiredis
-
-
-class _HiredisSSLConnection(redis.asyncio.SSLConnection):
-    pack_command = _pack_with_hiredis
-
-
-class _HiredisUnixConnection(redis.asyncio.UnixDomainSocketConnection):
-    pack_command = _pack_with_hiredis
-
-
-_PACKED_BY_HIREDIS: dict[type[AbstractConnection], type[AbstractConnection]] = {
-    redis.asyncio.Connection: _HiredisConnection,
-    redis.asyncio.SSLConnection: _HiredisSSLConnection,
-    redis.asyncio.UnixDomainSocketConnection: _HiredisUnixConnection,
-}
+def _packed_by_hiredis(kind: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`kind` (whichever the URL's scheme picked: TCP, TLS or a unix socket), packing with
+    hiredis."""
+    return type(f"Hiredis{kind.__name__}", (kind,), {"pack_command": _pack_with_hiredis})
 
 
 def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:

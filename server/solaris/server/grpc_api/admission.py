@@ -87,24 +87,28 @@ class Admission:
         (which answers those already sent when the drain began, even queued in gRPC); then
         refuses new calls until the last in flight has answered and callers have paused
         again, so that none is on its way when the server stops (gRPC cancels those)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
+        deadline = time.monotonic() + seconds
         settle = min(SETTLE_SECONDS, seconds / 4)
-        paused = await self._until_quiet(loop.time() + seconds / 2, settle)
+        paused = await self._until_quiet(time.monotonic() + seconds / 2, settle)
         logger.info(
             "draining: %s; refusing new calls, %d in flight",
             "callers paused" if paused else "callers did not pause",
             self.calls,
         )
         self.draining = True
-        if not await self._until_quiet(deadline, settle):
+        if await self._until_quiet(deadline, settle):
+            return
+        if self.calls:
             logger.warning("drain: %d calls still in flight at the end of the grace", self.calls)
+        else:
+            logger.warning("drain: callers were still calling at the end of the grace")
 
     async def _until_quiet(self, until: float, settle: float) -> bool:
-        """Whether, before `until`, no call is in flight and none has come for `settle` s."""
-        loop = asyncio.get_running_loop()
-        while loop.time() < until:
+        """Whether, by `until`, no call is in flight and none has come for `settle` s."""
+        while True:
             if not self.calls and time.monotonic() - self._last_call >= settle:
                 return True
-            await asyncio.sleep(min(POLL_SECONDS, until - loop.time()))
-        return False
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(POLL_SECONDS, left))
