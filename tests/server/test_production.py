@@ -31,18 +31,22 @@ from tests.server.test_cli_errors import SERVE, refused, solaris
 from tests.server.test_grpcurl import GRPCURL
 
 TOKEN = "s3cret-token"
+NAMED_HOST = "sidecar.solaris.test"
 OPENSSL = shutil.which("openssl")
 
 
 @dataclass(frozen=True)
 class Pki:
-    """A CA, a server certificate it signed for localhost and 127.0.0.1, and a client's."""
+    """A CA, a server certificate it signed for localhost and 127.0.0.1, one for a DNS name
+    alone (NAMED_HOST), and a client's."""
 
     ca: Path
     server_cert: Path
     server_key: Path
     client_cert: Path
     client_key: Path
+    named_cert: Path
+    named_key: Path
 
     def client_tls(self, with_certificate: bool) -> Tls:
         if not with_certificate:
@@ -77,12 +81,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             "-subj", "/CN=solaris test CA", folder=folder)  # fmt: skip
     signed("server", "/CN=localhost", folder, "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     signed("client", "/CN=ranker", folder)
+    signed("named", f"/CN={NAMED_HOST}", folder, f"subjectAltName=DNS:{NAMED_HOST}\n")
     return Pki(
         folder / "ca.pem",
         folder / "server.pem",
         folder / "server.key",
         folder / "client.pem",
         folder / "client.key",
+        folder / "named.pem",
+        folder / "named.key",
     )
 
 
@@ -118,6 +125,18 @@ async def test_tls_serves_a_client_trusting_the_ca_and_refuses_plaintext(
 
     assert await read_status(sidecar, tls=pki.client_tls(False)) == RowStatus.HIT
     assert await read_status(sidecar) == RowStatus.FALLBACK
+
+
+async def test_server_name_checks_a_certificate_that_does_not_name_the_target(
+    running: Any, pki: Pki
+) -> None:
+    sidecar = await running(tls_cert=str(pki.named_cert), tls_key=str(pki.named_key))
+    ca = pki.ca.read_bytes()
+    assert await read_status(sidecar, tls=Tls(ca)) == RowStatus.FALLBACK
+    assert await read_status(sidecar, tls=Tls(ca, server_name="elsewhere.test")) == (
+        RowStatus.FALLBACK
+    )
+    assert await read_status(sidecar, tls=Tls(ca, server_name=NAMED_HOST)) == RowStatus.HIT
 
 
 async def test_mutual_tls_refuses_a_client_without_a_certificate(running: Any, pki: Pki) -> None:

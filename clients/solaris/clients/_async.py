@@ -43,7 +43,7 @@ class AsyncEmbeddingClient:
             self._channel = grpc.aio.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.aio.secure_channel(
-                target, tls.credentials(), options=channel_options
+                target, tls.credentials(), options=[*channel_options, *tls.channel_options()]
             )
         self._metadata = call_metadata(token)
         self._stub = EmbeddingStoreStub(self._channel)

@@ -69,11 +69,19 @@ class Tls:
     root_certificates: bytes | None = None
     private_key: bytes | None = None
     certificate_chain: bytes | None = None
+    server_name: str | None = None
+    """The name the sidecar's certificate must carry, where it is not the target's host (a
+    sidecar reached by IP, or through a Service name its certificate does not list)."""
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             self.root_certificates, self.private_key, self.certificate_chain
         )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        if self.server_name is None:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name)]
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:

@@ -54,7 +54,9 @@ class EmbeddingClient:
         if tls is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=channel_options)
+            self._channel = grpc.secure_channel(
+                target, tls.credentials(), options=[*channel_options, *tls.channel_options()]
+            )
         self._metadata = call_metadata(token)
         self._stub = EmbeddingStoreStub(self._channel)
 
