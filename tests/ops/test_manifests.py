@@ -11,19 +11,18 @@ from solaris.app.settings import (
     COMMANDS,
     ENV_PREFIX,
     EVERY_SETTING,
+    OTHER_VARIABLES,
     DaemonSettings,
     ServeSettings,
     load,
 )
 from solaris.server.sidecar import SERVICE_NAME
 from tests.clients.conftest import load_example_ranker
-from tests.ops.manifests import OVERLAYS, Container, containers, find, rendered, tool
-
-EXTRA_ENV = {"SOLARIS_REDIS_PASSWORD", "SOLARIS_CONFIG"}
+from tests.ops.manifests import OVERLAYS, Container, containers, find, objects, rendered, tool
 
 
 def known_env() -> set[str]:
-    return {ENV_PREFIX + name.upper() for name in EVERY_SETTING} | EXTRA_ENV
+    return {ENV_PREFIX + name.upper() for name in EVERY_SETTING} | OTHER_VARIABLES
 
 
 def solaris_containers(overlay: str) -> list[Container]:
@@ -53,6 +52,16 @@ def test_commands_and_environment_are_what_the_cli_accepts(overlay: str) -> None
         assert not unknown, f"{container.name}: settings the CLI does not know: {unknown}"
         load(COMMANDS[args.command], args, container.env)
         assert container.env.get("SOLARIS_LOG_FORMAT", "text") in ("text", "json")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_gets_service_link_variables(overlay: str) -> None:
+    """Kubernetes gives every pod `<SERVICE>_PORT=tcp://...` for each Service unless told not
+    to: a Service named `solaris` would set SOLARIS_PORT, which the sidecar reads."""
+    pods = [obj for obj in objects(overlay) if obj["kind"] in ("Deployment", "StatefulSet")]
+    assert pods
+    for pod in pods:
+        assert pod["spec"]["template"]["spec"].get("enableServiceLinks") is False, pod["metadata"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -251,6 +251,27 @@ def test_an_unknown_key_in_the_config_file_is_refused_by_name(tmp_path: Path) ->
         parse([], {}, config)
 
 
+def test_an_unknown_solaris_variable_is_refused_by_name() -> None:
+    with pytest.raises(SettingsError, match="SOLARIS_CACHE_BITES is set, but no solaris command"):
+        parse([], {"SOLARIS_CACHE_BITES": "64Mi"})
+
+
+def test_variables_of_other_commands_and_of_kubernetes_service_links_pass() -> None:
+    service_links = {
+        "SOLARIS_REDIS_SERVICE_HOST": "10.0.0.7",
+        "SOLARIS_REDIS_SERVICE_PORT_REDIS": "6379",
+        "SOLARIS_REDIS_PORT_6379_TCP_ADDR": "10.0.0.7",
+    }
+    serve_only = {"SOLARIS_PORT": "6000"}
+    assert "port" not in DaemonSettings.model_fields
+
+    daemon = load(
+        DaemonSettings, None, {**service_links, **serve_only, "SOLARIS_REDIS": "redis://h"}
+    )
+    assert daemon.redis == "redis://h"
+    assert parse([], service_links).port == ServeSettings().port
+
+
 def test_a_missing_or_broken_config_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="config: no file at"):
         parse([], {}, tmp_path / "absent.toml")

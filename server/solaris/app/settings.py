@@ -14,6 +14,7 @@ there.
 
 import argparse
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -111,6 +112,11 @@ EVERY_SETTING = {
     *DaemonSettings.model_fields,
     *LogSettings.model_fields,
 }
+OTHER_VARIABLES = {"SOLARIS_CONFIG", "SOLARIS_REDIS_PASSWORD"}
+SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT(_\w+)?)$|_PORT_\d+_(TCP|UDP|SCTP)(_\w+)?$")
+"""What Kubernetes names the variables it gives every pod for a Service such as `solaris-redis`
+(`SOLARIS_REDIS_SERVICE_HOST`...): not settings, and not ours to refuse. Our manifests turn
+them off (`enableServiceLinks: false`): a Service named `solaris` would set `SOLARIS_PORT`."""
 
 
 def add_flags(parser: argparse.ArgumentParser, settings_type: type[ProcessSettings]) -> None:
@@ -144,6 +150,7 @@ def load(
     Raises:
         SettingsError: one line, naming the setting and what it takes.
     """
+    _refuse_unknown_variables(os.environ if environ is None else environ)
     layers = [
         Layer(_flags(settings_type, args), lambda name: "--" + name.replace("_", "-")),
         Layer(_Environment(settings_type, environ)(), lambda name: ENV_PREFIX + name.upper()),
@@ -156,6 +163,18 @@ def load(
         return settings_type(**values)
     except ValidationError as error:
         raise SettingsError(explain(error, settings_type, layers)) from None
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A `SOLARIS_*` variable no command reads is a typo that would pass unseen, as a file's
+    unknown key would (`config_values`); one another command reads is passed over."""
+    known = {ENV_PREFIX + name.upper() for name in EVERY_SETTING} | OTHER_VARIABLES
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known and not SERVICE_LINK.search(name):
+            raise SettingsError(
+                f"{name} is set, but no solaris command reads it (the variables are listed "
+                "by solaris serve --help and solaris precompute --help)"
+            )
 
 
 @dataclass(frozen=True)
