@@ -260,3 +260,39 @@ async def test_a_stopped_daemon_leaves_its_next_batch_uncomputed(tiny_model: Exp
     assert daemon.stats.poison_pairs_dropped == 0
     rows = await store.read("u", ["a", "b", "c", "d"], FLOAT32, time.time())
     assert rows.statuses(time.time()).tolist().count(RowStatus.HIT) == 2
+
+
+class CountedTakes(PrefetchQueue):
+    """A Prefetch queue that records how many tasks each take asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(1000)
+        self.asked: list[int] = []
+
+    def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
+        self.asked.append(max_tasks)
+        return super().take(max_tasks, timeout)
+
+
+def test_a_batch_of_small_tasks_is_taken_in_two_takes_not_one_a_task() -> None:
+    source = CountedTakes()
+    for n in range(32):
+        source.put(PrefetchTask(f"u{n}", tuple(f"i{k}" for k in range(8))))
+    settings = PrecomputeSettings(batch_pairs=256, batch_wait_ms=10_000)
+    daemon = PrecomputeDaemon(ZerosModel(), MemoryStore(1024**2, DIM), source, settings, 60, 0)
+
+    daemon.start()
+    try:
+        wait_until(lambda: daemon.stats.batches == 1)
+    finally:
+        daemon.stop()
+
+    assert daemon.stats.pairs_computed == 256
+    assert source.asked[:2] == [1, 31]
+
+
+class ZerosModel:
+    model_version = "zeros"
+
+    def compute(self, work: Sequence[UserWork]) -> np.ndarray:
+        return np.zeros((sum(len(w.item_ids) for w in work), DIM), np.float32)

@@ -12,6 +12,7 @@ from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_streams import StreamFields
 from solaris.server.request_stream import REQUEST_STREAM_KEY, stream_length
 from solaris.server.work_stream import (
+    MAX_TASK_ITEMS,
     STREAM_KEY,
     decode_task,
     encode_tasks,
@@ -70,6 +71,16 @@ def test_a_task_larger_than_an_entry_goes_in_parts_with_the_most_recent_history(
     assert [decode_task("0-1", fields_of(entry)) for entry in encode_tasks(small, 16_320)] == [
         replace(small, receipt="0-1")
     ]
+
+
+def test_a_task_of_many_short_items_goes_in_parts_of_at_most_max_task_items() -> None:
+    items = tuple(f"i{n}" for n in range(3 * MAX_TASK_ITEMS + 5))
+    parts = [
+        decode_task("0-1", fields_of(entry))
+        for entry in encode_tasks(PrefetchTask("u", items), 16_320)
+    ]
+    assert [len(part.item_ids) for part in parts if part] == [MAX_TASK_ITEMS] * 3 + [5]
+    assert tuple(item for part in parts if part for item in part.item_ids) == items
 
 
 def task_bytes(entry: StreamFields) -> bytes:

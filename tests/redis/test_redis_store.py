@@ -12,7 +12,15 @@ from redis.crc import key_slot
 
 from solaris.server.l1 import MemoryStore
 from solaris.server.redis_store import RedisStore, connect, pair_key
-from solaris.server.store import FLOAT16, FLOAT32, Freshness, RowStatus, Store
+from solaris.server.store import (
+    FLOAT16,
+    FLOAT32,
+    Freshness,
+    RowStatus,
+    Store,
+    UserItems,
+    UserVectors,
+)
 from tests.redis.conftest import RedisProcess
 
 DIM = 8
@@ -48,6 +56,27 @@ async def test_rows_come_back_as_written_in_request_order(store: Store) -> None:
     assert list(rows.statuses(time.time())) == [RowStatus.HIT, RowStatus.MISS, RowStatus.HIT]
     assert np.allclose(rows.times[0].tolist(), freshness[1:])
     assert rows.model_version == VERSION
+
+
+async def test_many_users_are_written_and_read_as_each_alone(store: Store) -> None:
+    first, second = vectors(2), vectors(3)
+    batch = [UserVectors("u1", ["a", "b"], first), UserVectors("u2", ["a", "b", "c"], second)]
+    await store.write_many(batch, fresh())
+    now = time.time()
+    wanted = [UserItems("u2", ["c", "a", "x"]), UserItems("u1", ["b"]), UserItems("u3", ["a"])]
+
+    answers = await store.read_many(wanted, FLOAT32, now)
+
+    assert [rows.statuses(now).tolist() for rows in answers] == [
+        [RowStatus.HIT, RowStatus.HIT, RowStatus.MISS],
+        [RowStatus.HIT],
+        [RowStatus.MISS],
+    ]
+    assert np.array_equal(answers[0].values[:2], second[[2, 0]])
+    assert np.array_equal(answers[1].values, first[[1]])
+    alone = await store.read("u2", ["c", "a", "x"], FLOAT32, now)
+    assert np.array_equal(alone.values, answers[0].values)
+    assert np.array_equal(alone.times, answers[0].times)
 
 
 async def test_float16_reads_are_the_float32_rows_cast(store: Store) -> None:

@@ -128,7 +128,8 @@ def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
     redis_server: RedisProcess,
     tiny_model: ExportReport,
 ) -> None:
-    tasks = [PrefetchTask(f"user-{n}", tuple(f"item-{k}" for k in range(8))) for n in range(300)]
+    # Enough work that the doomed daemon is still at it when the kill lands.
+    tasks = [PrefetchTask(f"user-{n}", tuple(f"item-{k}" for k in range(8))) for n in range(1500)]
     asyncio.run(submit_all(shared_settings, tasks))
     command = [sys.executable, "-m", "solaris.app.cli", "precompute"]
     command += ["--redis", redis_server.url, "--model", str(tiny_model.path), "--dim", str(DIM)]
@@ -139,14 +140,14 @@ def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait()
-    assert stored_keys(redis_server) < 2400
+    assert stored_keys(redis_server) < 12_000
     runner = OnnxRunner(tiny_model.path, "cpu", 1)
     survivor = shared_daemon(
         shared_settings, with_daemon, runner, daemon_l2(shared_settings, runner.model_version)
     )
     survivor.start()
     try:
-        assert wait_until(lambda: stored_keys(redis_server) == 2400, timeout=60)
+        assert wait_until(lambda: stored_keys(redis_server) == 12_000, timeout=60)
         assert wait_until(lambda: pending(redis_server) == 0, timeout=10)
     finally:
         survivor.stop()

@@ -28,7 +28,7 @@ from solaris.precompute.speculator import Pair
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.reachability import REDIS_ERRORS
-from solaris.server.store import FLOAT32, Freshness, RowStatus, Store
+from solaris.server.store import FLOAT32, Freshness, RowStatus, Store, UserItems, UserVectors
 
 _POLL_SECONDS = 0.2
 _PAUSE = 1.0
@@ -197,14 +197,16 @@ class PrecomputeDaemon:
         self.source.close()
 
     def _gather(self) -> list[PrefetchTask]:
-        """Tasks for one batch, one at a time until they hold batch_pairs pairs or batch_wait_ms
-        has passed. One at a time, because a task may hold thousands of pairs: what a daemon
-        holds stays about one batch, finished long before another daemon may claim it."""
+        """Tasks for one batch: as many per take as fit the batch_pairs left, judged by the
+        largest task taken so far, until they hold batch_pairs pairs or batch_wait_ms has
+        passed. So what a daemon holds stays about one batch (finished long before another
+        daemon may claim it), in a round trip or two rather than one per task."""
         tasks = self.source.take(1, timeout=_POLL_SECONDS)
         end = time.monotonic() + self.settings.batch_wait_ms / 1000
         pairs = sum(len(t.item_ids) for t in tasks)
         while tasks and pairs < self.settings.batch_pairs and (left := end - time.monotonic()) > 0:
-            more = self.source.take(1, timeout=left)
+            largest = max(len(t.item_ids) for t in tasks)
+            more = self.source.take(max(1, (self.settings.batch_pairs - pairs) // largest), left)
             if not more:
                 break
             tasks.extend(more)
@@ -224,18 +226,20 @@ class PrecomputeDaemon:
         return stored
 
     async def _stale_pairs(self, tasks: Sequence[PrefetchTask]) -> list[Pair]:
+        """The tasks' pairs not fresh in the store, read for every user at once."""
         items_by_user: dict[str, dict[str, None]] = {}
         for task in tasks:
             items_by_user.setdefault(task.user_id, {}).update(dict.fromkeys(task.item_ids))
         now = self.clock()
+        wanted = [UserItems(user_id, list(items)) for user_id, items in items_by_user.items()]
         pairs: list[Pair] = []
-        for user_id, items in items_by_user.items():
-            wanted = list(items)
-            rows = await self.store.read(user_id, wanted, FLOAT32, now)
+        for (user_id, items), rows in zip(
+            wanted, await self.store.read_many(wanted, FLOAT32, now), strict=True
+        ):
             fresh = rows.statuses(now) == RowStatus.HIT
             self.stats.pairs_already_fresh += int(fresh.sum())
             pairs.extend(
-                (user_id, item) for item, done in zip(wanted, fresh, strict=True) if not done
+                (user_id, item) for item, done in zip(items, fresh, strict=True) if not done
             )
         return pairs
 
@@ -261,13 +265,14 @@ class PrecomputeDaemon:
         return True
 
     async def _store(self, work: list[UserWork], vectors: np.ndarray, freshness: Freshness) -> None:
-        start = 0
-        for user_work in work:
-            end = start + len(user_work.item_ids)
-            await self.store.write(
-                user_work.user_id, user_work.item_ids, vectors[start:end], freshness
+        ends = np.cumsum([len(user_work.item_ids) for user_work in work]).tolist()
+        batch = [
+            UserVectors(
+                user_work.user_id, user_work.item_ids, vectors[end - len(user_work.item_ids) : end]
             )
-            start = end
+            for user_work, end in zip(work, ends, strict=True)
+        ]
+        await self.store.write_many(batch, freshness)
 
     def _compute(self, work: list[UserWork]) -> np.ndarray:
         """The model's vectors for `work`, computed on the model's thread once started (never on

@@ -36,7 +36,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from solaris.server.store import FLOAT16, FLOAT32, NEVER_STORED, TIMES, Freshness, Rows
+from solaris.server.store import (
+    FLOAT16,
+    FLOAT32,
+    NEVER_STORED,
+    TIMES,
+    Freshness,
+    Rows,
+    UserItems,
+    UserVectors,
+)
 
 PairKey = tuple[str, str]
 
@@ -292,6 +301,15 @@ class MemoryStore:
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
         self.write_sync(user_id, item_ids, vectors, freshness)
+
+    async def read_many(
+        self, wanted: Sequence[UserItems], dtype: np.dtype, now: float
+    ) -> list[Rows]:
+        return [self.read_sync(user_id, item_ids, dtype, now) for user_id, item_ids in wanted]
+
+    async def write_many(self, batch: Sequence[UserVectors], freshness: Freshness) -> None:
+        for user_id, item_ids, vectors in batch:
+            self.write_sync(user_id, item_ids, vectors, freshness)
 
     async def close(self) -> None:
         """Nothing to release: the tables live as long as the store."""

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT
 
-from solaris.server.store import FLOAT32, Freshness, Rows, never_stored
+from solaris.server.store import FLOAT32, Freshness, Rows, UserItems, UserVectors, never_stored
 
 FORMAT_VERSION = 1
 DTYPE_FLOAT32 = 1
@@ -36,6 +36,16 @@ DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
 """Off the serving path, a daemon can wait longer for Redis than a read can."""
 _UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
 logger = logging.getLogger("solaris.redis")
+
+_SET_EACH = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+end
+return #KEYS
+"""
+"""SET PX for each of a user's pairs in one command (KEYS: the pairs' keys; ARGV: the TTL in
+milliseconds, then each key's value): one command a user rather than one a pair, which is most
+of what a daemon spends beside its model. A user's keys share a slot, so a cluster takes it."""
 
 
 def pair_key(model_version: str, user_id: str, item_id: str) -> str:
@@ -200,6 +210,11 @@ def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:
     )
 
 
+def _nothing(rows: int, dim: int, dtype: np.dtype) -> Rows:
+    """Rows never stored: what a read finds before any model version is published."""
+    return Rows(np.zeros((rows, dim), dtype), never_stored(rows), "")
+
+
 def redacted(url: str) -> str:
     """The URL with its passwords masked, for logs: the one in `user:password@` and any option
     named for one (`?password=`, `ssl_password=`: redis-py reads them all; a unix:// URL has
@@ -263,6 +278,7 @@ class RedisStore:
         self.corrupt_values = 0
         self._refresh_seconds = None if model_version else version_refresh_seconds
         self._version_read_at = -np.inf
+        self._set_each = client.register_script(_SET_EACH)
 
     def use_version(self, model_version: str) -> None:
         """Reads `model_version`'s keys from now on (the embedded daemon's model)."""
@@ -283,9 +299,55 @@ class RedisStore:
         """`deadline` is the caller's to keep (TieredStore wraps this read in a timeout)."""
         version = await self._current_version()
         if not version:
-            return Rows(np.zeros((len(item_ids), self.dim), dtype), never_stored(len(item_ids)), "")
+            return _nothing(len(item_ids), self.dim, dtype)
         prefix = user_key_prefix(version, user_id)
         blobs = await self.client.mget([prefix + item for item in item_ids])
+        return self._rows(user_id, blobs, version, dtype, now)
+
+    async def read_many(
+        self, wanted: Sequence[UserItems], dtype: np.dtype, now: float
+    ) -> list[Rows]:
+        """One MGET a user, pipelined: one round trip."""
+        version = await self._current_version()
+        if not version:
+            return [_nothing(len(item_ids), self.dim, dtype) for _, item_ids in wanted]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user_id, item_ids in wanted:
+                prefix = user_key_prefix(version, user_id)
+                pipe.mget([prefix + item for item in item_ids])
+            answers = await pipe.execute()
+        return [
+            self._rows(user_id, blobs, version, dtype, now)
+            for (user_id, _), blobs in zip(wanted, answers, strict=True)
+        ]
+
+    async def write(
+        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
+    ) -> None:
+        await self.write_many([UserVectors(user_id, item_ids, vectors)], freshness)
+
+    async def write_many(self, batch: Sequence[UserVectors], freshness: Freshness) -> None:
+        """One command a user (`_SET_EACH`), pipelined: one round trip (and a SCRIPT EXISTS)."""
+        ttl_ms = int((freshness.expires_at - freshness.computed_at) * 1000)
+        if ttl_ms <= 0:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user_id, item_ids, vectors in batch:
+                blobs = encode_values(np.asarray(vectors, FLOAT32), freshness)
+                prefix = user_key_prefix(freshness.model_version, user_id)
+                keys = [prefix + item for item in item_ids]
+                await self._set_each(keys=keys, args=[ttl_ms, *blobs], client=pipe)
+            await pipe.execute()
+
+    def _rows(
+        self,
+        user_id: str,
+        blobs: Sequence[bytes | str | None],
+        version: str,
+        dtype: np.dtype,
+        now: float,
+    ) -> Rows:
+        """The rows MGET's `blobs` hold as of `now`; corrupt values are counted misses."""
         decoded = decode_values(blobs, self.dim, version)
         if decoded.corrupt:
             self.corrupt_values += decoded.corrupt
@@ -297,18 +359,6 @@ class RedisStore:
         found = not expired.all()
         values = decoded.values.astype(dtype, copy=False)
         return Rows(values, decoded.times, version if found else "")
-
-    async def write(
-        self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
-    ) -> None:
-        ttl_ms = int((freshness.expires_at - freshness.computed_at) * 1000)
-        if ttl_ms <= 0:
-            return
-        blobs = encode_values(np.asarray(vectors, FLOAT32), freshness)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for item_id, blob in zip(item_ids, blobs, strict=True):
-                pipe.set(pair_key(freshness.model_version, user_id, item_id), blob, px=ttl_ms)
-            await pipe.execute()
 
     async def _current_version(self) -> str:
         """The version whose keys to read: our own model's, or the one the daemons publish."""

@@ -51,6 +51,21 @@ class Freshness(NamedTuple):
         return cls(model_version, computed_at, stale_at, stale_at + stale_seconds)
 
 
+class UserItems(NamedTuple):
+    """One user's pairs to read."""
+
+    user_id: str
+    item_ids: Sequence[str]
+
+
+class UserVectors(NamedTuple):
+    """One user's pairs to write: row i of `vectors` (n x dim float32) for the i-th item."""
+
+    user_id: str
+    item_ids: Sequence[str]
+    vectors: np.ndarray
+
+
 @dataclass(frozen=True, slots=True)
 class Rows:
     """A batch read: row i answers the i-th requested item.
@@ -110,4 +125,15 @@ class Store(Protocol):
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
         """Stores row i of `vectors` (n x dim float32) for the i-th item."""
+        ...
+
+    async def read_many(
+        self, wanted: Sequence[UserItems], dtype: np.dtype, now: float
+    ) -> list[Rows]:
+        """`read` for several users, in one round trip where the tier is across a network:
+        how a daemon checks a batch's pairs for freshness."""
+        ...
+
+    async def write_many(self, batch: Sequence[UserVectors], freshness: Freshness) -> None:
+        """`write` for several users, in one round trip where the tier is across a network."""
         ...

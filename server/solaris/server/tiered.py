@@ -16,7 +16,7 @@ from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_store import RedisStore
-from solaris.server.store import FLOAT32, Freshness, Rows
+from solaris.server.store import FLOAT32, Freshness, Rows, UserItems, UserVectors
 
 __all__ = ["Reachability", "TieredStore"]
 _ANSWER_MARGIN_SECONDS = 0.001
@@ -66,20 +66,48 @@ class TieredStore:
         await self.reachability.settle()
         await self.l2.close()
 
+    async def read_many(
+        self, wanted: Sequence[UserItems], dtype: np.dtype, now: float
+    ) -> list[Rows]:
+        """Each user's rows from L1, and what L1 lacks from L2 in one round trip."""
+        rows = [self.l1.read_sync(user_id, item_ids, dtype, now) for user_id, item_ids in wanted]
+        lacking = [np.flatnonzero(found.times["expires_at"] <= now) for found in rows]
+        asked = [index for index, missing in enumerate(lacking) if missing.size]
+        if not asked or not self.reachability.worth_trying():
+            return rows
+        items = {index: _picked(wanted[index].item_ids, lacking[index]) for index in asked}
+        reading = self.l2.read_many(
+            [UserItems(wanted[index].user_id, items[index]) for index in asked], FLOAT32, now
+        )
+        try:
+            found = await within(reading, self.timeout_seconds, self.reachability)
+        except REDIS_ERRORS:
+            return rows
+        for index, from_l2 in zip(asked, found, strict=True):
+            user_id = wanted[index].user_id
+            rows[index] = self._merge(
+                user_id, rows[index], lacking[index], items[index], from_l2, dtype, now
+            )
+        return rows
+
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
+        await self.write_many([UserVectors(user_id, item_ids, vectors)], freshness)
+
+    async def write_many(self, batch: Sequence[UserVectors], freshness: Freshness) -> None:
         """Writes L2, then L1. Raises Unavailable, writing no L1, when L2 did not take the
         pairs in time: the daemon leaves its task unacknowledged, and the retry must not find
         the pairs fresh in L1 and acknowledge work that never reached the shared store."""
         if not self.reachability.worth_trying():
             raise Unavailable("Redis unreachable: not stored")
-        writing = self.l2.write(user_id, item_ids, vectors, freshness)
+        writing = self.l2.write_many(batch, freshness)
         try:
             await within(writing, self.timeout_seconds, self.reachability)
         except REDIS_ERRORS as error:
             raise Unavailable(f"Redis unreachable: not stored ({error!r})") from error
-        self.l1.write_sync(user_id, item_ids, vectors, freshness)
+        for user_id, item_ids, vectors in batch:
+            self.l1.write_sync(user_id, item_ids, vectors, freshness)
 
     def _merge(
         self,

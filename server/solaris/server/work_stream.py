@@ -35,6 +35,9 @@ from solaris.server.redis_streams import (
 )
 
 _PUBLISH_EVERY_SECONDS = 5.0
+MAX_TASK_ITEMS = 128
+"""The most pairs in one entry, so that a daemon takes a batch's worth of tasks in one read and
+holds about one batch (256 pairs by default) at a time, whatever the size of a Prefetch."""
 STREAM_KEY = "solaris:work"
 GROUP = "solaris-precompute"
 logger = logging.getLogger("solaris.redis")
@@ -74,18 +77,18 @@ def encode_task(task: PrefetchTask) -> StreamFields:
 
 
 def encode_tasks(task: PrefetchTask, max_bytes: int) -> list[StreamFields]:
-    """The entries for `task`, each at most `max_bytes` (`work_entry_bytes`): one, unless the
-    task is larger; then parts of its items, each with the history's most recent items that
-    fit half an entry."""
+    """The entries for `task`, each at most `max_bytes` (`work_entry_bytes`) and
+    `MAX_TASK_ITEMS` items: one, unless the task is larger; then parts of its items, each with
+    the history's most recent items that fit half an entry."""
     whole = _encoded(task)
-    if len(whole) <= max_bytes:
+    if len(whole) <= max_bytes and len(task.item_ids) <= MAX_TASK_ITEMS:
         return [{"task": whole}]
     history = _recent_fitting(task.user_id, task.history, max_bytes // 2)
     base = len(_encoded(PrefetchTask(task.user_id, (), history, task.priority)))
     entries: list[StreamFields] = []
     start, used = 0, base
     for index, size in enumerate(map(_json_bytes, task.item_ids)):
-        if index > start and used + size > max_bytes:
+        if index > start and (used + size > max_bytes or index - start == MAX_TASK_ITEMS):
             entries.append(_part(task, start, index, history))
             start, used = index, base
         used += size
