@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
-from solaris.app.compose import SidecarParts, build_sidecar
+from solaris.app.compose import SidecarParts, build_sidecar, sidecar_parts
 from solaris.precompute.daemon import HistoryBook, PrecomputeDaemon, history_size
+from solaris.precompute.embedded_speculation import EmbeddedSpeculation
 from solaris.precompute.export import ExportReport
 from solaris.precompute.features import UserWork
 from solaris.precompute.runner import OnnxRunner
@@ -182,6 +183,16 @@ async def test_with_speculation_off_only_prefetch_work_is_computed(
     finally:
         await sidecar.stop(grace=0)
     assert list(answer.statuses) == [pb.MISS, pb.HIT]
+
+
+def test_the_embedded_speculator_knows_the_store_ttl(
+    settings: SidecarSettings, precompute_settings: PrecomputeSettings
+) -> None:
+    longer = settings.model_copy(update={"ttl_seconds": 7200.0})
+    source = daemon_of(sidecar_parts(longer, precompute_settings)).source
+
+    assert isinstance(source, EmbeddedSpeculation)
+    assert source.speculator.settings.ttl_seconds == 7200.0
 
 
 def daemon_of(parts: SidecarParts) -> PrecomputeDaemon:

@@ -197,8 +197,9 @@ def test_serve_settings_read_booleans_and_check_the_device() -> None:
 def test_speculation_weights_come_from_the_flag_with_defaults_for_the_rest() -> None:
     settings = PrecomputeSettings(speculation="prefetch=2, miss", speculation_decay_seconds=30)
 
-    speculation = settings.speculation_settings()
+    speculation = settings.speculation_settings(ttl_seconds=3600)
 
+    assert speculation.ttl_seconds == 3600
     assert speculation.policies == {Policy.PREFETCH, Policy.MISS}
     assert speculation.weights[Policy.PREFETCH] == 2.0
     assert speculation.weights[Policy.MISS] == DEFAULT_WEIGHTS[Policy.MISS]

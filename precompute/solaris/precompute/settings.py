@@ -75,13 +75,16 @@ class PrecomputeSettings(SettingsModel):
     def policies(self) -> frozenset[Policy]:
         return frozenset(parse_speculation(self.speculation))
 
-    def speculation_settings(self) -> SpeculationSettings:
+    def speculation_settings(self, ttl_seconds: float) -> SpeculationSettings:
+        """The speculator's settings, for a store whose pairs are HIT for `ttl_seconds` (the
+        return policy weighs a return before they go stale)."""
         named = parse_speculation(self.speculation)
         return SpeculationSettings(
             self.speculation_budget,
             frozenset(named),
             dict.fromkeys(Policy, 0.0) | named,
             decay_seconds=self.speculation_decay_seconds,
+            ttl_seconds=ttl_seconds,
         )
 
 

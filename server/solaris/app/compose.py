@@ -202,7 +202,9 @@ def _embedded_daemon(
     speculator, which also learns from every read this sidecar answers."""
     source: WorkSource = parts.prefetch_queue
     if precompute.policies:
-        speculator = Speculator(precompute.speculation_settings(), parts.l1.stale_at)
+        speculator = Speculator(
+            precompute.speculation_settings(parts.settings.ttl_seconds), parts.l1.stale_at
+        )
         embedded = EmbeddedSpeculation(parts.prefetch_queue, speculator, precompute.history_bytes)
         parts.request_log.listeners.append(embedded.observe)
         embedded_speculation_values(parts.live, embedded)
@@ -275,7 +277,7 @@ def shared_speculation(
     off); it speculates only while it holds the lease."""
     if not precompute.policies:
         return None
-    speculation = precompute.speculation_settings()
+    speculation = precompute.speculation_settings(settings.ttl_seconds)
     shards = precompute.speculator_shards
     return SharedSpeculation(
         connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS),
