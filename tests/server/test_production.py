@@ -166,6 +166,20 @@ async def test_the_token_is_wanted_by_every_call_but_health(running: Any) -> Non
     assert await read_status(sidecar, token="wrong") == RowStatus.FALLBACK
 
 
+@pytest.mark.parametrize(
+    ("host", "tls", "warned"),
+    [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("0.0.0.0", True, False)],
+)
+async def test_a_token_sent_in_the_clear_off_loopback_is_warned_of(
+    running: Any, pki: Pki, caplog: pytest.LogCaptureFixture, host: str, tls: bool, warned: bool
+) -> None:
+    certificate = {"tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key)}
+    await running(auth_token=TOKEN, host=host, **(certificate if tls else {}))
+
+    assert ("auth_token is sent in the clear" in caplog.text) == warned
+    assert TOKEN not in caplog.text
+
+
 async def test_reflection_off_leaves_grpcurl_nothing_to_list(running: Any) -> None:
     sidecar = await running(reflection=False)
     process = await asyncio.create_subprocess_exec(

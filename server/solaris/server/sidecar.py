@@ -4,6 +4,7 @@ it. What the parts are (stores, queues, a daemon) is the composition root's busi
 (`solaris.app.compose`); this module only runs them."""
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Sequence
@@ -165,6 +166,12 @@ class Sidecar:
                 self.settings.served_metrics_host, self.settings.metrics_port
             )
         logger.info("serving solaris.v1.EmbeddingStore on %s", self.address)
+        if _token_in_the_clear(settings):
+            logger.warning(
+                "auth_token is sent in the clear: host %s is off loopback and tls_cert is not "
+                "set (set tls-cert and tls-key, or keep host on loopback)",
+                settings.host,
+            )
         if self.health_port:
             logger.info("health checks on %s:%s", settings.served_health_host, self.health_port)
 
@@ -214,6 +221,16 @@ class Sidecar:
         )
         self._health_updates.add(update)
         update.add_done_callback(self._health_updates.discard)
+
+
+def _token_in_the_clear(settings: SidecarSettings) -> bool:
+    """Whether callers' tokens cross a network unencrypted."""
+    if not settings.auth_token or settings.tls_cert:
+        return False
+    try:
+        return not ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        return settings.host != "localhost"
 
 
 async def serve_until_signalled(sidecar: Sidecar) -> None:
