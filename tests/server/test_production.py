@@ -139,6 +139,27 @@ async def test_server_name_checks_a_certificate_that_does_not_name_the_target(
     assert await read_status(sidecar, tls=Tls(ca, server_name=NAMED_HOST)) == RowStatus.HIT
 
 
+async def test_a_certificate_renewed_in_place_is_served_without_a_restart(
+    running: Any, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    sidecar = await running(tls_cert=str(cert), tls_key=str(key))
+    ca = pki.ca.read_bytes()
+    named = Tls(ca, server_name=NAMED_HOST)
+    assert await read_status(sidecar, tls=named) == RowStatus.FALLBACK
+
+    key.write_bytes(pki.client_key.read_bytes())  # half a renewal: a key of another cert
+    cert.write_bytes(pki.named_cert.read_bytes())
+    assert await read_status(sidecar, tls=Tls(ca)) == RowStatus.HIT
+    assert "kept the TLS files in use" in caplog.text
+
+    key.write_bytes(pki.named_key.read_bytes())
+    assert await read_status(sidecar, tls=named) == RowStatus.HIT
+    assert await read_status(sidecar, tls=Tls(ca)) == RowStatus.FALLBACK
+
+
 async def test_mutual_tls_refuses_a_client_without_a_certificate(running: Any, pki: Pki) -> None:
     sidecar = await running(
         tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)

@@ -4,14 +4,17 @@ shared-token check every call but a health check must pass when a token is set."
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from solaris.server.settings import SidecarSettings
+from solaris.server.settings import SettingsError, SidecarSettings, check_tls_files
 
+logger = logging.getLogger("solaris.server")
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 """Methods any caller may use without the token: probes carry none."""
 REFUSAL = "this sidecar wants metadata `authorization: Bearer <token>` with its --auth-token"
@@ -19,15 +22,54 @@ REFUSAL = "this sidecar wants metadata `authorization: Bearer <token>` with its 
 
 def server_credentials(settings: SidecarSettings) -> grpc.ServerCredentials | None:
     """TLS credentials from the settings' PEM files, requiring a client certificate signed by
-    tls_client_ca when it is set; None for a plain port."""
+    tls_client_ca when it is set, and served anew once the files change; None for a plain
+    port."""
     if not settings.tls_cert:
         return None
-    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    # gRPC's docs let the fetcher return None for "no change"; its stubs leave None out.
+    fetcher = cast("Callable[[], grpc.ServerCertificateConfiguration]", files.renewed)
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(), fetcher, require_client_authentication=bool(settings.tls_client_ca)
     )
+
+
+class CertificateFiles:
+    """The TLS files, read again at a handshake once any has changed (cert-manager renews a
+    Secret's files in place), so a renewed certificate is served without a restart. A renewal
+    that does not check out (half written, a key not the certificate's) is logged, and the
+    last good files stay in use until the next change."""
+
+    def __init__(self, cert: str, key: str, client_ca: str) -> None:
+        self.paths = (cert, key, client_ca)
+        self._stamps = self._stat()
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, client_ca = self.paths
+        return grpc.ssl_server_certificate_configuration(
+            [(Path(key).read_bytes(), Path(cert).read_bytes())],
+            root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+        )
+
+    def renewed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The files' configuration if they changed since last read and check out, else None
+        (gRPC keeps what it has). gRPC calls this before each handshake."""
+        try:
+            stamps = self._stat()
+            if stamps == self._stamps:
+                return None
+            self._stamps = stamps
+            check_tls_files(*self.paths)
+            configuration = self.configuration()
+        except (OSError, SettingsError) as error:
+            logger.warning("kept the TLS files in use: their renewal did not load (%s)", error)
+            return None
+        logger.info("serving the renewed TLS certificate in %s", self.paths[0])
+        return configuration
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        found = [os.stat(path) for path in self.paths if path]
+        return tuple((info.st_ino, info.st_size, info.st_mtime_ns) for info in found)
 
 
 if TYPE_CHECKING:  # grpc's classes take type arguments in its stubs alone
