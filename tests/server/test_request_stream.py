@@ -7,6 +7,7 @@ import random
 import sys
 import tracemalloc
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -139,6 +140,24 @@ def test_senders_and_tables_rolling_over_never_name_an_id_wrongly() -> None:
         assert decoder.nbytes <= decoder.table_bytes
     assert 0 < named_any < sum(len(read.item_ids) for read in reads)
     assert sum(sender.epochs for sender in senders) > 20
+
+
+def test_a_reader_lets_go_of_a_senders_table_once_its_epoch_is_over() -> None:
+    """Reads more than two epochs newer than a sender's last: no entry of that sender can
+    come any more, and its table goes."""
+    first, second = RequestEncoder(), RequestEncoder()
+    decoder = RequestDecoder()
+    reads = list(random_reads(3, 100, seed=6))
+    decoder.decode({FIELD: first.encode(reads[0], sys.maxsize)[0]})
+    alone = decoder.nbytes
+    soon = replace(reads[1], time=reads[0].time + 2 * EPOCH_SECONDS)
+    decoder.decode({FIELD: second.encode(soon, sys.maxsize)[0]})
+    assert decoder.nbytes > alone, "both tables kept"
+
+    later = replace(reads[2], time=soon.time + 1)
+    decoder.decode({FIELD: second.encode(later, sys.maxsize)[0]})
+
+    assert decoder.nbytes == second.nbytes < alone + second.nbytes
 
 
 def test_an_entry_out_of_shape_is_counted_and_teaches_the_reader_nothing() -> None:

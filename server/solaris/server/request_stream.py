@@ -326,10 +326,15 @@ class _Numbered:
 class RequestDecoder:
     """A reader's side: reads entries in stream order, learning each sender's ids from their
     definitions, within `table_bytes` (the least recently read sender's table goes first;
-    one sender alone past it defines no more until its next epoch)."""
+    one sender alone past it defines no more until its next epoch). A sender's table is let
+    go once the stream's reads are `finished_seconds` newer than its last: its epoch is over
+    (twice an epoch, for reads that waited to be shipped and clocks a little apart)."""
 
-    def __init__(self, table_bytes: int = READER_TABLE_BYTES) -> None:
+    def __init__(
+        self, table_bytes: int = READER_TABLE_BYTES, finished_seconds: float = 2 * EPOCH_SECONDS
+    ) -> None:
         self.table_bytes = table_bytes
+        self.finished_seconds = finished_seconds
         self.nbytes = 0
         """The memory the tables take, their ids' strings included."""
         self.malformed = 0
@@ -338,6 +343,8 @@ class RequestDecoder:
         """Items dropped for a number not (yet) defined: the reader started late, or entries
         were trimmed before it read them (it learns them within `EPOCH_SECONDS`)."""
         self._tables: OrderedDict[int, _SenderTable] = OrderedDict()
+        self._newest = -math.inf
+        """The latest read time seen."""
 
     def decode(self, fields: dict[bytes, bytes]) -> RequestPart | None:
         """The request (or part of one) in an entry, the items it cannot name left out; None
@@ -358,7 +365,7 @@ class RequestDecoder:
         return entry
 
     def _named(self, entry: "_Entry") -> RequestPart | None:
-        table = self._table(entry.sender)
+        table = self._table(entry.sender, entry.time)
         self._define(table, entry.defined, entry.ids)
         user = table.ids.get(entry.user)
         if user is None:
@@ -375,12 +382,22 @@ class RequestDecoder:
         request = LoggedRequest(user, items, statuses, entry.time, stale_at)
         return RequestPart(request, *entry.part)
 
-    def _table(self, sender: int) -> "_SenderTable":
+    def _table(self, sender: int, at: float) -> "_SenderTable":
+        """The sender's table, read now by a read of time `at`; finished ones let go."""
         table = self._tables.get(sender)
         if table is None:
             table = self._tables[sender] = _SenderTable()
         self._tables.move_to_end(sender)
+        table.last_read = max(table.last_read, at)
+        self._newest = max(self._newest, at)
+        finished = self._newest - self.finished_seconds
+        while len(self._tables) > 1 and next(iter(self._tables.values())).last_read < finished:
+            self._let_go_oldest()
         return table
+
+    def _let_go_oldest(self) -> None:
+        _, oldest = self._tables.popitem(last=False)
+        self.nbytes -= oldest.nbytes
 
     def _define(self, table: "_SenderTable", numbers: np.ndarray, ids: tuple[str, ...]) -> None:
         for number, id_ in zip(numbers.tolist(), ids, strict=True):
@@ -388,8 +405,7 @@ class RequestDecoder:
                 continue  # a part defining it again: a sender never gives a number twice
             size = sys.getsizeof(id_) + _ID_TABLE_BYTES
             while self.nbytes + size > self.table_bytes and len(self._tables) > 1:
-                _, oldest = self._tables.popitem(last=False)
-                self.nbytes -= oldest.nbytes
+                self._let_go_oldest()
             if self.nbytes + size > self.table_bytes:
                 return
             table.ids[number] = id_
@@ -401,6 +417,8 @@ class RequestDecoder:
 class _SenderTable:
     ids: dict[int, str] = field(default_factory=dict)
     nbytes: int = 0
+    last_read: float = -math.inf
+    """The latest time of the reads it named."""
 
 
 @dataclass(frozen=True, slots=True)
