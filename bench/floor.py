@@ -30,8 +30,8 @@ x --rounds seconds, plus half a minute to start (the defaults: under 3 minutes).
 Below the table: the runner's pairs/s during 3's windows (what idle and saturated meant);
 L1 bytes per pair (MemoryStore.nbytes / len, after 100,000 pairs written as serve-only stores
 them); Redis bytes per pair (INFO used_memory grown by 4's fill / keys added); and the Redis
-request stream's bytes per 500-item read (MEMORY USAGE of the stream / XLEN, and the fields of
-one entry) after 4's reads.
+request stream's bytes per 500-item read (MEMORY USAGE of the stream / XLEN, and the median and
+largest entry's fields) after 4's reads.
 """
 
 import argparse
@@ -346,15 +346,18 @@ def redis_fill_bytes_per_pair(url: str, users: int) -> float:
     return grown / (client.dbsize() - keys)
 
 
-def request_stream_bytes(url: str) -> tuple[float, int, int]:
-    """(MEMORY USAGE / XLEN, one entry's field bytes, XLEN) of the request stream."""
+def request_stream_bytes(url: str) -> tuple[float, int, int, int]:
+    """(MEMORY USAGE / XLEN, the median and the largest entry's field bytes, XLEN) of the
+    request stream. The largest is a read that defines its ids (the first of a sidecar's
+    epoch, every 30 s); the median names them by number."""
     client = redis.Redis.from_url(url)
     length = client.xlen(REQUEST_STREAM_KEY)
     usage = client.memory_usage(REQUEST_STREAM_KEY, samples=0) or 0
-    first: Any = client.xrange(REQUEST_STREAM_KEY, count=1)
-    [(_, fields)] = first
-    entry: int = sum(len(name) + len(value) for name, value in fields.items())
-    return usage / max(length, 1), entry, length
+    found: Any = client.xrange(REQUEST_STREAM_KEY)
+    sizes = sorted(
+        sum(len(name) + len(value) for name, value in fields.items()) for _, fields in found
+    )
+    return usage / max(length, 1), statistics.median_low(sizes), sizes[-1], length
 
 
 # ---- the run ----
@@ -541,10 +544,11 @@ def print_figures(servers: Servers, l1: tuple[float, float], budget: float) -> N
         f"Redis: {servers.redis_bytes_per_pair:,.0f} B per pair (used_memory / keys); "
         f"value {stored} B (float32 and header)"
     )
-    per_read, entry, length = request_stream_bytes(servers.url)
+    per_read, median, largest, length = request_stream_bytes(servers.url)
     print(
         f"request stream: {per_read:,.0f} B per 500-item read (MEMORY USAGE / XLEN over "
-        f"{length:,} entries); one entry's fields {entry:,} B"
+        f"{length:,} entries); an entry's fields {median:,} B (median), {largest:,} B (the "
+        "largest, defining its ids)"
     )
 
 

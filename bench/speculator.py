@@ -23,7 +23,7 @@ from solaris.precompute.shared_speculation import SharedSpeculation
 from solaris.precompute.speculator import Policy, SpeculationSettings, Speculator
 from solaris.server.l1 import MemoryStore
 from solaris.server.request_log import LoggedRequest
-from solaris.server.request_stream import REQUEST_STREAM_KEY, encode_request
+from solaris.server.request_stream import FIELD, REQUEST_STREAM_KEY, RequestEncoder, entry_bytes
 from solaris.server.store import RowStatus
 from solaris.server.work_stream import GROUP, STREAM_KEY
 
@@ -83,9 +83,11 @@ def shared_rate(url: str, requests: list[LoggedRequest], policies: frozenset[Pol
     while not speculation.stats.leading:
         time.sleep(0.01)
     start = time.perf_counter()
+    sidecar = RequestEncoder()  # one sidecar's: ids named by number once defined
     with client.pipeline(transaction=False) as pipe:
         for request in requests:
-            pipe.xadd(REQUEST_STREAM_KEY, encode_request(request))
+            for value in sidecar.encode(request, entry_bytes(256)):
+                pipe.xadd(REQUEST_STREAM_KEY, {FIELD: value})
         pipe.execute()
     while speculation.stats.requests_read < len(requests):
         time.sleep(0.005)

@@ -18,8 +18,10 @@ from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import (
+    EPOCH_SECONDS,
     FIELD,
     REQUEST_STREAM_KEY,
+    RequestEncoder,
     encode_entries,
     encode_request,
     entry_bytes,
@@ -296,6 +298,43 @@ def test_a_read_in_parts_and_a_read_from_an_older_sidecar_are_both_learnt(
     assert speculator.stats.requests_read == 2
     added = {(task.user_id, item) for task in added_tasks(redis_server) for item in task.item_ids}
     assert added == {("user-1", item) for item in items} | {("user-2", "old")}
+
+
+def test_a_speculator_learns_ids_defined_before_it_started_once_the_sidecar_defines_them_again(
+    redis_server: RedisProcess,
+) -> None:
+    """A speculator starts from the newest entry, so the ids a sidecar defined before are
+    unknown to it: those items are left out and counted, never named wrongly, until the
+    sidecar's next epoch defines them again."""
+    daemons_joined(redis_server)
+    speculator = speculation(redis_server)
+    now = [0.0]
+    sidecar = RequestEncoder(clock=lambda: now[0])
+    client = redis_server.client()
+    items = tuple(f"item-{n}" for n in range(5))
+
+    def log(user: str) -> None:
+        misses = np.full(len(items), RowStatus.MISS, np.uint8)
+        read = LoggedRequest(user, items, misses, time.time(), np.full(len(items), -np.inf))
+        for value in sidecar.encode(read, entry_bytes(256)):
+            client.xadd(REQUEST_STREAM_KEY, {FIELD: value})
+
+    log("user-1")  # defines the items, before the speculator reads
+    speculator.start()
+    try:
+        assert wait_until(lambda: speculator.stats.leading, timeout=5)
+        log("user-2")
+        assert wait_until(lambda: speculator.stats.unknown_items == len(items), timeout=5)
+        now[0] = EPOCH_SECONDS
+        log("user-3")
+        assert wait_until(lambda: speculator.stats.pairs_added == len(items), timeout=5)
+    finally:
+        speculator.stop()
+    assert speculator.stats.requests_read == 2
+    assert speculator.stats.unknown_items == len(items)
+    assert speculator.stats.id_table_bytes > 0
+    added = {(task.user_id, item) for task in added_tasks(redis_server) for item in task.item_ids}
+    assert added == {("user-3", item) for item in items}
 
 
 def test_freshness_is_read_from_headers_and_a_bad_value_is_never_fresh(

@@ -5,6 +5,7 @@ from solaris.precompute.daemon import HistoryBook, PrecomputeDaemon
 from solaris.precompute.embedded_speculation import EmbeddedSpeculation
 from solaris.precompute.shared_speculation import SharedSpeculation
 from solaris.server.metrics import LiveValues
+from solaris.server.request_stream import EPOCH_SECONDS
 from solaris.server.work_stream import StreamWorkSource
 
 
@@ -88,6 +89,17 @@ def shared_speculation_values(live: LiveValues, speculation: SharedSpeculation) 
         "solaris_speculator_requests_read",
         "Reads learnt from, all sidecars.",
         lambda: stats.requests_read,
+    )
+    live.counter(
+        "solaris_speculator_unknown_items",
+        "Items of reads left out for an id not yet learnt from the request stream (for at "
+        f"most {EPOCH_SECONDS:g} s after the speculator starts reading, or misses entries).",
+        lambda: stats.unknown_items,
+    )
+    live.gauge(
+        "solaris_speculator_id_table_bytes",
+        "Memory the sidecars' tables of ids take in the speculator.",
+        lambda: stats.id_table_bytes,
     )
     live.counter(
         "solaris_speculator_pairs_added",

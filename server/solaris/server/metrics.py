@@ -20,7 +20,7 @@ from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.reachability import Reachability
 from solaris.server.redis_store import RedisStore
 from solaris.server.request_log import RequestLog
-from solaris.server.request_stream import RequestShipper
+from solaris.server.request_stream import EPOCH_SECONDS, RequestShipper
 from solaris.server.store import RowStatus
 
 READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -143,6 +143,17 @@ def shipper_values(live: LiveValues, shipper: RequestShipper) -> None:
         "solaris_request_stream_bytes",
         "Bytes of the entries shipped to the Redis request stream.",
         lambda: shipper.shipped_bytes,
+    )
+    live.gauge(
+        "solaris_request_stream_id_table_bytes",
+        "Memory the table numbering the ids on the request stream takes.",
+        lambda: shipper.encoder.nbytes,
+    )
+    live.counter(
+        "solaris_request_stream_id_tables",
+        f"Tables of ids begun for the request stream (every {EPOCH_SECONDS:g} s, or sooner "
+        "when one is full or Redis lost entries).",
+        lambda: shipper.encoder.epochs,
     )
 
 
