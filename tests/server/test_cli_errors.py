@@ -296,3 +296,7 @@ def test_a_cache_larger_than_the_machine() -> None:
 def test_a_cache_larger_than_the_memory_limit() -> None:
     argv = [*SERVE, "--cache-bytes", "2Gi", "--memory-limit", "1Gi"]
     refused(solaris(*argv), "cache_bytes", "must be below memory_limit (1073741824 bytes)")
+
+
+def test_a_redis_dtype_that_is_no_stored_dtype() -> None:
+    refused(solaris(*SERVE, "--redis-dtype", "int8"), "redis_dtype", "float16, float32")

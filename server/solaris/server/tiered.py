@@ -16,7 +16,7 @@ from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_store import RedisStore
-from solaris.server.store import FLOAT32, Freshness, Rows
+from solaris.server.store import Freshness, Rows
 
 __all__ = ["Reachability", "TieredStore"]
 _ANSWER_MARGIN_SECONDS = 0.001
@@ -52,7 +52,9 @@ class TieredStore:
         if not lacking.size or not self.reachability.worth_trying():
             return rows
         wanted = _picked(item_ids, lacking)
-        reading = self.l2.read(user_id, wanted, FLOAT32, now)
+        # As Redis holds them: L1 takes them in its dtype and the answer in its own, each
+        # converting (if at all) once.
+        reading = self.l2.read(user_id, wanted, None, now)
         until = None if deadline is None else deadline - _ANSWER_MARGIN_SECONDS
         try:
             found = await within(reading, self.timeout_seconds, self.reachability, until)
