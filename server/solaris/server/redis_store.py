@@ -365,11 +365,20 @@ class RedisStore:
         ttl_ms = int((freshness.expires_at - freshness.computed_at) * 1000)
         if ttl_ms <= 0:
             return
-        blobs = encode_values(np.asarray(vectors, FLOAT32), freshness, self.stored_dtype)
+        blobs = encode_values(self.as_stored(vectors), freshness, self.stored_dtype)
         async with self.client.pipeline(transaction=False) as pipe:
             for item_id, blob in zip(item_ids, blobs, strict=True):
                 pipe.set(pair_key(freshness.model_version, user_id, item_id), blob, px=ttl_ms)
             await pipe.execute()
+
+    def as_stored(self, vectors: np.ndarray) -> np.ndarray:
+        """`vectors` as this store keeps them: through float32 (as the model computes), then
+        in stored_dtype. What the writer's L1 takes too, so that every sidecar answers a pair
+        alike."""
+        vectors = np.asarray(vectors)
+        if vectors.dtype == self.stored_dtype:
+            return vectors
+        return vectors.astype(FLOAT32, copy=False).astype(self.stored_dtype, copy=False)
 
     async def _current_version(self) -> str:
         """The version whose keys to read: our own model's, or the one the daemons publish."""

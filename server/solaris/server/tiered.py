@@ -71,11 +71,14 @@ class TieredStore:
     async def write(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
-        """Writes L2, then L1. Raises Unavailable, writing no L1, when L2 did not take the
-        pairs in time: the daemon leaves its task unacknowledged, and the retry must not find
-        the pairs fresh in L1 and acknowledge work that never reached the shared store."""
+        """Writes L2, then L1, both the values as Redis keeps them (float16 by default), so
+        that this sidecar answers what every other one reads. Raises Unavailable, writing no
+        L1, when L2 did not take the pairs in time: the daemon leaves its task unacknowledged,
+        and the retry must not find the pairs fresh in L1 and acknowledge work that never
+        reached the shared store."""
         if not self.reachability.worth_trying():
             raise Unavailable("Redis unreachable: not stored")
+        vectors = self.l2.as_stored(vectors)
         writing = self.l2.write(user_id, item_ids, vectors, freshness)
         try:
             await within(writing, self.timeout_seconds, self.reachability)
