@@ -1,6 +1,6 @@
 """BatchGet against its floors: every contender in one run, interleaved (issue 14's table).
 
-    .venv/bin/python bench/floor.py [--seconds 1.5] [--rounds 7] [--users 40]
+    .venv/bin/python bench/floor.py [--seconds 1.5] [--rounds 7] [--users 40] [--only 1,4,5]
 
 Contenders, each in its own process: 500 items x 128 dims, float16 answers, one user a call,
 every row a hit.
@@ -13,9 +13,10 @@ every row a hit.
      the reference model in the default model_dir), L1 warm the same way, (a) with the daemon
      idle and (b) saturated: another process keeps Prefetch work for new pairs queued (a few
      batches ahead, so that it drains soon after) through each of this contender's windows;
-  4. solaris --redis with L1 cold: its own redis-server holds `--users` users' rows, L1 holds
-     about two (1 MiB), and the calls cycle through the users, so every row comes from Redis
-     (redis_timeout_ms 1000, so that a slow read is timed, not turned into misses);
+  4. solaris --redis with L1 cold: its own redis-server holds `--users` users' rows (float16,
+     the default), L1 (float16, as 2's) holds about six users (1 MiB), and the calls cycle
+     through the users, so every row comes from Redis (redis_timeout_ms 1000, so that a slow
+     read is timed, not turned into misses);
   5. the ranker's own redis-py + hiredis MGET of the same 500 keys (blocking client, the keys
      built and the values decoded each call): the floor for 4.
 
@@ -24,7 +25,8 @@ of back-to-back calls on one blocking channel (concurrency 1: p50 and p99 of tho
 then `--seconds` of 16 calls in flight on one grpc.aio channel (16 threads for 5): calls/s.
 The table gives the median of each figure over `--rounds` rounds, and each contender's ratio
 to its floor with the issue's target: 2 to 1 (p50 and p99 at most 1.3x, calls/s at least
-0.75x), 3 to 2 (p99 at most 1.5x), 4 to 5 (p50 at most 1.5x). It runs about 13 x --seconds
+0.75x), 3 to 2 (p99 at most 1.5x), 4 to 5 (p50 at most 1.5x); and 4 against 1 + 5 (the
+gRPC floor plus the MGET: 5 alone does no gRPC). It runs about 13 x --seconds
 x --rounds seconds, plus half a minute to start (the defaults: under 3 minutes).
 
 Below the table: the runner's pairs/s during 3's windows (what idle and saturated meant);
@@ -237,7 +239,7 @@ def grpc_contender(
 
 def mget_contender(url: str, users: int) -> Contender:
     client = redis.Redis.from_url(url)
-    layout = value_layout(DIM, VERSION)
+    layout = value_layout(DIM)
 
     def call(n: int) -> np.ndarray:
         user = f"user-{n % users}"
@@ -379,8 +381,9 @@ def requests_for(users: list[str]) -> list[pb.BatchGetRequest]:
     return [pb.BatchGetRequest(user_id=u, item_ids=ITEMS, dtype=pb.FLOAT16) for u in users]
 
 
-def start_servers(stack: contextlib.ExitStack, users: int) -> Servers:
-    """Redis (filled), the four sidecars, the floor, and the saturated daemon's feeder."""
+def start_servers(stack: contextlib.ExitStack, users: int, only: frozenset[str]) -> Servers:
+    """Redis (filled), the sidecars `only`'s contenders call (serve-only always: the floor
+    answers its bytes), the floor, and the saturated daemon's feeder if 3b is run."""
     redis_server, url = start_redis()
     stack.callback(redis_server.wait)
     stack.callback(redis_server.terminate)
@@ -389,17 +392,19 @@ def start_servers(stack: contextlib.ExitStack, users: int) -> Servers:
     idle, saturated = Runner(free_port()), Runner(free_port())
     # `solaris serve` gives its ServeSettings to the sidecar and to the daemon both.
     idle_serve, saturated_serve = (serve_defaults(r.metrics_port) for r in (idle, saturated))
-    ready = {
-        "serve-only": children.start(run_sidecar, SERVE_ONLY, None),
-        "idle": children.start(run_sidecar, idle_serve, idle_serve),
-        "saturated": children.start(run_sidecar, saturated_serve, saturated_serve),
-        "cold": children.start(run_sidecar, cold_settings(url), None),
+    wanted = {
+        "serve-only": (SERVE_ONLY, None),
+        "idle": (idle_serve, idle_serve) if "3a" in only else None,
+        "saturated": (saturated_serve, saturated_serve) if "3b" in only else None,
+        "cold": (cold_settings(url), None) if "4" in only else None,
     }
+    ready = {name: children.start(run_sidecar, *given) for name, given in wanted.items() if given}
     address = {name: f"127.0.0.1:{pipe.recv()}" for name, pipe in ready.items()}
     floor = children.start(run_floor, warm_answer(address["serve-only"]))
     address["floor"] = f"127.0.0.1:{floor.recv()}"
     feeder = Feeder(SPAWN.Event(), SPAWN.Event())
-    children.start(feed, address["saturated"], feeder.feeding, feeder.drained).recv()
+    if "saturated" in address:
+        children.start(feed, address["saturated"], feeder.feeding, feeder.drained).recv()
     return Servers(address, url, idle, saturated, feeder, redis_bytes)
 
 
@@ -414,8 +419,15 @@ def serve_defaults(metrics_port: int) -> ServeSettings:
 
 
 def cold_settings(url: str) -> SidecarSettings:
+    """L1 in float16, as serve-only's: a float16 ranker's sidecar fills L1 from Redis's
+    float16 values and answers from them with no conversion."""
     return SidecarSettings(
-        port=0, dim=DIM, redis=url, cache_bytes=COLD_L1_BYTES, redis_timeout_ms=1000
+        port=0,
+        dim=DIM,
+        redis=url,
+        cache_bytes=COLD_L1_BYTES,
+        redis_timeout_ms=1000,
+        l1_dtype="float16",
     )
 
 
@@ -439,24 +451,27 @@ def check_answers(servers: Servers) -> None:
             raise RuntimeError(f"{name} answered other embeddings than the floor")
 
 
-def contenders(servers: Servers, users: int, stack: contextlib.ExitStack) -> list[Contender]:
+def contenders(
+    servers: Servers, users: int, stack: contextlib.ExitStack, only: frozenset[str]
+) -> list[Contender]:
     def on(name: str, key: str, requests: list[pb.BatchGetRequest]) -> Contender:
         return grpc_contender(key, servers.address[name], requests, stack)
 
     warm, cold = requests_for([RANKER]), requests_for([f"user-{n}" for n in range(users)])
     idle, saturated, feeder = servers.idle, servers.saturated, servers.feeder
-    return [
-        on("floor", "1", warm),
-        on("serve-only", "2", warm),
-        replace(on("idle", "3a", warm), begin=idle.begin, end=idle.end),
-        replace(
+    every: dict[str, Callable[[], Contender]] = {
+        "1": lambda: on("floor", "1", warm),
+        "2": lambda: on("serve-only", "2", warm),
+        "3a": lambda: replace(on("idle", "3a", warm), begin=idle.begin, end=idle.end),
+        "3b": lambda: replace(
             on("saturated", "3b", warm),
             begin=in_turn(feeder.begin, saturated.begin),
             end=in_turn(saturated.end, feeder.end),
         ),
-        on("cold", "4", cold),
-        mget_contender(servers.url, users),
-    ]
+        "4": lambda: on("cold", "4", cold),
+        "5": lambda: mget_contender(servers.url, users),
+    }
+    return [make() for key, make in every.items() if key in only]
 
 
 def in_turn(*steps: Callable[[], None]) -> Callable[[], None]:
@@ -495,6 +510,8 @@ def against_floor(key: str, medians: dict[str, Figures]) -> str:
     if key not in TARGETS:
         return "(a floor)"
     floor, targets = TARGETS[key]
+    if floor not in medians:
+        return f"({floor} not run)"
     cells = []
     for figure, target in targets:
         ratio = getattr(medians[key], figure) / getattr(medians[floor], figure)
@@ -523,27 +540,45 @@ def print_table(measured: list[Contender], rounds: int, seconds: float, load: fl
     for c in sorted(measured, key=lambda c: c.key):
         cells = (spread(c, "p50_ms", 2), spread(c, "p99_ms", 2), spread(c, "calls_per_second", 0))
         print(f"| {c.key} {NAMES[c.key]} | {' | '.join(cells)} | {against_floor(c.key, medians)} |")
+    if {"1", "4", "5"} <= set(medians):
+        print()
+        print(cold_against_both(medians))
+
+
+def cold_against_both(medians: dict[str, Figures]) -> str:
+    """4 against 5 alone is below what any gRPC answer costs (1): also against 1 + 5, what a
+    sidecar doing nothing but the ranker's MGET behind the bare server would take."""
+    cold, grpc_floor, mget = medians["4"], medians["1"], medians["5"]
+    both = [getattr(grpc_floor, f) + getattr(mget, f) for f in ("p50_ms", "p99_ms")]
+    return (
+        f"4 against 1 + 5 (the gRPC floor plus the ranker's MGET): p50 {cold.p50_ms:.2f} ms vs "
+        f"{both[0]:.2f} ({cold.p50_ms / both[0]:.2f}x), p99 {cold.p99_ms:.2f} ms vs {both[1]:.2f} "
+        f"({cold.p99_ms / both[1]:.2f}x)"
+    )
 
 
 def print_figures(servers: Servers, l1: tuple[float, float], budget: float) -> None:
     idle, saturated = servers.idle, servers.saturated
     print()
-    print(
-        f"runner pairs/s in 3's windows: idle {idle.pairs / idle.seconds:,.0f}, saturated "
-        f"{saturated.pairs / saturated.seconds:,.0f} ({FEED_AHEAD_USERS * 64} pairs kept queued "
-        f"ahead; speculation budget {budget:g} pairs/s)"
-    )
+    if idle.seconds and saturated.seconds:
+        print(
+            f"runner pairs/s in 3's windows: idle {idle.pairs / idle.seconds:,.0f}, saturated "
+            f"{saturated.pairs / saturated.seconds:,.0f} ({FEED_AHEAD_USERS * 64} pairs kept "
+            f"queued ahead; speculation budget {budget:g} pairs/s)"
+        )
     per_pair, id_bytes = l1
     payload = DIM * 2
     print(
         f"L1: {per_pair:,.0f} B per pair (nbytes / len, {L1_PAIRS:,} pairs); payload "
         f"{payload} B float16 + {id_bytes:.0f} B of ids: {per_pair / (payload + id_bytes):.2f}x"
     )
-    stored = value_layout(DIM, VERSION).itemsize
+    stored = value_layout(DIM).itemsize
     print(
         f"Redis: {servers.redis_bytes_per_pair:,.0f} B per pair (used_memory / keys); "
-        f"value {stored} B (float32 and header)"
+        f"value {stored} B (float16 and its header; bench/redis_bytes.py for 1M pairs)"
     )
+    if "cold" not in servers.address:
+        return
     per_read, median, largest, length = request_stream_bytes(servers.url)
     print(
         f"request stream: {per_read:,.0f} B per 500-item read (MEMORY USAGE / XLEN over "
@@ -568,6 +603,14 @@ def at_least(low: float, kind: Callable[[str], float]) -> Callable[[str], float]
     return parse
 
 
+def contender_keys(text: str) -> frozenset[str]:
+    """An argparse type: contenders' numbers, comma-separated, each one the table names."""
+    keys = frozenset(key.strip() for key in text.split(","))
+    if not keys or keys - set(NAMES):
+        raise argparse.ArgumentTypeError(f"{text!r}: name contenders of {', '.join(NAMES)}")
+    return keys
+
+
 def main() -> None:
     load = os.getloadavg()[0]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -575,15 +618,21 @@ def main() -> None:
         "--seconds", type=at_least(0.1, float), default=1.5, help="Seconds per figure a round."
     )
     parser.add_argument("--rounds", type=at_least(1, int), default=7)
-    # Fewer users than L1 holds (two today, ~7 at the issue's target) would read warm.
+    # Fewer users than L1 holds (about six of 500 float16 pairs) would read warm.
     parser.add_argument(
         "--users", type=at_least(10, int), default=40, help="Users 4 and 5 cycle through."
     )
+    parser.add_argument(
+        "--only",
+        type=contender_keys,
+        default=frozenset(NAMES),
+        help="Contenders to run, comma-separated (such as 1,4,5); all by default.",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        servers = start_servers(stack, args.users)
+        servers = start_servers(stack, args.users, args.only)
         check_answers(servers)
-        measured = contenders(servers, args.users, stack)
+        measured = contenders(servers, args.users, stack, args.only)
         warm_up(measured)
         run_rounds(measured, args.rounds, args.seconds)
         print_table(measured, args.rounds, args.seconds, load)

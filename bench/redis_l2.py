@@ -81,7 +81,7 @@ def read_path(url: str, users: int, calls: int) -> None:
     server = context.Process(target=run_sidecar, args=(url, send), daemon=True)
     server.start()
     direct = redis.Redis.from_url(url)
-    layout = value_layout(DIM, VERSION)
+    layout = value_layout(DIM)
     ids = items()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{receive.recv()}") as channel:

@@ -2,6 +2,7 @@
 particular to Redis: keys, expiry, corrupt values."""
 
 import asyncio
+import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,7 @@ import redis.exceptions
 from redis.crc import key_slot
 
 from solaris.server.l1 import MemoryStore
-from solaris.server.redis_store import RedisStore, connect, pair_key
+from solaris.server.redis_store import RedisStore, connect, pair_key, read_stale_at
 from solaris.server.store import (
     FLOAT16,
     FLOAT32,
@@ -35,15 +36,20 @@ def vectors(rows: int) -> np.ndarray:
     return np.random.default_rng(rows).standard_normal((rows, DIM)).astype(np.float32)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis-float16", "redis-float32"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore(1024**2, DIM)
         return
     server: RedisProcess = request.getfixturevalue("redis_server")
     client = connect(server.url, 1.0)
-    yield RedisStore(client, DIM, VERSION)
+    yield RedisStore(client, DIM, VERSION, stored_dtype=np.dtype(request.param.split("-")[1]))
     await client.aclose()
+
+
+def as_stored(store: Store, written: np.ndarray) -> np.ndarray:
+    """`written` as `store` keeps it: rounded to float16 in Redis by default."""
+    return written.astype(getattr(store, "stored_dtype", FLOAT32)).astype(FLOAT32)
 
 
 async def test_rows_come_back_as_written_in_request_order(store: Store) -> None:
@@ -51,7 +57,8 @@ async def test_rows_come_back_as_written_in_request_order(store: Store) -> None:
     freshness = fresh()
     await store.write("user", ["a", "b", "c"], written, freshness)
     rows = await store.read("user", ["c", "x", "a"], FLOAT32, time.time())
-    assert np.array_equal(rows.values[[0, 2]], written[[2, 0]])
+    assert rows.values.dtype == FLOAT32
+    assert np.array_equal(rows.values[[0, 2]], as_stored(store, written)[[2, 0]])
     assert not rows.values[1].any()
     assert list(rows.statuses(time.time())) == [RowStatus.HIT, RowStatus.MISS, RowStatus.HIT]
     assert np.allclose(rows.times[0].tolist(), freshness[1:])
@@ -72,8 +79,8 @@ async def test_many_users_are_written_and_read_as_each_alone(store: Store) -> No
         [RowStatus.HIT],
         [RowStatus.MISS],
     ]
-    assert np.array_equal(answers[0].values[:2], second[[2, 0]])
-    assert np.array_equal(answers[1].values, first[[1]])
+    assert np.array_equal(answers[0].values[:2], as_stored(store, second)[[2, 0]])
+    assert np.array_equal(answers[1].values, as_stored(store, first)[[1]])
     alone = await store.read("u2", ["c", "a", "x"], FLOAT32, now)
     assert np.array_equal(alone.values, answers[0].values)
     assert np.array_equal(alone.times, answers[0].times)
@@ -148,7 +155,7 @@ async def test_a_bad_header_of_the_right_length_is_a_counted_miss(
     them with another format byte."""
     client = connect(redis_server.url, 1.0)
     store = RedisStore(client, DIM, VERSION)
-    written = vectors(3)
+    written = vectors(3).astype(FLOAT16).astype(FLOAT32)
     await store.write("user", ["a", "b", "c"], written, fresh())
     raw = redis_server.client()
     good = raw.get(pair_key(VERSION, "user", "b"))
@@ -192,3 +199,103 @@ async def test_a_sidecar_reads_the_version_the_daemons_published(
     rows = await reader.read("user", ["a"], FLOAT32, time.time())
     await client.aclose()
     assert rows.model_version == VERSION
+
+
+def legacy_value(row: np.ndarray, freshness: Freshness, dim: int = DIM) -> bytes:
+    """A value as sidecars and daemons before the compact layout wrote it: format 1, dtype 1
+    (float32), the dim, the three times, the version's length and bytes, float32 values."""
+    version = freshness.model_version.encode()
+    header = struct.pack("<BBI3dB", 1, 1, dim, *freshness[1:], len(version))
+    return header + version + row.astype("<f4").tobytes()
+
+
+async def test_a_value_is_a_format_byte_its_times_and_its_values(
+    redis_server: RedisProcess,
+) -> None:
+    """Float16 by default, float32 when told; no dim and no model version (the key has it)."""
+    client = connect(redis_server.url, 1.0)
+    freshness = fresh()
+    written = vectors(1)
+    await RedisStore(client, DIM, VERSION).write("user", ["half"], written, freshness)
+    wide = RedisStore(client, DIM, VERSION, stored_dtype=FLOAT32)
+    await wide.write("user", ["single"], written, freshness)
+    await client.aclose()
+    raw = redis_server.client()
+    half, single = (
+        raw.get(pair_key(VERSION, "user", "half")),
+        raw.get(pair_key(VERSION, "user", "single")),
+    )
+    assert half == struct.pack("<B3d", 2, *freshness[1:]) + written.astype("<f2").tobytes()
+    assert single == struct.pack("<B3d", 3, *freshness[1:]) + written.astype("<f4").tobytes()
+
+
+async def test_a_rolling_upgrade_reads_every_layout_in_one_read(
+    redis_server: RedisProcess,
+) -> None:
+    """Values in the legacy layout, compact float32 and compact float16 side by side (writers
+    of each during an upgrade): all HITs, each exactly as stored."""
+    client = connect(redis_server.url, 1.0)
+    store = RedisStore(client, DIM, VERSION)
+    written, freshness = vectors(3), fresh()
+    redis_server.client().set(pair_key(VERSION, "user", "old"), legacy_value(written[0], freshness))
+    wide = RedisStore(client, DIM, VERSION, stored_dtype=FLOAT32)
+    await wide.write("user", ["single"], written[1:2], freshness)
+    await store.write("user", ["half"], written[2:], freshness)
+    mixed = await store.read("user", ["old", "single", "half"], FLOAT32, time.time())
+    as_stored = await store.read("user", ["old", "single", "half"], None, time.time())
+    halves = await store.read("user", ["half", "half"], None, time.time())
+    legacy = await store.read("user", ["old"], FLOAT16, time.time())
+    await client.aclose()
+    expected = [written[0], written[1], written[2].astype(FLOAT16).astype(FLOAT32)]
+    assert np.array_equal(mixed.values, expected)
+    assert list(mixed.statuses(time.time())) == [RowStatus.HIT] * 3
+    assert np.allclose(mixed.times["stale_at"], freshness.stale_at)
+    assert as_stored.values.dtype == FLOAT32  # float32 where a batch holds both
+    assert np.array_equal(as_stored.values, expected)
+    assert halves.values.dtype == FLOAT16  # as stored: no round trip through float32
+    assert np.array_equal(halves.values, written[[2, 2]].astype(FLOAT16))
+    assert np.array_equal(legacy.values, written[:1].astype(FLOAT16))
+    assert store.corrupt_values == 0
+
+
+async def test_a_value_of_no_layout_this_reader_takes_is_a_counted_miss(
+    redis_server: RedisProcess,
+) -> None:
+    client = connect(redis_server.url, 1.0)
+    store = RedisStore(client, DIM, VERSION)
+    row, freshness = vectors(1)[0], fresh()
+    await store.write("user", ["good", "half"], vectors(2), freshness)
+    raw = redis_server.client()
+    half = raw.get(pair_key(VERSION, "user", "half"))
+    assert half is not None
+    bad = {
+        "another version": legacy_value(row, freshness._replace(model_version="v9")),
+        "another legacy dim": legacy_value(np.ones(DIM + 1), freshness, DIM + 1),
+        "another compact dim": half + b"\x00\x00",
+        "cut short": half[:-1],
+        "float32's format byte on float16's length": b"\x03" + half[1:],
+    }
+    for item, value in bad.items():
+        raw.set(pair_key(VERSION, "user", item), value)
+    rows = await store.read("user", ["good", *bad], FLOAT32, time.time())
+    stale_at = read_stale_at(raw, DIM, VERSION, [("user", item) for item in ["good", *bad]])
+    await client.aclose()
+    assert list(rows.statuses(time.time())) == [RowStatus.HIT] + [RowStatus.MISS] * len(bad)
+    assert not rows.values[1:].any()
+    assert store.corrupt_values == len(bad)
+    assert stale_at.tolist() == [freshness.stale_at] + [-np.inf] * len(bad)
+
+
+async def test_freshness_is_read_from_the_header_of_either_layout(
+    redis_server: RedisProcess,
+) -> None:
+    client = connect(redis_server.url, 1.0)
+    freshness = fresh()
+    await RedisStore(client, DIM, VERSION).write("user", ["half"], vectors(1), freshness)
+    wide = RedisStore(client, DIM, VERSION, stored_dtype=FLOAT32)
+    await wide.write("user", ["single"], vectors(1), freshness)
+    await client.aclose()
+    raw = redis_server.client()
+    raw.set(pair_key(VERSION, "user", "old"), legacy_value(vectors(1)[0], freshness))
+    pairs = [("user", item) for item in ["half", "single", "old", "absent"]]
+    assert read_stale_at(raw, DIM, VERSION, pairs).tolist() == [freshness.stale_at] * 3 + [-np.inf]

@@ -65,7 +65,9 @@ async def test_a_write_goes_to_both_tiers_and_a_read_fills_l1(
     sidecars += [writer, reader]
     tiers(writer).l2.use_version("v1")
     tiers(reader).l2.use_version("v1")
-    vectors = np.random.default_rng(0).standard_normal((2, DIM)).astype(np.float32)
+    # Values float16 holds exactly: Redis keeps float16 by default.
+    vectors = np.random.default_rng(0).standard_normal((2, DIM)).astype(np.float16)
+    vectors = vectors.astype(np.float32)
     await writer.service.put("user", ["a", "b"], vectors, "v1")
     assert len(tiers(writer).l1) == 2
     assert len(tiers(reader).l1) == 0

@@ -15,7 +15,7 @@ from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import MODEL_VERSION_KEY, RedisStore, connect
 from solaris.server.settings import SidecarSettings
-from solaris.server.store import FLOAT32, Freshness
+from solaris.server.store import FLOAT16, FLOAT32, Freshness
 from solaris.server.tiered import TieredStore
 from tests.conftest import DIM, wait_until
 from tests.redis.conftest import RedisProcess
@@ -68,3 +68,27 @@ def test_a_daemon_carries_on_after_redis_restarts_empty(
         assert wait_until(lambda: redis_server.client().get(MODEL_VERSION_KEY) is not None, 10)
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("l1_dtype", [FLOAT16, FLOAT32])
+async def test_l1_fills_from_float16_values_in_its_own_dtype(
+    redis_server: RedisProcess, l1_dtype: np.dtype
+) -> None:
+    """A cold read answers Redis's float16 rows, in either dtype asked for, and leaves them in
+    L1 (of either dtype) to answer the same the next time."""
+    client = connect(redis_server.url, 0.5)
+    written = np.random.default_rng(0).standard_normal((3, DIM)).astype(np.float32)
+    await RedisStore(client, DIM, "v1").write("user", ["a", "b", "c"], written, freshness())
+    l1 = MemoryStore(1024**2, DIM, l1_dtype)
+    tiered = TieredStore(l1, RedisStore(client, DIM, "v1"), 0.5)
+    halves = written.astype(FLOAT16)
+    cold = await tiered.read("user", ["c", "a"], FLOAT16, time.time())
+    cold_wide = await tiered.read("user", ["b"], FLOAT32, time.time())
+    warm = l1.read_sync("user", ["a", "b", "c"], FLOAT16, time.time())
+    await tiered.close()
+    assert cold.values.dtype == FLOAT16
+    assert np.array_equal(cold.values, halves[[2, 0]])
+    assert cold_wide.values.dtype == FLOAT32
+    assert np.array_equal(cold_wide.values, halves[[1]].astype(FLOAT32))
+    assert tiered.l2_hits == 3
+    assert np.array_equal(warm.values, halves)

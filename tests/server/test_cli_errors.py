@@ -300,3 +300,7 @@ def test_a_cache_larger_than_the_memory_limit() -> None:
 
 def test_a_misspelt_variable_is_refused_by_name() -> None:
     refused(solaris(*SERVE, env=environment(SOLARIS_CACHE_BITES="1")), "SOLARIS_CACHE_BITES")
+
+
+def test_a_redis_dtype_that_is_no_stored_dtype() -> None:
+    refused(solaris(*SERVE, "--redis-dtype", "int8"), "redis_dtype", "float16, float32")

@@ -351,3 +351,15 @@ def test_l1_keeps_the_dtype_it_is_told_and_refuses_others() -> None:
     assert sidecar_parts(load(ServeSettings, environ={})).l1.dtype == FLOAT32
     with pytest.raises(SettingsError, match="l1_dtype"):
         load(ServeSettings, environ={"SOLARIS_L1_DTYPE": "int8"})
+
+
+def test_redis_keeps_the_dtype_it_is_told_and_refuses_others() -> None:
+    from solaris.app.compose import daemon_l2
+    from solaris.server.store import FLOAT16
+
+    url = {"SOLARIS_REDIS": "redis://127.0.0.1:1/0"}
+    assert daemon_l2(load(DaemonSettings, environ=url), "v1").stored_dtype == FLOAT16
+    told = load(ServeSettings, environ={**url, "SOLARIS_REDIS_DTYPE": "float32"})
+    assert daemon_l2(told, "v1").stored_dtype == FLOAT32
+    with pytest.raises(SettingsError, match="redis_dtype"):
+        load(DaemonSettings, environ={**url, "SOLARIS_REDIS_DTYPE": "bfloat16"})

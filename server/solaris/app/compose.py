@@ -55,6 +55,7 @@ from solaris.server.reachability import (
 )
 from solaris.server.redis_store import (
     DAEMON_REDIS_TIMEOUT_SECONDS,
+    STORED_DTYPES,
     RedisStore,
     connect,
     connect_blocking,
@@ -157,7 +158,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     settings = parts.settings
     timeout = settings.redis_timeout_ms / 1000
     client = connect(url, CLIENT_TIMEOUT_SECONDS)
-    parts.l2 = RedisStore(client, settings.dim)
+    parts.l2 = RedisStore(client, settings.dim, stored_dtype=STORED_DTYPES[settings.redis_dtype])
     reachability = parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)
     parts.work_queue = StreamWorkQueue(
@@ -237,7 +238,9 @@ def open_checked_runner(
 def daemon_l2(settings: StoreSettings, model_version: str) -> RedisStore:
     """A RedisStore of the daemon's own: its client belongs to the daemon's event loop."""
     client = connect(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
-    return RedisStore(client, settings.dim, model_version)
+    return RedisStore(
+        client, settings.dim, model_version, stored_dtype=STORED_DTYPES[settings.redis_dtype]
+    )
 
 
 def _shared_workers(

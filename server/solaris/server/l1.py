@@ -377,9 +377,14 @@ class MemoryStore:
         model_version: str,
     ) -> None:
         """Like write_sync, with `times` (TIMES records) per row or one for all: how rows read
-        from L2, each with its own times, fill L1. An item named twice keeps its last row."""
-        # Through float32, as the model computes, so a float16 store rounds as a float16 read.
-        vectors = np.asarray(vectors, dtype=FLOAT32)
+        from L2, each with its own times, fill L1. An item named twice keeps its last row.
+        Float16 or float32 rows are converted to the store's dtype once, before the copy in
+        (float16 rows into a float16 store not at all)."""
+        vectors = np.asarray(vectors)
+        if vectors.dtype not in (FLOAT16, FLOAT32):
+            # Through float32, as the model computes, so a float16 store rounds as a float16 read.
+            vectors = vectors.astype(FLOAT32)
+        vectors = _converted(vectors, self.dtype)
         if vectors.shape != (len(item_ids), self.dim):
             raise ValueError(
                 f"vectors: shape {vectors.shape}, expected {(len(item_ids), self.dim)}"

@@ -3,12 +3,15 @@
 Keys carry the model version and a hash tag of the user, `solaris:<version>:{<user>}:<item>`,
 so all of a user's pairs share a Redis Cluster slot and one MGET answers a BatchGet. The
 user part is escaped so that it cannot close the tag early, which keeps keys unambiguous.
-Values are a small header and the float32 bytes; expiry is Redis's own (SET PX).
+A value is a format byte, its times and its values, float16 unless the redis_dtype setting
+says float32 (`value_layout`); readers take both, and the first layout, which also held the
+dim and the model version (`legacy_layout`). Expiry is Redis's own (SET PX).
 
 The current model version is a key of its own, set by the daemon that computes with it and
 read by sidecars (every few seconds), so a new model's keys take over without a restart.
 """
 
+import functools
 import logging
 import os
 import time
@@ -26,10 +29,23 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT
 
-from solaris.server.store import FLOAT32, Freshness, Rows, UserItems, UserVectors, never_stored
+from solaris.server.store import (
+    FLOAT16,
+    FLOAT32,
+    TIMES,
+    Freshness,
+    Rows,
+    UserItems,
+    UserVectors,
+    never_stored,
+)
 
-FORMAT_VERSION = 1
-DTYPE_FLOAT32 = 1
+LEGACY_FLOAT32 = 1
+"""The first layout's format byte: dtype, dim, times, the model version, float32 values."""
+COMPACT_FORMATS: dict[int, np.dtype] = {2: FLOAT16, 3: FLOAT32}
+"""Format byte -> dtype of the compact layout: times, then the values, nothing else."""
+STORED_DTYPES: dict[str, np.dtype] = {"float16": FLOAT16, "float32": FLOAT32}
+"""The dtypes a value can be written in, by the name the redis_dtype setting gives."""
 MODEL_VERSION_KEY = "solaris:model-version"
 PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
 DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
@@ -58,16 +74,24 @@ def user_key_prefix(model_version: str, user_id: str) -> str:
     return f"solaris:{model_version}:{{{escaped}}}:"
 
 
-def value_layout(dim: int, model_version: str) -> np.dtype:
-    """One stored value as a packed record: header, then `dim` float32 values."""
+def value_layout(dim: int, dtype: np.dtype = FLOAT16) -> np.dtype:
+    """One value as a packed record: its format byte, its times, then `dim` values of `dtype`.
+    The key carries the model version and the value's length gives the dim, so neither is
+    repeated: a header of 25 bytes (a 128-dim float16 value fits the same allocation size in
+    Redis as it would with no header at all)."""
+    return np.dtype([("format", "u1"), ("times", TIMES), ("values", dtype, (dim,))])
+
+
+def legacy_layout(dim: int, model_version: str) -> np.dtype:
+    """The first layout (format LEGACY_FLOAT32), which sidecars and daemons before the compact
+    one write: read still, so that a rolling upgrade, with both kinds of writer, has no miss
+    cliff; never written."""
     return np.dtype(
         [
             ("format", "u1"),
             ("dtype", "u1"),
             ("dim", "<u4"),
-            ("computed_at", "<f8"),
-            ("stale_at", "<f8"),
-            ("expires_at", "<f8"),
+            ("times", TIMES),
             ("version_length", "u1"),
             ("model_version", f"S{len(model_version.encode())}"),
             ("values", "<f4", (dim,)),
@@ -75,19 +99,21 @@ def value_layout(dim: int, model_version: str) -> np.dtype:
     )
 
 
-def encode_values(vectors: np.ndarray, freshness: Freshness) -> list[bytes]:
-    version = freshness.model_version.encode()
-    records = np.zeros(len(vectors), value_layout(vectors.shape[1], freshness.model_version))
-    records["format"] = FORMAT_VERSION
-    records["dtype"] = DTYPE_FLOAT32
-    records["dim"] = vectors.shape[1]
-    records["computed_at"] = freshness.computed_at
-    records["stale_at"] = freshness.stale_at
-    records["expires_at"] = freshness.expires_at
-    records["version_length"] = len(version)
-    records["model_version"] = version
+_FORMAT_OF = {dtype: number for number, dtype in COMPACT_FORMATS.items()}
+
+
+def encode_values(
+    vectors: np.ndarray, freshness: Freshness, dtype: np.dtype = FLOAT16
+) -> list[bytes]:
+    """Each row of `vectors` (float32) as a value of `dtype` in the compact layout; float16
+    rounds to nearest, as numpy casts."""
+    layout = value_layout(vectors.shape[1], dtype)
+    records = np.empty(len(vectors), layout)
+    records["format"] = _FORMAT_OF[dtype]
+    records["times"] = np.array(tuple(freshness[1:]), TIMES)
     records["values"] = vectors
-    return [record.tobytes() for record in records]
+    packed, size = records.tobytes(), layout.itemsize
+    return [packed[start : start + size] for start in range(0, len(packed), size)]
 
 
 @dataclass(frozen=True)
@@ -99,57 +125,61 @@ class Decoded:
     corrupt: int
 
 
-def decode_values(blobs: Sequence[bytes | str | None], dim: int, model_version: str) -> Decoded:
-    """Rows for the blobs MGET returned; None and corrupt values (wrong length, format, dtype,
-    dim or version; text, from a client that decodes replies) are rows never stored.
-    Vectorised: one parse for the whole batch."""
-    layout = value_layout(dim, model_version)
-    all_fitting = _fitting(blobs, layout.itemsize)
-    if all_fitting is not None:
-        return _decode_fitting(all_fitting, layout, dim, model_version)
-    values = np.zeros((len(blobs), dim), FLOAT32)
-    times = never_stored(len(blobs))
-    present = sum(blob is not None for blob in blobs)
-    fitting = [
-        (i, blob)
-        for i, blob in enumerate(blobs)
-        if isinstance(blob, bytes) and len(blob) == layout.itemsize
-    ]
-    fits = [i for i, _ in fitting]
-    records = np.frombuffer(b"".join(blob for _, blob in fitting), layout)
-    valid = _header_fits(records, dim, model_version)
-    rows = np.array(fits, dtype=np.int64)[valid]
-    values[rows] = records["values"][valid]
-    for column in ("computed_at", "stale_at", "expires_at"):
-        times[column][rows] = records[column][valid]
-    return Decoded(values, times, present - len(rows))
+@functools.lru_cache(maxsize=64)
+def layouts(dim: int, model_version: str) -> dict[int, np.dtype]:
+    """Every layout a reader takes, by the length of its values: none shares a length (the
+    compact ones differ by 2 x dim bytes; the legacy one is longer than compact float32 by 6
+    bytes and the version's)."""
+    kinds = [value_layout(dim, dtype) for dtype in COMPACT_FORMATS.values()]
+    return {layout.itemsize: layout for layout in [*kinds, legacy_layout(dim, model_version)]}
 
 
-def _fitting(blobs: Sequence[bytes | str | None], size: int) -> Sequence[bytes] | None:
-    """The blobs, when every one is bytes of `size` (the usual MGET of stored values)."""
-    if set(map(type, blobs)) - {bytes}:
-        return None
-    fitting = cast(Sequence[bytes], blobs)
-    return fitting if set(map(len, fitting)) <= {size} else None
-
-
-def _decode_fitting(
-    blobs: Sequence[bytes], layout: np.dtype, dim: int, model_version: str
+def decode_values(
+    blobs: Sequence[bytes | str | None],
+    dim: int,
+    model_version: str,
+    dtype: np.dtype | None = None,
 ) -> Decoded:
-    """decode_values for blobs that all fit the layout: one parse, no per-blob bookkeeping."""
-    records = np.frombuffer(b"".join(blobs), layout)
-    valid = _header_fits(records, dim, model_version)
+    """Rows for the blobs MGET returned, as `dtype`, or with None as they were stored (float32
+    where a batch mixes float16 and float32). Both layouts are read: a rolling upgrade has
+    writers of each. None and corrupt values (a length no layout has, another format byte; in
+    the legacy layout another dtype, dim or version; text, from a client that decodes replies)
+    are rows never stored. Vectorised: one parse for the usual batch, one per layout else."""
+    by_size = layouts(dim, model_version)
+    layout = by_size.get(_common_size(blobs), None)
+    if layout is not None:
+        records = np.frombuffer(b"".join(cast(Sequence[bytes], blobs)), layout)
+        if _header_fits(records, layout, dim, model_version).all():
+            return Decoded(_as(records["values"], dtype), records["times"].copy(), 0)
+    found: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, records) of each layout
+    for size, layout in by_size.items():
+        fit = [i for i, blob in enumerate(blobs) if isinstance(blob, bytes) and len(blob) == size]
+        if fit:
+            records = np.frombuffer(b"".join(cast(bytes, blobs[i]) for i in fit), layout)
+            valid = _header_fits(records, layout, dim, model_version)
+            found.append((np.array(fit, np.int64)[valid], records[valid]))
+    stored = {_values_field(records.dtype)[0] for _, records in found if records.size}
+    kind = dtype or (stored.pop() if len(stored) == 1 else FLOAT32)
+    values = np.zeros((len(blobs), dim), kind)
     times = never_stored(len(blobs))
-    if valid.all():
-        values = np.ascontiguousarray(records["values"])
-        for column in ("computed_at", "stale_at", "expires_at"):
-            times[column] = records[column]
-        return Decoded(values, times, 0)
-    values = np.zeros((len(blobs), dim), FLOAT32)
-    values[valid] = records["values"][valid]
-    for column in ("computed_at", "stale_at", "expires_at"):
-        times[column][valid] = records[column][valid]
-    return Decoded(values, times, len(blobs) - int(valid.sum()))
+    for rows, records in found:
+        values[rows] = records["values"]
+        times[rows] = records["times"]
+    present = sum(blob is not None for blob in blobs)
+    return Decoded(values, times, present - sum(rows.size for rows, _ in found))
+
+
+def _common_size(blobs: Sequence[bytes | str | None]) -> int:
+    """The length of every blob when all are bytes of one length (the usual MGET), else -1."""
+    if set(map(type, blobs)) - {bytes}:
+        return -1
+    sizes = set(map(len, cast(Sequence[bytes], blobs)))
+    return sizes.pop() if len(sizes) == 1 else -1
+
+
+def _as(values: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """`values` (a view into MGET's joined replies) copied out contiguous, as `dtype`."""
+    return np.ascontiguousarray(values) if dtype is None else values.astype(dtype)
 
 
 def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
@@ -232,33 +262,68 @@ def redacted(url: str) -> str:
     return base + question + query
 
 
-def _header_fits(records: np.ndarray, dim: int, model_version: str) -> np.ndarray:
-    fits: np.ndarray = (
-        (records["format"] == FORMAT_VERSION)
-        & (records["dtype"] == DTYPE_FLOAT32)
+def _header_fits(records: np.ndarray, layout: np.dtype, dim: int, model_version: str) -> np.ndarray:
+    """Which `records` (of `layout`, or of its header alone) hold what a reader of `dim` values
+    of `model_version` wants: a compact value says so by its format byte and its length."""
+    if "dim" not in (layout.names or ()):
+        fits: np.ndarray = records["format"] == _FORMAT_OF[_values_field(layout)[0]]
+        return fits
+    fits = (
+        (records["format"] == LEGACY_FLOAT32)
+        & (records["dtype"] == LEGACY_FLOAT32)
         & (records["dim"] == dim)
         & (records["model_version"] == model_version.encode())
     )
     return fits
 
 
+def _values_field(layout: np.dtype) -> tuple[np.dtype, int]:
+    """The dtype of one of `layout`'s values, and where they start."""
+    fields = layout.fields
+    assert fields is not None, "a record layout"
+    kind, offset = fields["values"][:2]
+    return kind.base, offset
+
+
 def read_stale_at(
     client: redis.Redis, dim: int, model_version: str, pairs: Sequence[tuple[str, str]]
 ) -> np.ndarray:
     """When each (user, item) pair goes stale (-inf if not stored), in one round trip, reading
-    only the values' headers: a speculator asks this of every pair it considers, so it fetches
-    tens of bytes, not the embeddings."""
-    layout = value_layout(0, model_version)
+    only the values' headers and lengths: a speculator asks this of every pair it considers,
+    so it fetches tens of bytes, not the embeddings."""
+    by_size = layouts(dim, model_version)
+    longest = max(_values_field(layout)[1] for layout in by_size.values())
     with client.pipeline(transaction=False) as pipe:
         for user_id, item_id in pairs:
-            pipe.getrange(pair_key(model_version, user_id, item_id), 0, layout.itemsize - 1)
-        headers: list[bytes] = pipe.execute()
+            key = pair_key(model_version, user_id, item_id)
+            pipe.getrange(key, 0, longest - 1)
+            pipe.strlen(key)
+        replies: list[bytes | int] = pipe.execute()
+    headers, sizes = cast(list[bytes], replies[0::2]), cast(list[int], replies[1::2])
     stale_at = np.full(len(pairs), -np.inf)
-    fits = [i for i, header in enumerate(headers) if len(header) == layout.itemsize]
-    records = np.frombuffer(b"".join(headers[i] for i in fits), layout)
-    valid = _header_fits(records, dim, model_version)
-    stale_at[np.array(fits, dtype=np.int64)[valid]] = records["stale_at"][valid]
+    for size, layout in by_size.items():
+        header = _header_of(layout)
+        fits = [i for i, length in enumerate(sizes) if length == size]
+        records = np.frombuffer(b"".join(headers[i][: header.itemsize] for i in fits), header)
+        valid = _header_fits(records, layout, dim, model_version)
+        stale_at[np.array(fits, dtype=np.int64)[valid]] = records["times"]["stale_at"][valid]
     return stale_at
+
+
+def _header_of(layout: np.dtype) -> np.dtype:
+    """`layout` without its values: the record a header-only read parses."""
+    assert layout.fields is not None, "a record layout"
+    fields = {name: (kind, offset) for name, (kind, offset, *_) in layout.fields.items()}
+    del fields["values"]
+    names = list(fields)
+    return np.dtype(
+        {
+            "names": names,
+            "formats": [fields[name][0] for name in names],
+            "offsets": [fields[name][1] for name in names],
+            "itemsize": _values_field(layout)[1],
+        }
+    )
 
 
 class RedisStore:
@@ -270,10 +335,13 @@ class RedisStore:
         dim: int,
         model_version: str = "",
         version_refresh_seconds: float = 5.0,
+        stored_dtype: np.dtype = FLOAT16,
     ) -> None:
-        """With no `model_version`, reads the published one every `version_refresh_seconds`."""
+        """With no `model_version`, reads the published one every `version_refresh_seconds`.
+        Writes values of `stored_dtype`; reads values of either dtype and layout."""
         self.client = client
         self.dim = dim
+        self.stored_dtype = np.dtype(stored_dtype)
         self.model_version = model_version
         self.corrupt_values = 0
         self._refresh_seconds = None if model_version else version_refresh_seconds
@@ -292,25 +360,28 @@ class RedisStore:
         self,
         user_id: str,
         item_ids: Sequence[str],
-        dtype: np.dtype,
+        dtype: np.dtype | None,
         now: float,
         deadline: float | None = None,
     ) -> Rows:
-        """`deadline` is the caller's to keep (TieredStore wraps this read in a timeout)."""
+        """The rows as `dtype`, or with None as Redis holds them (float32 if both dtypes are
+        in the batch): the tier above converts once, to what it needs. `deadline` is the
+        caller's to keep (TieredStore wraps this read in a timeout)."""
         version = await self._current_version()
         if not version:
-            return _nothing(len(item_ids), self.dim, dtype)
+            return _nothing(len(item_ids), self.dim, dtype or self.stored_dtype)
         prefix = user_key_prefix(version, user_id)
         blobs = await self.client.mget([prefix + item for item in item_ids])
         return self._rows(user_id, blobs, version, dtype, now)
 
     async def read_many(
-        self, wanted: Sequence[UserItems], dtype: np.dtype, now: float
+        self, wanted: Sequence[UserItems], dtype: np.dtype | None, now: float
     ) -> list[Rows]:
-        """One MGET a user, pipelined: one round trip."""
+        """One MGET a user, pipelined: one round trip. `dtype` as for `read`."""
         version = await self._current_version()
         if not version:
-            return [_nothing(len(item_ids), self.dim, dtype) for _, item_ids in wanted]
+            nothing = dtype or self.stored_dtype
+            return [_nothing(len(item_ids), self.dim, nothing) for _, item_ids in wanted]
         async with self.client.pipeline(transaction=False) as pipe:
             for user_id, item_ids in wanted:
                 prefix = user_key_prefix(version, user_id)
@@ -333,22 +404,31 @@ class RedisStore:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for user_id, item_ids, vectors in batch:
-                blobs = encode_values(np.asarray(vectors, FLOAT32), freshness)
+                blobs = encode_values(self.as_stored(vectors), freshness, self.stored_dtype)
                 prefix = user_key_prefix(freshness.model_version, user_id)
                 keys = [prefix + item for item in item_ids]
                 await self._set_each(keys=keys, args=[ttl_ms, *blobs], client=pipe)
             await pipe.execute()
+
+    def as_stored(self, vectors: np.ndarray) -> np.ndarray:
+        """`vectors` as this store keeps them: through float32 (as the model computes), then
+        in stored_dtype. What the writer's L1 takes too, so that every sidecar answers a pair
+        alike."""
+        vectors = np.asarray(vectors)
+        if vectors.dtype == self.stored_dtype:
+            return vectors
+        return vectors.astype(FLOAT32, copy=False).astype(self.stored_dtype, copy=False)
 
     def _rows(
         self,
         user_id: str,
         blobs: Sequence[bytes | str | None],
         version: str,
-        dtype: np.dtype,
+        dtype: np.dtype | None,
         now: float,
     ) -> Rows:
         """The rows MGET's `blobs` hold as of `now`; corrupt values are counted misses."""
-        decoded = decode_values(blobs, self.dim, version)
+        decoded = decode_values(blobs, self.dim, version, dtype)
         if decoded.corrupt:
             self.corrupt_values += decoded.corrupt
             logger.warning("%d corrupt values for user %r read as misses", decoded.corrupt, user_id)
@@ -357,8 +437,7 @@ class RedisStore:
             decoded.times[expired] = never_stored(1)
             decoded.values[expired] = 0
         found = not expired.all()
-        values = decoded.values.astype(dtype, copy=False)
-        return Rows(values, decoded.times, version if found else "")
+        return Rows(decoded.values, decoded.times, version if found else "")
 
     async def _current_version(self) -> str:
         """The version whose keys to read: our own model's, or the one the daemons publish."""

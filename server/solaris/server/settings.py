@@ -263,6 +263,12 @@ class StoreSettings(SettingsModel):
     redis_timeout_ms: float = Field(
         20.0, ge=1, description="Longest a read or write waits on Redis before going on without it."
     )
+    redis_dtype: Literal["float16", "float32"] = Field(
+        "float16",
+        description="The dtype embeddings are written to Redis in: float16 takes half of "
+        "float32's bytes per pair (values rounded to nearest); float32 keeps the model's values "
+        "exactly. Readers take either, and values in the layout before this setting.",
+    )
     max_id_bytes: int = Field(256, ge=1, description="Longest user or item id, in UTF-8 bytes.")
     work_stream_bytes: Size = Field(
         256 * 1024**2,

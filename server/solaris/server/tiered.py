@@ -16,7 +16,7 @@ from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
 from solaris.server.redis_store import RedisStore
-from solaris.server.store import FLOAT32, Freshness, Rows, UserItems, UserVectors
+from solaris.server.store import Freshness, Rows, UserItems, UserVectors
 
 __all__ = ["Reachability", "TieredStore"]
 _ANSWER_MARGIN_SECONDS = 0.001
@@ -52,7 +52,9 @@ class TieredStore:
         if not lacking.size or not self.reachability.worth_trying():
             return rows
         wanted = _picked(item_ids, lacking)
-        reading = self.l2.read(user_id, wanted, FLOAT32, now)
+        # As Redis holds them: L1 takes them in its dtype and the answer in its own, each
+        # converting (if at all) once.
+        reading = self.l2.read(user_id, wanted, None, now)
         until = None if deadline is None else deadline - _ANSWER_MARGIN_SECONDS
         try:
             found = await within(reading, self.timeout_seconds, self.reachability, until)
@@ -77,7 +79,7 @@ class TieredStore:
             return rows
         items = {index: _picked(wanted[index].item_ids, lacking[index]) for index in asked}
         reading = self.l2.read_many(
-            [UserItems(wanted[index].user_id, items[index]) for index in asked], FLOAT32, now
+            [UserItems(wanted[index].user_id, items[index]) for index in asked], None, now
         )
         try:
             found = await within(reading, self.timeout_seconds, self.reachability)
@@ -96,11 +98,17 @@ class TieredStore:
         await self.write_many([UserVectors(user_id, item_ids, vectors)], freshness)
 
     async def write_many(self, batch: Sequence[UserVectors], freshness: Freshness) -> None:
-        """Writes L2, then L1. Raises Unavailable, writing no L1, when L2 did not take the
-        pairs in time: the daemon leaves its task unacknowledged, and the retry must not find
-        the pairs fresh in L1 and acknowledge work that never reached the shared store."""
+        """Writes L2, then L1, both the values as Redis keeps them (float16 by default), so
+        that this sidecar answers what every other one reads. Raises Unavailable, writing no
+        L1, when L2 did not take the pairs in time: the daemon leaves its task unacknowledged,
+        and the retry must not find the pairs fresh in L1 and acknowledge work that never
+        reached the shared store."""
         if not self.reachability.worth_trying():
             raise Unavailable("Redis unreachable: not stored")
+        batch = [
+            UserVectors(user_id, item_ids, self.l2.as_stored(vectors))
+            for user_id, item_ids, vectors in batch
+        ]
         writing = self.l2.write_many(batch, freshness)
         try:
             await within(writing, self.timeout_seconds, self.reachability)
