@@ -48,6 +48,7 @@ _GROUP_SHIFTS = np.arange(0, 35, 7, dtype=np.uint32)[:, np.newaxis]
 """Where a uint32 varint's 7-bit groups start, low first: at most five."""
 _CONTINUED = np.uint32(0x80)
 _LOW_SEVEN = np.uint32(0x7F)
+_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,10 @@ def batch_get_bytes(result: BatchResult) -> bytes:
     if values.size:
         # A view, not a copy: bytes.join reads the array's buffer.
         parts += (_EMBEDDINGS_KEY, _varint(values.nbytes), values.data)
-    parts += _packed(_STATUSES_KEY, result.statuses)
+    if result.statuses.size:
+        # RowStatus values are under 0x80: a varint of one byte each.
+        statuses = result.statuses.astype(np.uint8, copy=False).tobytes()
+        parts += (_STATUSES_KEY, _varint(len(statuses)), statuses)
     if version:
         parts += (_MODEL_VERSION_KEY, _varint(len(version)), version)
     parts += _packed(_AGES_MS_KEY, result.ages_ms)
@@ -87,6 +91,8 @@ def batch_get_bytes(result: BatchResult) -> bytes:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
     encoded = bytearray()
     while value >= 0x80:
         encoded.append(value & 0x7F | 0x80)
@@ -116,6 +122,8 @@ def _packed_varints(values: np.ndarray) -> bytes:
     encoded = np.minimum(shifted, _CONTINUED)
     encoded |= shifted & _LOW_SEVEN
     by_value: np.ndarray = np.ascontiguousarray(encoded.T, dtype=np.uint8)
+    if int(values.min()) >> 7 * (groups - 1):  # every value takes all the groups (ages
+        return by_value.tobytes()  # of rows computed together mostly do)
     # Past a value's last group every byte is 0, and before it none is (the continuation
     # bit, or a nonzero top group), so the nonzero bytes are the varint; the first byte is
     # always kept, for the value 0.
