@@ -124,10 +124,10 @@ class _Users:
         # ones it follows the last, so the sort (SIMD, branch-free) more than pays for itself.
         order = hashes.argsort()
         wanted = hashes.take(order)
-        at = held.searchsorted(wanted)
-        np.minimum(at, held.size - 1, out=at)
+        at = held.searchsorted(wanted)  # held.size past the last: clipped to it below
         rows = np.empty(hashes.size, _NUMBER)
-        rows[order] = np.where(held.take(at) == wanted, self.rows[number].take(at), -1)
+        found = held.take(at, mode="clip") == wanted
+        rows[order] = np.where(found, self.rows[number].take(at, mode="clip"), -1)
         return rows
 
     def insert(self, number: int, hashes: np.ndarray, rows: np.ndarray) -> None:
