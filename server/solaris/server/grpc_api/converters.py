@@ -6,6 +6,7 @@ bytes are what the generated serializer writes (fields in number order, proto3 d
 out), so any protobuf parser reads them; tests/server/test_wire.py holds the two together.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,6 @@ _GROUP_SHIFTS = np.arange(0, 35, 7, dtype=np.uint32)[:, np.newaxis]
 """Where a uint32 varint's 7-bit groups start, low first: at most five."""
 _CONTINUED = np.uint32(0x80)
 _LOW_SEVEN = np.uint32(0x7F)
-_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +90,9 @@ def batch_get_bytes(result: BatchResult) -> bytes:
     return b"".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _ONE_BYTE_VARINTS[value]
+    """`value` as a varint. Cached: an answer's lengths repeat (its row count and dim do)."""
     encoded = bytearray()
     while value >= 0x80:
         encoded.append(value & 0x7F | 0x80)
