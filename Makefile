@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/client.py
 	$(BIN)/python bench/daemon_intake.py
 	$(BIN)/python bench/floor.py
+	$(BIN)/python bench/floor_parts.py
 	$(BIN)/python bench/l1.py
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/redis_health.py

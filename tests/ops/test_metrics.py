@@ -1,17 +1,21 @@
 """The /metrics endpoint, scraped over HTTP after real traffic, against what was served."""
 
 import asyncio
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from solaris.app.compose import build_sidecar, sidecar_parts
+from solaris.server.metrics import READ_SECONDS_BUCKETS, REQUEST_ITEMS_BUCKETS, ReadMetrics
 from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
+from solaris.server.store import RowStatus
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
@@ -68,3 +72,47 @@ def test_each_part_registers_its_values_once_and_only_parts_that_run_do(
     parts.sidecar()
     assert {"solaris_l1_bytes", "solaris_prefetch_queue_pairs"} <= names
     assert not {name for name in names if name.startswith(("solaris_runner", "solaris_redis"))}
+
+
+def test_read_metrics_export_what_prometheus_clients_own_metrics_would() -> None:
+    """The serving path keeps plain counts; the scrape shows them as prometheus_client's Counter
+    and Histogram would have, a value on a bucket's bound counted in that bucket."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    metrics = ReadMetrics(ours)
+    rows = Counter("solaris_rows", "Rows answered, by status.", ["status"], registry=theirs)
+    by_status = {status: rows.labels(status.name.lower()) for status in RowStatus}
+    seconds = Histogram(
+        "solaris_read_seconds",
+        "Time to answer a Get or BatchGet inside the sidecar.",
+        buckets=READ_SECONDS_BUCKETS,
+        registry=theirs,
+    )
+    items = Histogram(
+        "solaris_read_items",
+        "Items asked for in one Get or BatchGet.",
+        buckets=REQUEST_ITEMS_BUCKETS,
+        registry=theirs,
+    )
+    reads = [([1, 1, 2], 0.0005), ([3], 0.00025), ([1] * 500, 0.02), ([2] * 5000, 1.0), ([1], 0)]
+    for statuses, took in reads:
+        metrics.observe(np.array(statuses, np.uint8), took)
+        for status in RowStatus:
+            if statuses.count(status):
+                by_status[status].inc(statuses.count(status))
+        seconds.observe(took)
+        items.observe(len(statuses))
+
+    assert without_created(generate_latest(ours)) == without_created(generate_latest(theirs))
+
+
+def without_created(exposition: bytes) -> str:
+    """The text exposition with each _created sample's timestamp left out."""
+    return re.sub(r"(_created(\{[^}]*\})?) \S+", r"\1", exposition.decode())
+
+
+def test_read_metrics_are_registered_once() -> None:
+    registry = CollectorRegistry()
+    ReadMetrics(registry)
+
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        ReadMetrics(registry)

@@ -145,6 +145,23 @@ def test_duplicates_are_answered_per_occurrence_and_the_last_write_of_an_item_wi
     assert len(store) == 2
 
 
+def test_a_large_read_in_any_order_answers_every_position_from_its_own_row() -> None:
+    """Hashes are looked up in sorted order and the rows put back in request order."""
+    store = MemoryStore(max_bytes=10**6, dim=DIM)
+    rng = np.random.default_rng(3)
+    items = [f"item-{n}" for n in range(300)]
+    stored = rng.normal(size=(300, DIM)).astype(np.float32)
+    store.write_sync("u", items[::2], stored[::2], fresh())  # two writes: a merged index
+    store.write_sync("u", items[1::2], stored[1::2], fresh())
+    asked = rng.choice([*range(300), -1, -2], 700).tolist()  # duplicates, and misses
+    names = [items[n] if n >= 0 else f"absent-{n}" for n in asked]
+
+    rows = store.read_sync("u", names, FLOAT32, time.time())
+
+    expected = np.stack([stored[n] if n >= 0 else np.zeros(DIM, np.float32) for n in asked])
+    assert np.array_equal(rows.values, expected)
+
+
 def test_users_do_not_see_each_others_rows() -> None:
     store = MemoryStore(max_bytes=10**6, dim=DIM)
     store.write_sync("u1", ["a"], rows_of(1), fresh())

@@ -95,3 +95,16 @@ def test_a_row_view_is_encoded_as_its_values_not_its_base() -> None:
 
     np.testing.assert_array_equal(np.frombuffer(parsed.embeddings, "<f4").reshape(2, 3), view)
     assert (list(parsed.statuses), list(parsed.ages_ms)) == ([1, 3], [5, 300])
+
+
+@pytest.mark.parametrize("length", range(2, 6))
+def test_ages_all_of_one_varint_length_are_the_generated_serializers(length: int) -> None:
+    """A read's ages mostly take the same number of bytes (its rows were computed together),
+    which the encoder writes without dropping bytes: each side of both boundaries."""
+    low, high = 1 << 7 * (length - 1), min((1 << 7 * length) - 1, 2**32 - 1)
+    rng = np.random.default_rng(length)
+    ages = rng.integers(low, high, 300, dtype=np.uint64, endpoint=True).astype(np.uint32)
+    ages[:2] = low, high
+    result = BatchResult(np.ones((300, 4), FLOAT16), np.ones(300, np.uint8), ages, "v")
+
+    assert batch_get_bytes(result) == generated(result).SerializeToString()

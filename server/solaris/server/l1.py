@@ -128,9 +128,16 @@ class _Users:
         held = self.hashes[number]
         if not held.size:
             return np.full(hashes.size, -1, _NUMBER)
-        at = np.searchsorted(held, hashes)
-        np.minimum(at, held.size - 1, out=at)
-        return np.where(held.take(at) == hashes, self.rows[number].take(at), -1)
+        # Searched in sorted order: a binary search for random hashes mispredicts about every
+        # other branch (~55 ns a hash at 500, measured on the serving path), and for sorted
+        # ones it follows the last, so the sort (SIMD, branch-free) more than pays for itself.
+        order = hashes.argsort()
+        wanted = hashes.take(order)
+        at = held.searchsorted(wanted)  # held.size past the last: clipped to it below
+        rows = np.empty(hashes.size, _NUMBER)
+        found = held.take(at, mode="clip") == wanted
+        rows[order] = np.where(found, self.rows[number].take(at, mode="clip"), -1)
+        return rows
 
     def insert(self, number: int, hashes: np.ndarray, rows: np.ndarray) -> None:
         """Adds `hashes` (sorted, distinct, none held yet) with their rows."""

@@ -81,8 +81,8 @@ class Rows:
     def statuses(self, now: float) -> np.ndarray:
         """HIT while fresh, STALE in the grace window, MISS once expired or never stored."""
         hit = now < self.times["stale_at"]
-        if hit.all():  # a warm read: one comparison
-            return np.full(hit.size, RowStatus.HIT, np.uint8)
+        if hit.all():  # a warm read: one comparison, and HIT is 1 (True)
+            return hit.astype(np.uint8)
         live = now < self.times["expires_at"]
         status = np.where(hit, RowStatus.HIT, np.where(live, RowStatus.STALE, RowStatus.MISS))
         return status.astype(np.uint8)

@@ -6,6 +6,7 @@ bytes are what the generated serializer writes (fields in number order, proto3 d
 out), so any protobuf parser reads them; tests/server/test_wire.py holds the two together.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,14 +80,19 @@ def batch_get_bytes(result: BatchResult) -> bytes:
     if values.size:
         # A view, not a copy: bytes.join reads the array's buffer.
         parts += (_EMBEDDINGS_KEY, _varint(values.nbytes), values.data)
-    parts += _packed(_STATUSES_KEY, result.statuses)
+    if result.statuses.size:
+        # RowStatus values are under 0x80: a varint of one byte each.
+        statuses = result.statuses.astype(np.uint8, copy=False).tobytes()
+        parts += (_STATUSES_KEY, _varint(len(statuses)), statuses)
     if version:
         parts += (_MODEL_VERSION_KEY, _varint(len(version)), version)
     parts += _packed(_AGES_MS_KEY, result.ages_ms)
     return b"".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def _varint(value: int) -> bytes:
+    """`value` as a varint. Cached: an answer's lengths repeat (its row count and dim do)."""
     encoded = bytearray()
     while value >= 0x80:
         encoded.append(value & 0x7F | 0x80)
@@ -116,6 +122,8 @@ def _packed_varints(values: np.ndarray) -> bytes:
     encoded = np.minimum(shifted, _CONTINUED)
     encoded |= shifted & _LOW_SEVEN
     by_value: np.ndarray = np.ascontiguousarray(encoded.T, dtype=np.uint8)
+    if int(values.min()) >> 7 * (groups - 1):  # every value takes all the groups (ages
+        return by_value.tobytes()  # of rows computed together mostly do)
     # Past a value's last group every byte is 0, and before it none is (the continuation
     # bit, or a nonzero top group), so the nonzero bytes are the varint; the first byte is
     # always kept, for the value 0.
