@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -30,6 +31,9 @@ from solaris.server.store import RowStatus
 
 READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 REQUEST_ITEMS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4096)
+
+_go_float = cast("Callable[[float], str]", floatToGoString)
+"""How prometheus_client writes a bucket bound (its function is untyped)."""
 
 
 class ReadMetrics(Collector):
@@ -98,7 +102,7 @@ class _Buckets:
     def family(self, name: str, help_text: str, created: float) -> HistogramMetricFamily:
         """As prometheus_client's Histogram exports it: cumulative buckets, sum, count and
         created."""
-        bounds = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        bounds = [_go_float(bound) for bound in self.bounds] + ["+Inf"]
         cumulative = itertools.accumulate(self.counts)
         family = HistogramMetricFamily(name, help_text)
         family.add_metric([], list(zip(bounds, cumulative, strict=True)), self.sum)
