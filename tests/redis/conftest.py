@@ -105,9 +105,9 @@ class ClusterProcesses:
             node.start()
         assert REDIS_CLI is not None
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        replicas = ["--cluster-replicas", "1", "--cluster-yes"]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "1"]
-            + ["--cluster-yes"],
+            [REDIS_CLI, "--cluster", "create", *addresses, *replicas],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -154,6 +154,18 @@ class ClusterProcesses:
             if time.monotonic() > deadline:
                 raise AssertionError("the replicas never synced")
             time.sleep(0.05)
+
+    def wait_until_replicated(self, master: RedisProcess, timeout: float = 30.0) -> None:
+        """Until `master`'s replica has every write it took so far."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with master.client() as client:
+                info = client.info("replication")
+            if info.get("slave0", {}).get("offset") == info["master_repl_offset"]:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("the replica never caught up")
+            time.sleep(0.02)
 
     def kill(self) -> None:
         for node in self.nodes:

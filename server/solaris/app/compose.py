@@ -161,7 +161,12 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     reachability = parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)
     parts.work_queue = StreamWorkQueue(
-        client, settings.work_stream_bytes, settings.max_id_bytes, timeout, reachability
+        client,
+        settings.work_stream_bytes,
+        settings.max_id_bytes,
+        timeout,
+        reachability,
+        settings.shards,
     )
     shipper = RequestShipper(
         client,
@@ -169,6 +174,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
         SLOW_REDIS_SECONDS,
         settings.max_id_bytes,
         reachability=reachability,
+        shards=settings.shards,
     )
     parts.request_log.listeners.append(shipper.append)
     parts.background += [RedisPing(client, reachability), shipper]
@@ -262,7 +268,9 @@ def shared_daemon(
 ) -> PrecomputeDaemon:
     """A daemon taking work from the shared stream."""
     client = connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
-    source = StreamWorkSource(client, settings.claim_idle_seconds, runner.model_version)
+    source = StreamWorkSource(
+        client, settings.claim_idle_seconds, runner.model_version, settings.shards
+    )
     return PrecomputeDaemon(
         runner, store, source, precompute, settings.ttl_seconds, settings.stale_seconds
     )
@@ -286,6 +294,7 @@ def shared_speculation(
         max_id_bytes=settings.max_id_bytes,
         history_bytes=precompute.history_bytes,
         shards=shards,
+        stream_shards=settings.shards,
     )
 
 

@@ -14,13 +14,15 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import hiredis
 import numpy as np
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -32,6 +34,8 @@ FORMAT_VERSION = 1
 DTYPE_FLOAT32 = 1
 MODEL_VERSION_KEY = "solaris:model-version"
 PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
+CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
+"""A URL naming one node of a Redis Cluster (TCP, or TLS), and the scheme redis-py reads."""
 DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
 """Off the serving path, a daemon can wait longer for Redis than a read can."""
 _UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
@@ -142,21 +146,59 @@ def _decode_fitting(
     return Decoded(values, times, len(blobs) - int(valid.sum()))
 
 
-def connect(url: str, timeout_seconds: float) -> redis.asyncio.Redis:
-    """A client for `url` (redis:// or rediss:// for TLS). The password comes from the URL or
-    from SOLARIS_REDIS_PASSWORD. No retries: the caller's budget is its own to keep (see
-    `solaris.server.reachability.within`); `timeout_seconds` is how long Redis may take before
-    the client gives up on it. Its connections, of the class the URL's scheme picks, pack
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+"""A client for one Redis node, or for a Redis Cluster."""
+BlockingClient = redis.Redis | redis.cluster.RedisCluster
+
+
+def is_cluster(url: str) -> bool:
+    """Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`)."""
+    return url.startswith(tuple(CLUSTER_SCHEMES))
+
+
+def node_url(url: str) -> str:
+    """`url` as redis-py reads it: a cluster's scheme made the plain one."""
+    for cluster, plain in CLUSTER_SCHEMES.items():
+        if url.startswith(cluster):
+            return plain + url.removeprefix(cluster)
+    return url
+
+
+def _options(timeout_seconds: float) -> dict[str, Any]:
+    """What every client is made with. No retries: the caller's budget is its own to keep (a
+    cluster client still learns the new topology on the call after a failed one)."""
+    return {
+        "password": os.environ.get(PASSWORD_ENV) or None,
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+def connect(url: str, timeout_seconds: float) -> AsyncClient:
+    """A client for `url`: redis:// (rediss:// for TLS) or unix:// for one node,
+    redis+cluster:// (rediss+cluster://) for a cluster, found from the one node named. The
+    password comes from the URL or from SOLARIS_REDIS_PASSWORD. `timeout_seconds` is how long
+    Redis may take before the client gives up on it (see `solaris.server.reachability.within`
+    for the caller's own budget). Its connections, of the class the URL's scheme picks, pack
     commands with hiredis."""
-    client = redis.asyncio.Redis.from_url(
-        url,
-        password=os.environ.get(PASSWORD_ENV) or None,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-    )
+    if is_cluster(url):
+        return _cluster_client(url, timeout_seconds)
+    client = redis.asyncio.Redis.from_url(url, **_options(timeout_seconds))
     pool = client.connection_pool
     pool.connection_class = _packed_by_hiredis(pool.connection_class)
+    return client
+
+
+def _cluster_client(url: str, timeout_seconds: float) -> redis.asyncio.cluster.RedisCluster:
+    """A cluster client whose connections, to every node it finds, pack with hiredis. Made
+    without I/O: it finds the cluster on its first call, so it starts while Redis is down."""
+    client = redis.asyncio.cluster.RedisCluster.from_url(node_url(url), **_options(timeout_seconds))
+    # The nodes it finds later are made with these options; the node named already was.
+    packed = _packed_by_hiredis(client.connection_kwargs["connection_class"])
+    client.connection_kwargs["connection_class"] = packed
+    for node in client.startup_nodes:
+        node.connection_class = packed
     return client
 
 
@@ -182,22 +224,23 @@ def _pack_with_hiredis(_: object, *args: EncodableT) -> list[bytes]:
         raise redis.exceptions.DataError(str(error)) from error
 
 
-def _packed_by_hiredis(kind: type[AbstractConnection]) -> type[AbstractConnection]:
+_Connection = TypeVar("_Connection", bound=AbstractConnection)
+
+
+def _packed_by_hiredis(kind: type[_Connection]) -> type[_Connection]:
     """`kind` (whichever the URL's scheme picked: TCP, TLS or a unix socket), packing with
     hiredis."""
-    return type(f"Hiredis{kind.__name__}", (kind,), {"pack_command": _pack_with_hiredis})
+    packed = type(f"Hiredis{kind.__name__}", (kind,), {"pack_command": _pack_with_hiredis})
+    return cast(type[_Connection], packed)
 
 
-def connect_blocking(url: str, timeout_seconds: float) -> redis.Redis:
+def connect_blocking(url: str, timeout_seconds: float) -> BlockingClient:
     """A blocking client, for a daemon's thread: `timeout_seconds` must outlast its longest
-    blocking read."""
-    return redis.Redis.from_url(
-        url,
-        password=os.environ.get(PASSWORD_ENV) or None,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-    )
+    blocking read. A cluster's finds the cluster when made (it cannot wait for a first call):
+    while no node answers, making it raises."""
+    if is_cluster(url):
+        return redis.cluster.RedisCluster.from_url(node_url(url), **_options(timeout_seconds))
+    return redis.Redis.from_url(url, **_options(timeout_seconds))
 
 
 def redacted(url: str) -> str:
@@ -228,7 +271,7 @@ def _header_fits(records: np.ndarray, dim: int, model_version: str) -> np.ndarra
 
 
 def read_stale_at(
-    client: redis.Redis, dim: int, model_version: str, pairs: Sequence[tuple[str, str]]
+    client: BlockingClient, dim: int, model_version: str, pairs: Sequence[tuple[str, str]]
 ) -> np.ndarray:
     """When each (user, item) pair goes stale (-inf if not stored), in one round trip, reading
     only the values' headers: a speculator asks this of every pair it considers, so it fetches
@@ -251,7 +294,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: AsyncClient,
         dim: int,
         model_version: str = "",
         version_refresh_seconds: float = 5.0,

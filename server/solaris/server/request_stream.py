@@ -14,6 +14,8 @@ is where that is no smaller. JSON entries (field `request`) from older sidecars 
 Bounded in bytes: no entry is larger than `entry_bytes` (a larger read splits into parts,
 which the reader joins), and the stream keeps `stream_length(budget)` entries, so its Redis
 memory stays within the budget and it cannot crowd the embeddings out of Redis's maxmemory.
+Sharded (`shards` keys, see `solaris.server.redis_streams`), a read goes to its user's shard,
+all its parts together, and each shard keeps its share of the budget.
 """
 
 import asyncio
@@ -30,10 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import redis.asyncio
 
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
-from solaris.server.redis_streams import StreamFields
+from solaris.server.redis_store import AsyncClient
+from solaris.server.redis_streams import StreamFields, shard_keys, shard_of
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
 
@@ -365,18 +367,20 @@ class RequestShipper:
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: AsyncClient,
         budget_bytes: int,
         timeout_seconds: float,
         max_id_bytes: int,
         buffer_pairs: int = 250_000,
         reachability: Reachability | None = None,
+        shards: int = 1,
     ) -> None:
         """Each shipment is reported to `reachability`: the shipper talks to Redis every
-        50 ms, whatever the reads."""
+        50 ms, whatever the reads. `budget_bytes` is the whole stream's, over `shards` keys."""
         self.client = client
         self.reachability = reachability or Reachability()
-        self.max_length = stream_length(budget_bytes, max_id_bytes)
+        self.keys = shard_keys(REQUEST_STREAM_KEY, shards)
+        self.max_length = stream_length(budget_bytes // shards, max_id_bytes)
         self.entry_bytes = entry_bytes(max_id_bytes)
         self.timeout_seconds = timeout_seconds
         self.buffer_pairs = buffer_pairs
@@ -432,25 +436,26 @@ class RequestShipper:
             if not await self._send(requests, values):
                 return
 
-    def _encode_slice(self, at_most: int) -> tuple[int, list[bytes]]:
+    def _encode_slice(self, at_most: int) -> tuple[int, list[tuple[str, bytes]]]:
         """Takes and encodes requests from the buffer for up to `_SLICE_SECONDS`: the event
         loop serves reads between slices. (A thread would not spare the loop: the GIL lets a
         read wait for an encoding thread up to the 5 ms switch interval.)"""
-        values: list[bytes] = []
+        values: list[tuple[str, bytes]] = []
         end = time.perf_counter() + _SLICE_SECONDS
         taken = 0
         while taken < at_most and self._buffer and (taken == 0 or time.perf_counter() < end):
             request = self._buffer.popleft()
             self._pairs -= len(request.item_ids)
-            values += encode_entries(request, self.entry_bytes)
+            key = self.keys[shard_of(request.user_id, len(self.keys))]
+            values += ((key, value) for value in encode_entries(request, self.entry_bytes))
             taken += 1
         return taken, values
 
-    async def _send(self, requests: int, values: list[bytes]) -> bool:
+    async def _send(self, requests: int, values: list[tuple[str, bytes]]) -> bool:
         # No `async with`: a pipeline past its budget runs on (and resets itself when done).
         pipe = self.client.pipeline(transaction=False)
-        for value in values:
-            pipe.xadd(REQUEST_STREAM_KEY, {FIELD: value}, maxlen=self.max_length, approximate=True)
+        for key, value in values:
+            pipe.xadd(key, {FIELD: value}, maxlen=self.max_length, approximate=True)
         try:
             await within(pipe.execute(), self.timeout_seconds, self.reachability)
         except asyncio.CancelledError:
@@ -462,5 +467,5 @@ class RequestShipper:
             return False
         self.shipped += requests
         self.shipped_entries += len(values)
-        self.shipped_bytes += sum(map(len, values))
+        self.shipped_bytes += sum(len(value) for _, value in values)
         return True
