@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import redis.cluster
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
@@ -21,7 +22,7 @@ from solaris.server.redis_store import node_url, pair_key
 from solaris.server.redis_streams import shard_keys, shard_of
 from solaris.server.request_stream import REQUEST_STREAM_KEY
 from solaris.server.settings import CLUSTER_STREAM_SHARDS, SidecarSettings
-from solaris.server.sidecar import Sidecar
+from solaris.server.sidecar import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.work_stream import GROUP, STREAM_KEY
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
@@ -128,7 +129,7 @@ def users_on(cluster: ClusterProcesses, master: int, version: str, shards: int) 
 
 class Callers:
     """BatchGets for `users`, back to back on a thread, each with a 0.5 s deadline: every
-    answer or error is kept."""
+    answer or error is kept, and the health of `solaris.redis` after each round."""
 
     def __init__(self, port: int, users: list[str], items: list[str]) -> None:
         self.port = port
@@ -136,6 +137,7 @@ class Callers:
         self.items = items
         self.answers: list[pb.BatchGetResponse] = []
         self.errors: list[grpc.RpcError] = []
+        self.health: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -150,7 +152,10 @@ class Callers:
     def _run(self) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = EmbeddingStoreStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            redis_health = health_pb2.HealthCheckRequest(service=REDIS_HEALTH_NAME)
             while not self._stop.is_set():
+                self.health.append(health.Check(redis_health, timeout=0.5).status)
                 for user in self.users:
                     request = pb.BatchGetRequest(user_id=user, item_ids=self.items)
                     try:
@@ -207,6 +212,9 @@ def test_a_master_killed_under_load_fails_over_without_errors_or_restarts(
             prefetch_until_hits(port, served, [f"new-{k}" for k in range(8)])
         assert promoted.port != first.port
         assert callers.errors == []
+        # Redis was down while a master was (some users unreadable), and is up again.
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in callers.health
+        assert callers.health[-1] == health_pb2.HealthCheckResponse.SERVING
         # The sidecar kept answering from memory (L1) what it had read before the kill.
         assert all(pb.HIT in answer.statuses for answer in callers.answers[::2])
         assert daemon_process.poll() is None
