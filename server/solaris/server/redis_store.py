@@ -26,7 +26,7 @@ import redis.cluster
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.typing import EncodableT
+from redis.typing import EncodableT, KeysT
 
 from solaris.server.store import FLOAT32, Freshness, Rows, never_stored
 
@@ -190,10 +190,23 @@ def connect(url: str, timeout_seconds: float) -> AsyncClient:
     return client
 
 
+class _OneSlotCluster(redis.asyncio.cluster.RedisCluster):
+    """A cluster client whose MGET goes straight to the master of its first key's slot: every
+    MGET here is of one user's keys, which share a slot. redis-py's own routing hashes every
+    key to check that they do, which took 1.5 ms of a 2 ms MGET of 500 keys (measured here);
+    Redis refuses a cross-slot MGET itself (CROSSSLOT)."""
+
+    async def mget(self, keys: KeysT, *args: EncodableT) -> Any:
+        names = [keys] if isinstance(keys, str | bytes | memoryview) else list(keys)
+        await self.initialize()  # a no-op unless the topology is unknown or out of date
+        node = self.nodes_manager.get_node_from_slot(self.keyslot(names[0]))
+        return await self.execute_command("MGET", *names, *args, target_nodes=node)
+
+
 def _cluster_client(url: str, timeout_seconds: float) -> redis.asyncio.cluster.RedisCluster:
     """A cluster client whose connections, to every node it finds, pack with hiredis. Made
     without I/O: it finds the cluster on its first call, so it starts while Redis is down."""
-    client = redis.asyncio.cluster.RedisCluster.from_url(node_url(url), **_options(timeout_seconds))
+    client = _OneSlotCluster.from_url(node_url(url), **_options(timeout_seconds))
     # The nodes it finds later are made with these options; the node named already was.
     packed = _packed_by_hiredis(client.connection_kwargs["connection_class"])
     client.connection_kwargs["connection_class"] = packed
