@@ -80,6 +80,46 @@ async def test_prefetched_pairs_are_computed_and_read_back_from_a_cluster(
     assert await asyncio.to_thread(wait_until, shipped)
 
 
+@contextlib.contextmanager
+def precompute(
+    cluster: ClusterProcesses, model: ExportReport, *flags: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`solaris precompute` on the cluster with `flags`, as its own process; killed at the end."""
+    command = [sys.executable, "-m", "solaris.app.cli", "precompute", "--redis", cluster.url]
+    command += ["--model", str(model.path), "--dim", str(DIM), *flags]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGCONT)  # if the test left it stopped
+        process.kill()
+        process.wait()
+
+
+async def test_misses_become_hits_through_the_speculator_on_a_cluster(
+    cluster_settings: SidecarSettings,
+    redis_cluster: ClusterProcesses,
+    tiny_model: ExportReport,
+    sidecars: list[Sidecar],
+) -> None:
+    """No Prefetch: the reads go to the request stream's shards, the speculator (holding its
+    lease, a script on the cluster) reads them all and adds work to the work stream's shards,
+    and a daemon computes it."""
+    with precompute(redis_cluster, tiny_model, "--speculation", "miss", "--batch-wait-ms", "1"):
+        sidecar = await started(cluster_settings, NO_DAEMON)
+        sidecars.append(sidecar)
+        users = [f"user-{n}" for n in range(6)]
+        assert len({shard_of(user, CLUSTER_STREAM_SHARDS) for user in users}) >= 3
+        items = [f"item-{n}" for n in range(10)]
+        for user in users:
+            for _ in range(600):
+                answer = await batch_get(sidecar, user, items)
+                if set(answer.statuses) == {pb.HIT}:
+                    break
+                await asyncio.sleep(0.05)
+            assert set(answer.statuses) == {pb.HIT}, user
+
+
 def test_the_shards_of_each_stream_spread_over_every_master(
     cluster_settings: SidecarSettings, redis_cluster: ClusterProcesses
 ) -> None:
@@ -102,15 +142,10 @@ async def until_all_hits(sidecar: Sidecar, user: str, items: list[str]) -> pb.Ba
 def daemon_process(
     redis_cluster: ClusterProcesses, tiny_model: ExportReport
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`solaris precompute` on the cluster, as its own process."""
-    command = [sys.executable, "-m", "solaris.app.cli", "precompute", "--redis", redis_cluster.url]
-    command += ["--model", str(tiny_model.path), "--dim", str(DIM), "--batch-pairs", "64"]
-    command += ["--claim-idle-seconds", "1", "--speculation", ""]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    yield process
-    process.send_signal(signal.SIGCONT)  # if the test left it stopped
-    process.kill()
-    process.wait()
+    """A daemon computing Prefetch work alone (no speculator)."""
+    flags = ["--batch-pairs", "64", "--claim-idle-seconds", "1", "--speculation", ""]
+    with precompute(redis_cluster, tiny_model, *flags) as process:
+        yield process
 
 
 def users_on(cluster: ClusterProcesses, master: int, version: str, shards: int) -> list[str]:
