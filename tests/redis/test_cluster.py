@@ -13,12 +13,13 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio.cluster
 import redis.cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from solaris.precompute.export import ExportReport
 from solaris.precompute.settings import PrecomputeSettings
-from solaris.server.redis_store import node_url, pair_key
+from solaris.server.redis_store import connect, node_url, pair_key
 from solaris.server.redis_streams import shard_keys, shard_of
 from solaris.server.request_stream import REQUEST_STREAM_KEY
 from solaris.server.settings import CLUSTER_STREAM_SHARDS, SidecarSettings
@@ -118,6 +119,26 @@ async def test_misses_become_hits_through_the_speculator_on_a_cluster(
                     break
                 await asyncio.sleep(0.05)
             assert set(answer.statuses) == {pb.HIT}, user
+
+
+async def test_the_cluster_client_packs_with_hiredis_and_sends_an_mget_to_its_slot(
+    redis_cluster: ClusterProcesses,
+) -> None:
+    client = connect(redis_cluster.url, 1.0)
+    assert isinstance(client, redis.asyncio.cluster.RedisCluster)
+    keys = [pair_key("v", user, "i") for user in ("user-1", "user-2", "user-3")]
+    await client.set(keys[0], b"one")
+    await client.set(keys[1], b"two")
+    assert await client.mget([keys[0], pair_key("v", "user-1", "j")]) == [b"one", None]
+    # Keys of other users' slots are refused by Redis, not read from the wrong node.
+    assert len({redis_cluster.master_of(key).port for key in keys}) > 1
+    with pytest.raises(redis.exceptions.ResponseError, match="don't hash to the same slot"):
+        await client.mget(keys)
+    nodes = client.nodes_manager.nodes_cache.values()
+    await client.aclose()
+    assert len(nodes) >= 3  # every master
+    for node in nodes:
+        assert node.connection_class.pack_command is not redis.asyncio.Connection.pack_command
 
 
 def test_the_shards_of_each_stream_spread_over_every_master(
