@@ -6,9 +6,11 @@ import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import IO
 
 import grpc
 import numpy as np
@@ -28,7 +30,14 @@ from solaris.server.work_stream import GROUP, STREAM_KEY
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM, wait_until
-from tests.redis.conftest import NO_DAEMON, ClusterProcesses, batch_get, started
+from tests.redis.conftest import (
+    NO_DAEMON,
+    REDIS_CLI,
+    REDIS_SERVER,
+    ClusterProcesses,
+    batch_get,
+    started,
+)
 from tests.server.serving import free_port, serving, wait_until_serving
 
 pytestmark = pytest.mark.cluster
@@ -83,12 +92,16 @@ async def test_prefetched_pairs_are_computed_and_read_back_from_a_cluster(
 
 @contextlib.contextmanager
 def precompute(
-    cluster: ClusterProcesses, model: ExportReport, *flags: str
+    cluster: ClusterProcesses,
+    model: ExportReport,
+    *flags: str,
+    stderr: IO[bytes] | int = subprocess.DEVNULL,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`solaris precompute` on the cluster with `flags`, as its own process; killed at the end."""
+    """`solaris precompute` on the cluster with `flags`, as its own process (its stderr to
+    `stderr`, by default nowhere); killed at the end."""
     command = [sys.executable, "-m", "solaris.app.cli", "precompute", "--redis", cluster.url]
     command += ["--model", str(model.path), "--dim", str(DIM), *flags]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stderr=stderr)
     try:
         yield process
     finally:
@@ -274,3 +287,33 @@ def test_a_master_killed_under_load_fails_over_without_errors_or_restarts(
         # The sidecar kept answering from memory (L1) what it had read before the kill.
         assert all(pb.HIT in answer.statuses for answer in callers.answers[::2])
         assert daemon_process.poll() is None
+
+
+def test_a_daemon_started_before_its_cluster_waits_for_it(tiny_model: ExportReport) -> None:
+    """`solaris precompute` finds no node (its cluster client looks when made): it waits, and
+    computes once the cluster is up."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server and redis-cli are not installed")
+    cluster = ClusterProcesses()
+    flags = ("--speculation", "")
+    try:
+        with (
+            tempfile.TemporaryFile() as log,
+            precompute(cluster, tiny_model, *flags, stderr=log) as daemon,
+        ):
+            assert wait_until(lambda: b"no node of the Redis Cluster" in read(log), timeout=60)
+            assert daemon.poll() is None
+            cluster.start()
+            port = free_port()
+            flags = ("--port", str(port), "--dim", str(DIM), "--redis", cluster.url)
+            with serving(flags, stderr=subprocess.DEVNULL):
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    wait_until_serving(channel)
+                prefetch_until_hits(port, "user-1", ["a", "b"])
+    finally:
+        cluster.kill()
+
+
+def read(file: IO[bytes]) -> bytes:
+    file.seek(0)
+    return file.read()

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog} {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
     except RedisClusterException as error:
-        # A daemon's cluster client finds the cluster when made: none of it answers at start.
+        # `serve` with a daemon, on a Redis Cluster of which no node answers: the daemon's
+        # client finds the cluster when made. (`precompute` waits for one instead.)
         print(f"{parser.prog} {args.command}: redis: {error}", file=sys.stderr)
         return 1
 

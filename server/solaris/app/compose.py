@@ -308,10 +308,11 @@ class DaemonParts:
     model_version: str
 
 
-def daemon_parts(settings: DaemonSettings) -> DaemonParts:
-    """The shared daemon alone: work from the stream, results to Redis, the shared speculator.
-    (DaemonSettings has refused an empty `redis` already.)"""
-    runner = open_checked_runner(settings, settings.dim)
+def daemon_parts(settings: DaemonSettings, runner: "OnnxRunner | None" = None) -> DaemonParts:
+    """The shared daemon alone: work from the stream, results to Redis, the shared speculator,
+    with `runner` (opened here if None). (DaemonSettings has refused an empty `redis`
+    already.) On a Redis Cluster, raises RedisClusterException while no node answers."""
+    runner = runner or open_checked_runner(settings, settings.dim)
     registry, live = _metrics()
     store = daemon_l2(settings, runner.model_version)
     daemon, speculation = _shared_workers(settings, settings, runner, store, live)
