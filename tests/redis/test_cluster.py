@@ -280,6 +280,9 @@ def test_a_master_killed_under_load_fails_over_without_errors_or_restarts(
             # ... and new work for users of the promoted master is computed and read.
             prefetch_until_hits(port, served, [f"new-{k}" for k in range(8)])
         assert promoted.port != first.port
+        # What was replicated before the kill is all there on the promoted master.
+        keys = [pair_key(tiny_model.model_version, served, item) for item in items]
+        assert None not in cluster_client(redis_cluster).mget(keys)
         assert callers.errors == []
         # Redis was down while a master was (some users unreadable), and is up again.
         assert health_pb2.HealthCheckResponse.NOT_SERVING in callers.health
