@@ -51,6 +51,7 @@ test: install check-protos lint
 bench: install
 	$(BIN)/python bench/batch_get.py
 	$(BIN)/python bench/client.py
+	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/daemon_intake.py
 	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/floor_parts.py

@@ -1,9 +1,11 @@
-"""What several bench scripts share: a free port, a redis-server of their own, and the two
+"""What several bench scripts share: a free port, a redis-server (or a Redis Cluster) of their
+own, and the two
 timing loops (back-to-back blocking calls, and many concurrent calls on one grpc.aio channel).
 """
 
 import asyncio
 import itertools
+import os
 import shutil
 import socket
 import subprocess
@@ -32,8 +34,11 @@ def free_port() -> int:
         return port
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server on a free port, without persistence, once it answers; and its URL."""
+def start_redis(
+    options: Sequence[str] = (), folder: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server on a free port, without persistence, once it answers; and its URL.
+    `options` are more flags; it runs in `folder`."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server is not installed")
@@ -48,8 +53,9 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
         "",
         "--appendonly",
         "no",
+        *options,
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=folder)
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -58,6 +64,24 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
         except redis.exceptions.ConnectionError:
             time.sleep(0.02)
     return process, f"redis://127.0.0.1:{port}/0"
+
+
+def start_cluster(folder: str) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """A Redis Cluster of 3 masters and 3 replicas on free ports, each node in a folder of its
+    own under `folder`, once every node says it is ok; and its `--redis` URL."""
+    nodes = []
+    for index in range(6):
+        os.mkdir(node_folder := os.path.join(folder, str(index)))
+        options = ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
+        nodes.append(start_redis(options, node_folder))
+    addresses = [url.removeprefix("redis://").removesuffix("/0") for _, url in nodes]
+    create = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1"]
+    subprocess.run([*create, "--cluster-yes"], check=True, stdout=subprocess.DEVNULL)
+    for address in addresses:
+        client = redis.Redis.from_url(f"redis://{address}")
+        while client.cluster("info").get("cluster_state") != "ok":
+            time.sleep(0.05)
+    return [process for process, _ in nodes], f"redis+cluster://{addresses[0]}"
 
 
 async def fill_redis(url: str, users: int, item_ids: list[str], dim: int, version: str) -> None:

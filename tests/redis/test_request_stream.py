@@ -4,6 +4,7 @@ or a shipper that lost entries."""
 
 import random
 import time
+from functools import partial
 
 import numpy as np
 
@@ -47,7 +48,9 @@ async def test_the_stream_stays_within_its_bytes_whatever_the_reads(
     most an entry holds: the stream's Redis memory stays within the budget, and it is full."""
     budget = 30 * redis_entry_bytes(ID_BYTES)
     client = connect(redis_server.url, 1.0)
-    shipper = RequestShipper(client, budget, 1.0, ID_BYTES, encoder=RequestEncoder(clock=never))
+    shipper = RequestShipper(
+        client, budget, 1.0, ID_BYTES, new_encoder=partial(RequestEncoder, clock=never)
+    )
     rng = random.Random(0)
     requests = [a_read(f"u{n}", rng.choice([1, 50, 500]), rng) for n in range(60)]
     requests += [a_read(f"big{n}", 3000, rng) for n in range(15)]
@@ -115,7 +118,11 @@ async def test_a_reader_after_the_trimming_names_what_it_can_truly_and_all_a_lit
     clock = Clock()
     client = connect(redis_server.url, 1.0)
     shipper = RequestShipper(
-        client, least_budget(ID_BYTES), 1.0, ID_BYTES, encoder=RequestEncoder(clock=clock)
+        client,
+        least_budget(ID_BYTES),
+        1.0,
+        ID_BYTES,
+        new_encoder=partial(RequestEncoder, clock=clock),
     )
     shared = tuple(f"shared-{n}" for n in range(50))
     reads = [own_read(f"u{n}", shared) for n in range(40)]
@@ -173,7 +180,7 @@ async def test_after_redis_lost_entries_the_next_ones_define_their_ids_again(
     await shipper.stop()
     await client.aclose()
 
-    assert shipper.encoder.epochs == 2
+    assert shipper.epochs == 2
     [(_, fields)] = redis_server.client().xrange(REQUEST_STREAM_KEY)
     shipped = decode_request(fields)  # read alone: it defines every id it names
     assert shipped is not None

@@ -2,6 +2,7 @@
 gRPC, a real daemon process killed with SIGKILL, and Redis itself killed under load."""
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key
+from solaris.server.redis_streams import shard_keys
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
 from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import REDIS_HEALTH_NAME, Sidecar
@@ -54,7 +56,8 @@ async def redis_health(sidecar: Sidecar) -> int:
 
 
 def stored_keys(server: RedisProcess) -> int:
-    return sum(1 for _ in server.client().scan_iter("solaris:*:{*", count=1000))
+    """Embeddings stored (not the streams' shard keys, `solaris:work:{0-0}`)."""
+    return sum(1 for _ in server.client().scan_iter("solaris:*:{*}:*", count=1000))
 
 
 async def test_a_write_goes_to_both_tiers_and_a_read_fills_l1(
@@ -124,21 +127,26 @@ def test_two_daemons_share_the_stream_without_computing_a_pair_twice(
     assert min(computed) > 0
 
 
+@pytest.mark.parametrize("shards", [1, 3])
 def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
     shared_settings: SidecarSettings,
     with_daemon: PrecomputeSettings,
     redis_server: RedisProcess,
     tiny_model: ExportReport,
+    shards: int,
 ) -> None:
+    """With the stream sharded, a survivor claims what was left pending on every shard."""
+    shared_settings = shared_settings.model_copy(update={"stream_shards": shards})
     # Enough work that the doomed daemon is still at it when the kill lands.
     tasks = [PrefetchTask(f"user-{n}", tuple(f"item-{k}" for k in range(8))) for n in range(1500)]
     asyncio.run(submit_all(shared_settings, tasks))
     command = [sys.executable, "-m", "solaris.app.cli", "precompute"]
     command += ["--redis", redis_server.url, "--model", str(tiny_model.path), "--dim", str(DIM)]
     command += ["--batch-pairs", "64", "--claim-idle-seconds", "1"]
+    command += ["--stream-shards", str(shards), "--speculation", ""]
     doomed = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(lambda: pending(redis_server) > 0, timeout=60)
+        assert wait_until(lambda: pending(redis_server, shards) > 0, timeout=60)
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait()
@@ -150,7 +158,7 @@ def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
     survivor.start()
     try:
         assert wait_until(lambda: stored_keys(redis_server) == 12_000, timeout=60)
-        assert wait_until(lambda: pending(redis_server) == 0, timeout=10)
+        assert wait_until(lambda: pending(redis_server, shards) == 0, timeout=10)
     finally:
         survivor.stop()
     assert survivor.source.claimed > 0
@@ -231,7 +239,7 @@ async def submit_all(
     settings: SidecarSettings, tasks: list[PrefetchTask], pause: float = 0
 ) -> None:
     client = connect(settings.redis, 1.0)
-    queue = StreamWorkQueue(client, 256 * 1024**2, 256, 1.0)
+    queue = StreamWorkQueue(client, 256 * 1024**2, 256, 1.0, shards=settings.shards)
     for task in tasks:
         await queue.submit(task)
         if pause:
@@ -239,11 +247,13 @@ async def submit_all(
     await client.aclose()
 
 
-def pending(server: RedisProcess) -> int:
-    try:
-        return server.client().xpending(STREAM_KEY, GROUP)["pending"]
-    except redis.exceptions.ResponseError:
-        return 0
+def pending(server: RedisProcess, shards: int = 1) -> int:
+    """Work entries read and not acknowledged, on every shard."""
+    found = 0
+    for key in shard_keys(STREAM_KEY, shards):
+        with contextlib.suppress(redis.exceptions.ResponseError):
+            found += server.client().xpending(key, GROUP)["pending"]
+    return found
 
 
 async def test_every_sidecars_reads_reach_one_request_stream(

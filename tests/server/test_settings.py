@@ -68,6 +68,17 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--metrics-port", "50051"], {}, "metrics_port: got 50051 .* must differ from port"),
         (["--cache-bytes", "1"], {}, "cache_bytes: got 1 from --cache-bytes; must hold one entry"),
         (["--request-stream-bytes", "40Ki"], {}, "request_stream_bytes: got 40Ki .* least 50688"),
+        (["--redis", "redis+cluster://h:7000/1"], {}, "redis: .*; names a database other than 0"),
+        (
+            ["--redis", "redis+cluster://h:7000", "--request-stream-bytes", "200Ki"],
+            {},
+            "request_stream_bytes: .* entry per shard: at least 304128 .* and 6 shards",
+        ),
+        (
+            ["--stream-shards", "2", "--work-stream-bytes", "90Ki"],
+            {},
+            "work_stream_bytes: .* 2 sh",
+        ),
         (
             ["--memory-limit", "1000", "--cache-fraction", "0.5"],
             {},

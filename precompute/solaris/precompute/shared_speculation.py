@@ -20,14 +20,11 @@ import contextlib
 import logging
 import random
 import threading
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import redis
 import redis.exceptions
-from redis.typing import KeyT, StreamIdT
 
 from solaris.precompute.daemon import HistoryBook
 from solaris.precompute.speculator import (
@@ -38,10 +35,14 @@ from solaris.precompute.speculator import (
 )
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.reachability import REDIS_ERRORS
-from solaris.server.redis_store import (
-    read_stale_at,
+from solaris.server.redis_store import BlockingClient, read_stale_at
+from solaris.server.redis_streams import (
+    entries,
+    process_name,
+    shard_keys,
+    shard_of,
+    stream_entries,
 )
-from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, PartJoiner, RequestDecoder
 from solaris.server.work_stream import (
@@ -77,16 +78,11 @@ def lease_key(shard: int, shards: int) -> str:
     return f"{LEASE_PREFIX}:{shard}-of-{shards}"
 
 
-def shard_of(user_id: str, shards: int) -> int:
-    """The same in every process (unlike `hash`)."""
-    return zlib.crc32(user_id.encode()) % shards
-
-
 class Lease:
     """One of `shards` leases, each held by one holder at a time for `seconds` after its last
     renewal; a holder holds at most one."""
 
-    def __init__(self, client: redis.Redis, seconds: float, shards: int = 1) -> None:
+    def __init__(self, client: BlockingClient, seconds: float, shards: int = 1) -> None:
         self.client = client
         self.ms = int(seconds * 1000)
         self.shards = shards
@@ -141,7 +137,7 @@ class SharedSpeculation:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: BlockingClient,
         settings: SpeculationSettings,
         dim: int,
         model_version: str,
@@ -151,17 +147,23 @@ class SharedSpeculation:
         max_id_bytes: int = 256,
         history_bytes: int = 64 * 1024**2,
         shards: int = 1,
+        stream_shards: int = 1,
     ) -> None:
         """`max_waiting_tasks`: work entries no daemon has taken yet above which the
         speculator adds none. `settings.budget_pairs_per_second` is this shard's share.
-        `work_stream_bytes` and `max_id_bytes` bound the work stream as the sidecars do."""
+        `work_stream_bytes`, `max_id_bytes` and `stream_shards` shape the streams as the
+        sidecars do."""
         self.client = client
         self.settings = settings
         self.dim = dim
         self.model_version = model_version
         self.lease = Lease(client, lease_seconds, shards)
         self.max_waiting_tasks = max_waiting_tasks
-        self.work_stream_length = work_stream_length(work_stream_bytes, max_id_bytes)
+        self.request_keys = shard_keys(REQUEST_STREAM_KEY, stream_shards)
+        self.work_keys = shard_keys(STREAM_KEY, stream_shards)
+        self.work_stream_length = work_stream_length(
+            work_stream_bytes // stream_shards, max_id_bytes
+        )
         self.work_entry_bytes = work_entry_bytes(max_id_bytes)
         self.stats = SharedSpeculationStats()
         self._speculator: Speculator | None = None
@@ -170,7 +172,8 @@ class SharedSpeculation:
         self._decoder = RequestDecoder()
         """Kept when the lead is lost: a sender's numbers never change meaning."""
         self._parts = PartJoiner()
-        self._cursors: dict[KeyT, StreamIdT] = {REQUEST_STREAM_KEY: "0-0", STREAM_KEY: "0-0"}
+        self._cursors = dict.fromkeys(self.request_keys + self.work_keys, "0-0")
+        self._turn = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="solaris-speculator", daemon=True)
 
@@ -243,23 +246,36 @@ class SharedSpeculation:
         self.stats.leading = False
 
     def _read_streams(self) -> None:
-        """New reads to learn from, and new Prefetch tasks for their histories."""
+        """New reads to learn from, and new Prefetch tasks for their histories: each stream
+        key read on its own (on a cluster one XREAD reads one slot), without waiting; when
+        none had any, waiting on one request shard (the next in turn) for more."""
         assert self._speculator is not None
-        answer = self.client.xread(self._cursors, count=_READ_AT_MOST, block=_READ_BLOCK_MS)
         reads: list[LoggedRequest] = []
-        for key, news in stream_entries(answer):
-            stream = key.decode()
-            for entry_id, fields in news:
-                self._cursors[stream] = entry_id.decode()
-                if stream == REQUEST_STREAM_KEY:
-                    reads += self._our_read(fields)
-                else:
-                    self._learn_history(entry_id.decode(), fields)
+        found = False
+        for key in self._cursors:
+            found |= self._read_stream(key, None, reads)
+        if not found:
+            self._turn = (self._turn + 1) % len(self.request_keys)
+            self._read_stream(self.request_keys[self._turn], _READ_BLOCK_MS, reads)
         self._speculator.observe(reads)
         self.stats.requests_read += len(reads)
         self.stats.malformed_reads = self._decoder.malformed
         self.stats.unknown_items = self._decoder.unknown_items
         self.stats.id_table_bytes = self._decoder.nbytes
+
+    def _read_stream(self, key: str, block_ms: int | None, reads: list[LoggedRequest]) -> bool:
+        """Reads `key` from its cursor, adding its reads to `reads`; whether it had news."""
+        answer = self.client.xread({key: self._cursors[key]}, count=_READ_AT_MOST, block=block_ms)
+        found = False
+        for _, news in stream_entries(answer):
+            for entry_id, fields in news:
+                found = True
+                self._cursors[key] = entry_id.decode()
+                if key in self.request_keys:
+                    reads += self._our_read(fields)
+                else:
+                    self._learn_history(entry_id.decode(), fields)
+        return found
 
     def _our_read(self, fields: dict[bytes, bytes]) -> list[LoggedRequest]:
         """The read in a request stream entry, if well formed and of this shard's users; a
@@ -282,10 +298,14 @@ class SharedSpeculation:
         return self.lease.shards == 1 or shard_of(user_id, self.lease.shards) == self.lease.shard
 
     def _waiting_tasks(self) -> int:
-        """Entries of the work stream no daemon has read yet. With no daemon in the group
+        """Entries of the work stream (all its shards) no daemon has read yet."""
+        return sum(self._waiting_in(key) for key in self.work_keys)
+
+    def _waiting_in(self, key: str) -> int:
+        """Entries of one work shard no daemon has read yet. With no daemon in its group
         (none started yet, or Redis restarted empty) nothing would take work: counted as full."""
         try:
-            groups = self.client.xinfo_groups(STREAM_KEY)
+            groups = self.client.xinfo_groups(key)
         except redis.exceptions.ResponseError:
             return self.max_waiting_tasks  # no work stream yet
         group = next((g for g in groups if g["name"] == GROUP.encode()), None)
@@ -295,9 +315,7 @@ class SharedSpeculation:
             return int(group["lag"])
         # Redis leaves lag unknown after some trims and deletions: count the entries instead.
         after = b"(" + group["last-delivered-id"]
-        return len(
-            entries(self.client.xrange(STREAM_KEY, after, "+", count=self.max_waiting_tasks))
-        )
+        return len(entries(self.client.xrange(key, after, "+", count=self.max_waiting_tasks)))
 
     def _add_work(self, max_tasks: int) -> None:
         """Up to `max_tasks` tasks, one per user; what does not reach the stream goes back to
@@ -322,8 +340,9 @@ class SharedSpeculation:
                 user_id = entries[0].user_id
                 items = tuple(entry.item_id for entry in entries)
                 task = PrefetchTask(user_id, items, self.histories.get(user_id))
+                key = self.work_keys[shard_of(user_id, len(self.work_keys))]
                 for entry in encode_tasks(task, self.work_entry_bytes):
-                    pipe.xadd(STREAM_KEY, entry, maxlen=self.work_stream_length, approximate=True)
+                    pipe.xadd(key, entry, maxlen=self.work_stream_length, approximate=True)
             pipe.execute()
 
     def _stale_at(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:

@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from redis.exceptions import RedisClusterException
+
 from solaris.app.extras import missing_extra, provides
 from solaris.app.logs import configure_logging
 from solaris.app.ports import check_can_listen
@@ -88,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"{parser.prog} {args.command}: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except RedisClusterException as error:
+        # `serve` with a daemon, on a Redis Cluster of which no node answers: the daemon's
+        # client finds the cluster when made. (`precompute` waits for one instead.)
+        print(f"{parser.prog} {args.command}: redis: {error}", file=sys.stderr)
+        return 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -162,7 +162,12 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     reachability = parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)
     parts.work_queue = StreamWorkQueue(
-        client, settings.work_stream_bytes, settings.max_id_bytes, timeout, reachability
+        client,
+        settings.work_stream_bytes,
+        settings.max_id_bytes,
+        timeout,
+        reachability,
+        settings.shards,
     )
     shipper = RequestShipper(
         client,
@@ -170,6 +175,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
         SLOW_REDIS_SECONDS,
         settings.max_id_bytes,
         reachability=reachability,
+        shards=settings.shards,
     )
     parts.request_log.listeners.append(shipper.append)
     parts.background += [RedisPing(client, reachability), shipper]
@@ -267,7 +273,9 @@ def shared_daemon(
 ) -> PrecomputeDaemon:
     """A daemon taking work from the shared stream."""
     client = connect_blocking(settings.redis, DAEMON_REDIS_TIMEOUT_SECONDS)
-    source = StreamWorkSource(client, settings.claim_idle_seconds, runner.model_version)
+    source = StreamWorkSource(
+        client, settings.claim_idle_seconds, runner.model_version, settings.shards
+    )
     return PrecomputeDaemon(
         runner, store, source, precompute, settings.ttl_seconds, settings.stale_seconds
     )
@@ -291,6 +299,7 @@ def shared_speculation(
         max_id_bytes=settings.max_id_bytes,
         history_bytes=precompute.history_bytes,
         shards=shards,
+        stream_shards=settings.shards,
     )
 
 
@@ -304,10 +313,11 @@ class DaemonParts:
     model_version: str
 
 
-def daemon_parts(settings: DaemonSettings) -> DaemonParts:
-    """The shared daemon alone: work from the stream, results to Redis, the shared speculator.
-    (DaemonSettings has refused an empty `redis` already.)"""
-    runner = open_checked_runner(settings, settings.dim)
+def daemon_parts(settings: DaemonSettings, runner: "OnnxRunner | None" = None) -> DaemonParts:
+    """The shared daemon alone: work from the stream, results to Redis, the shared speculator,
+    with `runner` (opened here if None). (DaemonSettings has refused an empty `redis`
+    already.) On a Redis Cluster, raises RedisClusterException while no node answers."""
+    runner = runner or open_checked_runner(settings, settings.dim)
     registry, live = _metrics()
     store = daemon_l2(settings, runner.model_version)
     daemon, speculation = _shared_workers(settings, settings, runner, store, live)

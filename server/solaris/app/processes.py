@@ -6,12 +6,16 @@ import logging
 import signal
 import threading
 
-from solaris.app.compose import build_sidecar, daemon_parts
+from redis.exceptions import RedisClusterException
+
+from solaris.app.compose import DaemonParts, build_sidecar, daemon_parts, open_checked_runner
 from solaris.app.settings import DaemonSettings, ServeSettings
 from solaris.server.metrics import serve_metrics
 from solaris.server.redis_store import redacted
 from solaris.server.sidecar import serve_until_signalled
 
+_FIRST_PAUSE_SECONDS = 0.25
+_MOST_PAUSE_SECONDS = 5.0
 logger = logging.getLogger("solaris.app")
 
 
@@ -25,10 +29,12 @@ def run_sidecar(settings: ServeSettings) -> None:
 def run_daemon(settings: DaemonSettings) -> None:
     """`solaris precompute`: computes for every sidecar until SIGTERM or SIGINT, then finishes
     the batch in hand (its tasks are acknowledged) and stops."""
-    parts = daemon_parts(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    parts = _parts_once_redis_answers(settings, stop)
+    if parts is None:
+        return
     parts.daemon.start()
     if parts.speculation is not None:
         parts.speculation.start()
@@ -44,3 +50,22 @@ def run_daemon(settings: DaemonSettings) -> None:
     if metrics is not None:
         metrics.shutdown()
     logger.info("stopped")
+
+
+def _parts_once_redis_answers(
+    settings: DaemonSettings, stop: threading.Event
+) -> DaemonParts | None:
+    """The daemon's parts; on a Redis Cluster, once a node answers (its client finds the
+    cluster when made), waiting with a backoff to 5 s rather than exit and wait on a
+    supervisor's. None if stopped while waiting."""
+    runner = open_checked_runner(settings, settings.dim)
+    pause = _FIRST_PAUSE_SECONDS
+    while True:
+        try:
+            return daemon_parts(settings, runner)
+        except RedisClusterException as error:
+            if pause == _FIRST_PAUSE_SECONDS:
+                logger.warning("no node of the Redis Cluster answers (%s); waiting", error)
+        if stop.wait(pause):
+            return None
+        pause = min(2 * pause, _MOST_PAUSE_SECONDS)

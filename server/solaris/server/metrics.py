@@ -202,13 +202,13 @@ def shipper_values(live: LiveValues, shipper: RequestShipper) -> None:
     live.gauge(
         "solaris_request_stream_id_table_bytes",
         "Memory the table numbering the ids on the request stream takes.",
-        lambda: shipper.encoder.nbytes,
+        lambda: shipper.id_table_bytes,
     )
     live.counter(
         "solaris_request_stream_id_tables",
         f"Tables of ids begun for the request stream (every {EPOCH_SECONDS:g} s, or sooner "
         "when one is full or Redis lost entries).",
-        lambda: shipper.encoder.epochs,
+        lambda: shipper.epochs,
     )
 
 

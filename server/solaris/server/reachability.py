@@ -11,6 +11,12 @@ evidence: it goes on in the background and its outcome is what counts. The clien
 timeout (`CLIENT_TIMEOUT_SECONDS`) is only a backstop: redis-py measures it with a timer that
 a starved process finds expired beside the answer, and counts it as Redis's. Each change is
 logged once and reported to whoever watches (the health service).
+
+On a Redis Cluster, Redis is the cluster, and it is down when any part of it is: the ping goes
+to every master, and a master not answering (or the cluster saying CLUSTERDOWN, or no node
+reachable) marks it down, since the users whose slots that master holds cannot be read. Once
+a replica has taken over (about cluster-node-timeout plus an election) the client finds the
+new master on its next call and the ping finds every master answering: up again.
 """
 
 import asyncio
@@ -21,12 +27,26 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.exceptions
 
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
-"""What a Redis call may raise when Redis fails, or when we stop waiting for it."""
-LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-"""What says Redis is not answering (a ResponseError is an answer)."""
+REDIS_ERRORS = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+"""What a Redis call may raise when Redis fails, or when we stop waiting for it (a cluster
+client raises RedisClusterException, no RedisError, when it reaches no node)."""
+LOST = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
+"""What says Redis is not answering (a ResponseError is an answer, except a cluster's
+CLUSTERDOWN: some of its slots have no master)."""
 SLOW_REDIS_SECONDS = 1.0
 """A ping Redis has not answered in this long marks it down."""
 CLIENT_TIMEOUT_SECONDS = 10.0
@@ -163,7 +183,11 @@ class RedisPing:
     connections at once, so that the first reads find them open (opening one takes round trips
     a read's budget may not hold) and health is known before the sidecar serves."""
 
-    def __init__(self, client: redis.asyncio.Redis, reachability: Reachability) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+        reachability: Reachability,
+    ) -> None:
         self.client = client
         self.reachability = reachability
         self._stopping = asyncio.Event()
@@ -182,11 +206,18 @@ class RedisPing:
 
     async def ping(self) -> None:
         try:
-            await within(self.client.ping(), SLOW_REDIS_SECONDS, self.reachability)
+            await within(self._ping(), SLOW_REDIS_SECONDS, self.reachability)
         except TimeoutError as error:
             self.reachability.failed(error)
         except REDIS_ERRORS:
             pass  # observed
+
+    async def _ping(self) -> object:
+        """PING to the one node, or to every master of a cluster: a master not answering is
+        some users' pairs out of reach (until its replica takes over)."""
+        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+            return await self.client.ping(target_nodes=redis.asyncio.cluster.RedisCluster.PRIMARIES)
+        return await self.client.ping()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():

@@ -1,5 +1,10 @@
-"""What the Redis stream users share: the name a process goes by in Redis, the field types
-XADD takes, and typed readings of redis-py's stream replies.
+"""What the Redis stream users share: the name a process goes by in Redis, the keys a stream
+is sharded over, the field types XADD takes, and typed readings of redis-py's stream replies.
+
+A stream may be spread over several keys (shards), so that on a Redis Cluster its load spreads
+over the masters: each key is hash-tagged to a slot of its own share of the slot space (as
+`redis-cli --cluster create` shares the slots out among masters), and a writer picks a user's
+shard by a stable hash of the user, so that one user's entries keep their order in one key.
 
 redis-py types a stream reply as a union over both protocols and both response modes
 (`bytes | str | None`, lists or dicts). Our clients use its defaults (RESP2 shapes, no
@@ -10,7 +15,10 @@ plain types. A reply of another shape means a client made otherwise: a TypeError
 import os
 import socket
 import uuid
+import zlib
+from functools import cache
 
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.typing import EncodableT, FieldT
 
 StreamFields = dict[FieldT, EncodableT]
@@ -23,6 +31,30 @@ def process_name() -> str:
     """Unique to this call: host and pid say which process, for people reading Redis; the
     random part keeps two holders in one process (or a restarted pid) apart."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def shard_of(user_id: str, shards: int) -> int:
+    """The user's shard of `shards`: the same in every process (unlike `hash`)."""
+    return zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % shards
+
+
+@cache
+def shard_keys(key: str, shards: int) -> tuple[str, ...]:
+    """The keys of a stream named `key` spread over `shards`: `key` itself for one (as
+    before sharding), else `key:{<shard>-<n>}` with the first `n` that puts shard `i`'s slot in
+    the `i`-th of `shards` equal parts of the slot space."""
+    if shards == 1:
+        return (key,)
+    return tuple(_shard_key(key, shard, shards) for shard in range(shards))
+
+
+def _shard_key(key: str, shard: int, shards: int) -> str:
+    low = shard * REDIS_CLUSTER_HASH_SLOTS // shards
+    high = (shard + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+    n = 0
+    while not low <= key_slot(f"{key}:{{{shard}-{n}}}".encode()) < high:
+        n += 1
+    return f"{key}:{{{shard}-{n}}}"
 
 
 def entries(reply: object) -> list[Entry]:

@@ -32,6 +32,9 @@ each carrying the definitions of its own ids, which the reader joins), and the s
 `stream_length(budget)` entries, so its Redis memory stays within the budget however small
 the entries are (Redis packs small ones into shared nodes, for less memory each) and it
 cannot crowd the embeddings out of Redis's maxmemory. Both ends' tables are bounded in bytes.
+Sharded (`shards` keys, see `solaris.server.redis_streams`), a read goes to its user's shard,
+all its parts together, each shard numbers its own ids, and each keeps its share of the
+budget.
 """
 
 import array
@@ -52,10 +55,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
-import redis.asyncio
 
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
-from solaris.server.redis_streams import StreamFields
+from solaris.server.redis_store import AsyncClient
+from solaris.server.redis_streams import StreamFields, shard_keys, shard_of
 from solaris.server.request_log import LoggedRequest
 from solaris.server.store import RowStatus
 
@@ -738,20 +741,24 @@ class RequestShipper:
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: AsyncClient,
         budget_bytes: int,
         timeout_seconds: float,
         max_id_bytes: int,
         buffer_pairs: int = 250_000,
         reachability: Reachability | None = None,
-        encoder: RequestEncoder | None = None,
+        shards: int = 1,
+        new_encoder: Callable[[], "RequestEncoder"] | None = None,
     ) -> None:
         """Each shipment is reported to `reachability`: the shipper talks to Redis every
-        50 ms, whatever the reads."""
+        50 ms, whatever the reads. `budget_bytes` is the whole stream's, over `shards` keys.
+        Each shard has an encoder of its own, so that an entry's ids are defined in the shard
+        it is read from (a reader reads shards in no set order)."""
         self.client = client
-        self.encoder = encoder or RequestEncoder()
+        self.encoders = [(new_encoder or RequestEncoder)() for _ in range(shards)]
         self.reachability = reachability or Reachability()
-        self.max_length = stream_length(budget_bytes, max_id_bytes)
+        self.keys = shard_keys(REQUEST_STREAM_KEY, shards)
+        self.max_length = stream_length(budget_bytes // shards, max_id_bytes)
         self.entry_bytes = entry_bytes(max_id_bytes)
         self.timeout_seconds = timeout_seconds
         self.buffer_pairs = buffer_pairs
@@ -807,25 +814,27 @@ class RequestShipper:
             if not await self._send(requests, values):
                 return
 
-    def _encode_slice(self, at_most: int) -> tuple[int, list[bytes]]:
+    def _encode_slice(self, at_most: int) -> tuple[int, list[tuple[str, bytes]]]:
         """Takes and encodes requests from the buffer for up to `_SLICE_SECONDS`: the event
         loop serves reads between slices. (A thread would not spare the loop: the GIL lets a
         read wait for an encoding thread up to the 5 ms switch interval.)"""
-        values: list[bytes] = []
+        values: list[tuple[str, bytes]] = []
         end = time.perf_counter() + _SLICE_SECONDS
         taken = 0
         while taken < at_most and self._buffer and (taken == 0 or time.perf_counter() < end):
             request = self._buffer.popleft()
             self._pairs -= len(request.item_ids)
-            values += self.encoder.encode(request, self.entry_bytes)
+            shard = shard_of(request.user_id, len(self.keys))
+            encoded = self.encoders[shard].encode(request, self.entry_bytes)
+            values += ((self.keys[shard], value) for value in encoded)
             taken += 1
         return taken, values
 
-    async def _send(self, requests: int, values: list[bytes]) -> bool:
+    async def _send(self, requests: int, values: list[tuple[str, bytes]]) -> bool:
         # No `async with`: a pipeline past its budget runs on (and resets itself when done).
         pipe = self.client.pipeline(transaction=False)
-        for value in values:
-            pipe.xadd(REQUEST_STREAM_KEY, {FIELD: value}, maxlen=self.max_length, approximate=True)
+        for key, value in values:
+            pipe.xadd(key, {FIELD: value}, maxlen=self.max_length, approximate=True)
         try:
             await within(pipe.execute(), self.timeout_seconds, self.reachability)
         except asyncio.CancelledError:
@@ -837,11 +846,20 @@ class RequestShipper:
             return False
         self.shipped += requests
         self.shipped_entries += len(values)
-        self.shipped_bytes += sum(map(len, values))
+        self.shipped_bytes += sum(len(value) for _, value in values)
         return True
 
     def _lost(self, requests: int) -> None:
         """Counts `requests` dropped; whether or not Redis took some of their entries, the
-        definitions in them are unknown to readers, so the encoder starts afresh."""
+        definitions in them are unknown to readers, so the encoders start afresh."""
         self.dropped += requests
-        self.encoder.forget()
+        for encoder in self.encoders:
+            encoder.forget()
+
+    @property
+    def id_table_bytes(self) -> int:
+        return sum(encoder.nbytes for encoder in self.encoders)
+
+    @property
+    def epochs(self) -> int:
+        return sum(encoder.epochs for encoder in self.encoders)

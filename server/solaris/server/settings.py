@@ -26,6 +26,7 @@ from redis import connection
 
 from solaris.server.grpc_api.admission import answer_bytes
 from solaris.server.l1 import entry_bytes
+from solaris.server.redis_store import CLUSTER_SCHEMES, is_cluster, node_url
 from solaris.server.request_stream import least_budget
 from solaris.server.work_stream import least_work_budget
 from solaris.wire import max_message_bytes
@@ -71,7 +72,9 @@ _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1
 _SIZE_UNITS["gi"] = 1024**3
 _SIZE = re.compile(r"\s*([+-]?\d+)\s*([kKmMgG]i?)?[bB]?\s*")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", *CLUSTER_SCHEMES, "unix://")
+CLUSTER_STREAM_SHARDS = 6
+"""Shards of each stream on a cluster unless told: 2 per master of 3, 1 per master of 6."""
 # How redis-py reads a URL (it raises ValueError), typed: redis-py leaves it unannotated.
 _parse_redis_url: Callable[[str], dict[str, Any]] = connection.parse_url
 _redis_connection: Callable[[redis.asyncio.ConnectionPool], object] = (
@@ -171,14 +174,16 @@ def check_redis_url(value: str) -> str:
     if not value.startswith(REDIS_SCHEMES):
         raise ValueError("not a Redis URL")
     try:
-        _parse_redis_url(value)
-        _redis_connection(redis.asyncio.ConnectionPool.from_url(value))
+        database = _parse_redis_url(node_url(value)).get("db", 0)
+        _redis_connection(redis.asyncio.ConnectionPool.from_url(node_url(value)))
     except (ValueError, TypeError):
         raise SettingsError(
             "is not a Redis URL that redis-py can read (check its port, database number and "
             "options)",
             "redis",
         ) from None
+    if is_cluster(value) and database != 0:
+        raise SettingsError("names a database other than 0, which a Redis Cluster lacks", "redis")
     return value
 
 
@@ -257,8 +262,17 @@ class StoreSettings(SettingsModel):
         "",
         repr=False,
         description="Redis URL (redis://, rediss:// for TLS, or unix://) of the shared store "
-        "and work queue; empty for none. A password not in the URL is read from "
+        "and work queue, or redis+cluster:// (rediss+cluster://) and one node of a Redis "
+        "Cluster; empty for none. A password not in the URL is read from "
         "SOLARIS_REDIS_PASSWORD.",
+    )
+    stream_shards: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Keys the work and request streams are each spread over, so that their "
+        f"load spreads over a cluster's masters; 0: 1 on one node, {CLUSTER_STREAM_SHARDS} on a "
+        "cluster. Every sidecar and daemon must use the same.",
     )
     redis_timeout_ms: float = Field(
         20.0, ge=1, description="Longest a read or write waits on Redis before going on without it."
@@ -303,12 +317,20 @@ class StoreSettings(SettingsModel):
         """Where /metrics listens: metrics_host, or loopback."""
         return self.metrics_host or "127.0.0.1"
 
+    @property
+    def shards(self) -> int:
+        """Keys each stream is spread over: `stream_shards`, or its default for the URL."""
+        if self.stream_shards:
+            return self.stream_shards
+        return CLUSTER_STREAM_SHARDS if is_cluster(self.redis) else 1
+
     @model_validator(mode="after")
     def _work_stream_holds_entries(self) -> "StoreSettings":
-        least = least_work_budget(self.max_id_bytes)
+        least = least_work_budget(self.max_id_bytes) * self.shards
         if self.work_stream_bytes < least:
             raise SettingsError(
-                f"must hold an entry: at least {least} bytes with max_id_bytes {self.max_id_bytes}",
+                f"must hold an entry per shard: at least {least} bytes with max_id_bytes "
+                f"{self.max_id_bytes} and {self.shards} shards",
                 "work_stream_bytes",
             )
         return self
@@ -440,10 +462,11 @@ class SidecarSettings(StoreSettings):
 
     @model_validator(mode="after")
     def _request_stream_holds_entries(self) -> "SidecarSettings":
-        least = least_budget(self.max_id_bytes)
+        least = least_budget(self.max_id_bytes) * self.shards
         if self.request_stream_bytes < least:
             raise SettingsError(
-                f"must hold an entry: at least {least} bytes with max_id_bytes {self.max_id_bytes}",
+                f"must hold an entry per shard: at least {least} bytes with max_id_bytes "
+                f"{self.max_id_bytes} and {self.shards} shards",
                 "request_stream_bytes",
             )
         return self

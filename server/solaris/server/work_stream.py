@@ -1,4 +1,4 @@
-"""The shared work queue on a Redis Stream with one consumer group.
+"""The shared work queue on a Redis Stream with one consumer group (on each of its shards).
 
 Sidecars (and the shared speculator) XADD Prefetch work; daemons XREADGROUP it, acknowledge each
 entry only after its pairs are written, and claim entries a dead daemon left pending
@@ -9,7 +9,8 @@ is first come, first served: Prefetch priority orders only the in-process queue.
 Bounded in bytes: an entry holds at most `work_entry_bytes` (a larger task goes in several,
 each a task of its own with a share of the items; its history cut, where it must be, to the
 most recent items that fit half an entry: the model reads only the most recent anyway), and
-the stream keeps `work_stream_length(budget)` entries (`MAXLEN ~`).
+the stream keeps `work_stream_length(budget)` entries (`MAXLEN ~`); sharded, each shard keeps
+its share of the budget. A task goes to its user's shard (see `solaris.server.redis_streams`).
 """
 
 import json
@@ -17,20 +18,20 @@ import logging
 import time
 from dataclasses import replace
 
-import redis
-import redis.asyncio
 import redis.exceptions
 
 from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.reachability import LOST as REDIS_LOST
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
-from solaris.server.redis_store import MODEL_VERSION_KEY
+from solaris.server.redis_store import MODEL_VERSION_KEY, AsyncClient, BlockingClient
 from solaris.server.redis_streams import (
     Entry,
     StreamFields,
     autoclaimed,
     process_name,
+    shard_keys,
+    shard_of,
     stream_entries,
 )
 
@@ -137,18 +138,21 @@ def decode_task(entry_id: str, fields: dict[bytes, bytes]) -> PrefetchTask | Non
 
 
 class StreamWorkQueue:
-    """The sidecar's side: adds Prefetch tasks to the stream."""
+    """The sidecar's side: adds Prefetch tasks to the stream (a user's to the user's shard)."""
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: AsyncClient,
         budget_bytes: int,
         max_id_bytes: int,
         timeout_seconds: float,
         reachability: Reachability | None = None,
+        shards: int = 1,
     ) -> None:
+        """`budget_bytes` is the whole stream's: each of `shards` keys keeps its share."""
         self.client = client
-        self.max_length = work_stream_length(budget_bytes, max_id_bytes)
+        self.keys = shard_keys(STREAM_KEY, shards)
+        self.max_length = work_stream_length(budget_bytes // shards, max_id_bytes)
         self.entry_bytes = work_entry_bytes(max_id_bytes)
         self.timeout_seconds = timeout_seconds
         self.reachability = reachability or Reachability()
@@ -156,9 +160,10 @@ class StreamWorkQueue:
     async def submit(self, task: PrefetchTask) -> None:
         """Adds `task`, or raises Unavailable when Redis did not take it within the timeout
         (it may still: an XADD past its budget runs on, and a task twice is computed once)."""
+        key = self.keys[shard_of(task.user_id, len(self.keys))]
         pipe = self.client.pipeline(transaction=False)
         for entry in encode_tasks(task, self.entry_bytes):
-            pipe.xadd(STREAM_KEY, entry, maxlen=self.max_length, approximate=True)
+            pipe.xadd(key, entry, maxlen=self.max_length, approximate=True)
         try:
             await within(pipe.execute(), self.timeout_seconds, self.reachability)
         except REDIS_ERRORS as error:
@@ -167,25 +172,40 @@ class StreamWorkQueue:
             raise Unavailable(f"work queue: Redis unreachable ({error!r})") from error
 
 
-class StreamWorkSource:
-    """The daemon's side: reads tasks as one consumer of the group, blocking in its thread."""
+_SHARDED_BLOCK_MS = 100
+"""Longest a daemon waits on one shard while others may get work: how late it may see it."""
 
-    def __init__(self, client: redis.Redis, claim_idle_seconds: float, model_version: str) -> None:
+
+class StreamWorkSource:
+    """The daemon's side: reads tasks as one consumer of the group of each shard, blocking in
+    its thread. Each take looks at the shards in turn from the next one, so that none waits
+    behind another; a receipt names the shard its entry came from."""
+
+    def __init__(
+        self, client: BlockingClient, claim_idle_seconds: float, model_version: str, shards: int = 1
+    ) -> None:
         self.client = client
+        self.keys = shard_keys(STREAM_KEY, shards)
         self.model_version = model_version
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.consumer = process_name()
         self.claimed = 0
         self.malformed = 0
         self._group_ready = False
-        self._claim_cursor = "0-0"
+        self._claim_cursors = dict.fromkeys(self.keys, "0-0")
+        self._turn = 0
         self._version_published_at = -float("inf")
 
     def take(self, max_tasks: int, timeout: float | None = None) -> list[PrefetchTask]:
-        """Entries left pending by a dead consumer first, then new ones (waiting `timeout`)."""
+        """Entries left pending by a dead consumer first (one shard a take, in turn), then new
+        ones (waiting `timeout`)."""
         self._join()
+        self._turn = (self._turn + 1) % len(self.keys)
+        order = self.keys[self._turn :] + self.keys[: self._turn]
         try:
-            found = self._claim_abandoned(max_tasks) or self._read_new(max_tasks, timeout)
+            found = self._claim_abandoned(order[0], max_tasks) or self._read_new(
+                order, max_tasks, timeout
+            )
         except redis.exceptions.ResponseError as error:
             if "NOGROUP" in str(error):
                 self._group_ready = False  # Redis restarted empty: join again next time
@@ -196,12 +216,16 @@ class StreamWorkSource:
         self.client.close()
 
     def ack(self, tasks: list[PrefetchTask]) -> None:
-        receipts = [task.receipt for task in tasks if task.receipt]
-        if receipts:
-            self.client.xack(STREAM_KEY, GROUP, *receipts)
+        by_key: dict[str, list[str]] = {}
+        for task in tasks:
+            if task.receipt:
+                key, _, entry_id = task.receipt.rpartition(" ")
+                by_key.setdefault(key or self.keys[0], []).append(entry_id)
+        for key, receipts in by_key.items():
+            self.client.xack(key, GROUP, *receipts)
 
     def _join(self) -> None:
-        """Makes the consumer group (once, or again after Redis lost it) and publishes our
+        """Makes the consumer groups (once, or again after Redis lost one) and publishes our
         model version every few seconds, so that sidecars find it even after Redis restarted
         empty. Lazily, so that a daemon started while Redis is down joins once it is up."""
         now = time.monotonic()
@@ -210,47 +234,64 @@ class StreamWorkSource:
             self._version_published_at = now
         if self._group_ready:
             return
-        try:
-            self.client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        for key in self.keys:
+            try:
+                self.client.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
         self._group_ready = True
 
-    def _read_new(self, max_tasks: int, timeout: float | None) -> list[Entry]:
+    def _read_new(
+        self, order: tuple[str, ...], max_tasks: int, timeout: float | None
+    ) -> list[tuple[str, Entry]]:
+        """New entries of the first shard in `order` that has some: each shard but the last
+        looked at without waiting (on a cluster the shards are on different nodes, which one
+        blocking read cannot wait on together), then the last waited on."""
+        for key in order[:-1]:
+            if found := self._read_shard(key, max_tasks, None):
+                return found
         block_ms = max(1, int((timeout or 0) * 1000))
-        answer = self.client.xreadgroup(
-            GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
-        )
-        return [entry for _, news in stream_entries(answer) for entry in news]
+        if len(order) > 1:
+            block_ms = min(block_ms, _SHARDED_BLOCK_MS)
+        return self._read_shard(order[-1], max_tasks, block_ms)
 
-    def _claim_abandoned(self, max_tasks: int) -> list[Entry]:
-        self._claim_cursor, claimed = autoclaimed(
+    def _read_shard(
+        self, key: str, max_tasks: int, block_ms: int | None
+    ) -> list[tuple[str, Entry]]:
+        answer = self.client.xreadgroup(
+            GROUP, self.consumer, {key: ">"}, count=max_tasks, block=block_ms
+        )
+        return [(key, entry) for _, news in stream_entries(answer) for entry in news]
+
+    def _claim_abandoned(self, key: str, max_tasks: int) -> list[tuple[str, Entry]]:
+        self._claim_cursors[key], claimed = autoclaimed(
             self.client.xautoclaim(
-                STREAM_KEY,
+                key,
                 GROUP,
                 self.consumer,
                 self.claim_idle_ms,
-                self._claim_cursor,
+                self._claim_cursors[key],
                 count=max_tasks,
             )
         )
         if claimed:
             self.claimed += len(claimed)
             logger.warning("claimed %d tasks left pending by a stopped daemon", len(claimed))
-        return claimed
+        return [(key, entry) for entry in claimed]
 
-    def _decode(self, found: list[Entry]) -> list[PrefetchTask]:
+    def _decode(self, found: list[tuple[str, Entry]]) -> list[PrefetchTask]:
         tasks: list[PrefetchTask] = []
-        malformed: list[bytes] = []
-        for entry_id, fields in found:
-            task = decode_task(entry_id.decode(), fields)
+        malformed: dict[str, list[bytes]] = {}
+        for key, (entry_id, fields) in found:
+            receipt = entry_id.decode() if len(self.keys) == 1 else f"{key} {entry_id.decode()}"
+            task = decode_task(receipt, fields)
             if task is None:
-                malformed.append(entry_id)
+                malformed.setdefault(key, []).append(entry_id)
             else:
                 tasks.append(task)
-        if malformed:
-            self.malformed += len(malformed)
-            logger.warning("dropping %d malformed work entries", len(malformed))
-            self.client.xack(STREAM_KEY, GROUP, *malformed)
+        for key, ids in malformed.items():
+            self.malformed += len(ids)
+            logger.warning("dropping %d malformed work entries", len(ids))
+            self.client.xack(key, GROUP, *ids)
         return tasks
