@@ -45,11 +45,11 @@ from solaris.server.redis_streams import entries, process_name, stream_entries
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, PartJoiner, decode_entry
 from solaris.server.work_stream import (
-    GROUP,
     STREAM_KEY,
     decode_task,
     encode_tasks,
     work_entry_bytes,
+    work_group,
     work_stream_length,
 )
 
@@ -274,13 +274,15 @@ class SharedSpeculation:
         return self.lease.shards == 1 or shard_of(user_id, self.lease.shards) == self.lease.shard
 
     def _waiting_tasks(self) -> int:
-        """Entries of the work stream no daemon has read yet. With no daemon in the group
-        (none started yet, or Redis restarted empty) nothing would take work: counted as full."""
+        """Entries of the work stream no daemon of our model version has read yet. With none in
+        the group (none started yet, or Redis restarted empty) nothing would take work: counted
+        as full."""
         try:
             groups = self.client.xinfo_groups(STREAM_KEY)
         except redis.exceptions.ResponseError:
             return self.max_waiting_tasks  # no work stream yet
-        group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+        name = work_group(self.model_version).encode()
+        group = next((g for g in groups if g["name"] == name), None)
         if group is None:
             return self.max_waiting_tasks
         if group.get("lag") is not None:

@@ -5,13 +5,12 @@ so all of a user's pairs share a Redis Cluster slot and one MGET answers a Batch
 user part is escaped so that it cannot close the tag early, which keeps keys unambiguous.
 Values are a small header and the float32 bytes; expiry is Redis's own (SET PX).
 
-The current model version is a key of its own, set by the daemon that computes with it and
-read by sidecars (every few seconds), so a new model's keys take over without a restart.
+A store reads one model version's keys, `model_version`: its daemon's own, or the one a
+sidecar's `solaris.server.rollout.Rollout` chooses from the versions the daemons announce.
 """
 
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -31,10 +30,10 @@ from solaris.server.store import FLOAT32, Freshness, Rows, never_stored
 FORMAT_VERSION = 1
 DTYPE_FLOAT32 = 1
 MODEL_VERSION_KEY = "solaris:model-version"
+"""Where daemons before rollouts set their version (`solaris.server.rollout` reads it)."""
 PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
 DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
 """Off the serving path, a daemon can wait longer for Redis than a read can."""
-_UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
 logger = logging.getLogger("solaris.redis")
 
 
@@ -249,25 +248,16 @@ def read_stale_at(
 class RedisStore:
     """The L2 tier. Raises redis and socket errors: the tier above decides what they mean."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        dim: int,
-        model_version: str = "",
-        version_refresh_seconds: float = 5.0,
-    ) -> None:
-        """With no `model_version`, reads the published one every `version_refresh_seconds`."""
+    def __init__(self, client: redis.asyncio.Redis, dim: int, model_version: str = "") -> None:
+        """With no `model_version`, every read is a miss until `use_version`."""
         self.client = client
         self.dim = dim
         self.model_version = model_version
         self.corrupt_values = 0
-        self._refresh_seconds = None if model_version else version_refresh_seconds
-        self._version_read_at = -np.inf
 
     def use_version(self, model_version: str) -> None:
-        """Reads `model_version`'s keys from now on (the embedded daemon's model)."""
+        """Reads `model_version`'s keys from now on."""
         self.model_version = model_version
-        self._refresh_seconds = None
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -281,7 +271,7 @@ class RedisStore:
         deadline: float | None = None,
     ) -> Rows:
         """`deadline` is the caller's to keep (TieredStore wraps this read in a timeout)."""
-        version = await self._current_version()
+        version = self.model_version
         if not version:
             return Rows(np.zeros((len(item_ids), self.dim), dtype), never_stored(len(item_ids)), "")
         prefix = user_key_prefix(version, user_id)
@@ -309,17 +299,3 @@ class RedisStore:
             for item_id, blob in zip(item_ids, blobs, strict=True):
                 pipe.set(pair_key(freshness.model_version, user_id, item_id), blob, px=ttl_ms)
             await pipe.execute()
-
-    async def _current_version(self) -> str:
-        """The version whose keys to read: our own model's, or the one the daemons publish."""
-        now = time.monotonic()
-        refresh = self._refresh_seconds
-        if refresh is not None and not self.model_version:
-            refresh = min(refresh, _UNKNOWN_VERSION_REFRESH_SECONDS)
-        if refresh is not None and now - self._version_read_at >= refresh:
-            self._version_read_at = now
-            published = await self.client.get(MODEL_VERSION_KEY)
-            if isinstance(published, bytes) and published:
-                self.model_version = published.decode(errors="replace")
-            # A missing key (Redis restarted) keeps the last version known.
-        return self.model_version

@@ -2,8 +2,10 @@
 
 Sidecars (and the shared speculator) XADD Prefetch work; daemons XREADGROUP it, acknowledge each
 entry only after its pairs are written, and claim entries a dead daemon left pending
-(XAUTOCLAIM after `claim_idle_seconds`). An entry is read by one consumer at a time, so two
-daemons do not compute the same task; the store's freshness check drops the rest. The stream
+(XAUTOCLAIM after `claim_idle_seconds`). An entry is read by one consumer of a group at a time,
+so two daemons do not compute the same task; the store's freshness check drops the rest. Each
+model version's daemons are a group of their own (`work_group`): during a rollout every task
+reaches a daemon of each version, which computes the pairs not fresh under its own. The stream
 is first come, first served: Prefetch priority orders only the in-process queue.
 
 Bounded in bytes: an entry holds at most `work_entry_bytes` (a larger task goes in several,
@@ -25,7 +27,6 @@ from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.reachability import LOST as REDIS_LOST
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
-from solaris.server.redis_store import MODEL_VERSION_KEY
 from solaris.server.redis_streams import (
     Entry,
     StreamFields,
@@ -33,10 +34,12 @@ from solaris.server.redis_streams import (
     process_name,
     stream_entries,
 )
+from solaris.server.rollout import announce
 
 _PUBLISH_EVERY_SECONDS = 5.0
 STREAM_KEY = "solaris:work"
 GROUP = "solaris-precompute"
+"""What each version's consumer group is named after (`work_group`)."""
 logger = logging.getLogger("solaris.redis")
 
 
@@ -61,6 +64,11 @@ def work_stream_length(budget_bytes: int, max_id_bytes: int) -> int:
     """The MAXLEN that keeps the work stream within `budget_bytes` of Redis memory when every
     entry is as large as it may be; two kept back for `MAXLEN ~`, which trims whole nodes."""
     return budget_bytes // (work_entry_bytes(max_id_bytes) + _REDIS_ENTRY_OVERHEAD) - 2
+
+
+def work_group(model_version: str) -> str:
+    """The consumer group of the daemons computing `model_version`."""
+    return f"{GROUP}:{model_version}"
 
 
 def least_work_budget(max_id_bytes: int) -> int:
@@ -170,6 +178,7 @@ class StreamWorkSource:
     def __init__(self, client: redis.Redis, claim_idle_seconds: float, model_version: str) -> None:
         self.client = client
         self.model_version = model_version
+        self.group = work_group(model_version)
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.consumer = process_name()
         self.claimed = 0
@@ -195,20 +204,20 @@ class StreamWorkSource:
     def ack(self, tasks: list[PrefetchTask]) -> None:
         receipts = [task.receipt for task in tasks if task.receipt]
         if receipts:
-            self.client.xack(STREAM_KEY, GROUP, *receipts)
+            self.client.xack(STREAM_KEY, self.group, *receipts)
 
     def _join(self) -> None:
-        """Makes the consumer group (once, or again after Redis lost it) and publishes our
+        """Makes the consumer group (once, or again after Redis lost it) and announces our
         model version every few seconds, so that sidecars find it even after Redis restarted
         empty. Lazily, so that a daemon started while Redis is down joins once it is up."""
         now = time.monotonic()
         if now - self._version_published_at >= _PUBLISH_EVERY_SECONDS:
-            self.client.set(MODEL_VERSION_KEY, self.model_version)
+            announce(self.client, self.model_version)
             self._version_published_at = now
         if self._group_ready:
             return
         try:
-            self.client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+            self.client.xgroup_create(STREAM_KEY, self.group, id="0", mkstream=True)
         except redis.exceptions.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -217,7 +226,7 @@ class StreamWorkSource:
     def _read_new(self, max_tasks: int, timeout: float | None) -> list[Entry]:
         block_ms = max(1, int((timeout or 0) * 1000))
         answer = self.client.xreadgroup(
-            GROUP, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
+            self.group, self.consumer, {STREAM_KEY: ">"}, count=max_tasks, block=block_ms
         )
         return [entry for _, news in stream_entries(answer) for entry in news]
 
@@ -225,7 +234,7 @@ class StreamWorkSource:
         self._claim_cursor, claimed = autoclaimed(
             self.client.xautoclaim(
                 STREAM_KEY,
-                GROUP,
+                self.group,
                 self.consumer,
                 self.claim_idle_ms,
                 self._claim_cursor,
@@ -249,5 +258,5 @@ class StreamWorkSource:
         if malformed:
             self.malformed += len(malformed)
             logger.warning("dropping %d malformed work entries", len(malformed))
-            self.client.xack(STREAM_KEY, GROUP, *malformed)
+            self.client.xack(STREAM_KEY, self.group, *malformed)
         return tasks
