@@ -149,17 +149,3 @@ async def test_the_client_sends_what_redis_py_would(redis_server: RedisProcess) 
     assert "maxmemory-policy" in config
     packer = client.connection_pool.connection_class.pack_command
     assert packer is not redis.asyncio.Connection.pack_command  # not redis-py's own, in Python
-
-
-async def test_a_sidecar_reads_the_version_the_daemons_published(
-    redis_server: RedisProcess,
-) -> None:
-    client = connect(redis_server.url, 1.0)
-    writer = RedisStore(client, DIM, VERSION)
-    await writer.write("user", ["a"], vectors(1), fresh())
-    reader = RedisStore(client, DIM, version_refresh_seconds=0)
-    assert (await reader.read("user", ["a"], FLOAT32, time.time())).model_version == ""
-    redis_server.client().set("solaris:model-version", VERSION)
-    rows = await reader.read("user", ["a"], FLOAT32, time.time())
-    await client.aclose()
-    assert rows.model_version == VERSION
