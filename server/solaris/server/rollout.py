@@ -249,12 +249,17 @@ class Rollout:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._tick_seconds())
-            if time.monotonic() >= next_poll:
-                await self.poll()
-                next_poll = time.monotonic() + self._poll_seconds()
-            if self.candidate:
-                await self.shadow_read()
-                self.decide()
+            try:
+                if time.monotonic() >= next_poll:
+                    await self.poll()
+                    next_poll = time.monotonic() + self._poll_seconds()
+                if self.candidate:
+                    await self.shadow_read()
+                    self.decide()
+            except Exception:
+                # A bug must not leave the sidecar on one version for good: log, go on.
+                self.stats.errors += 1
+                logger.exception("rollout step failed; trying again")
 
     def _poll_seconds(self) -> float:
         return POLL_SECONDS if self.served else _UNKNOWN_POLL_SECONDS
