@@ -498,11 +498,11 @@ class MemoryStore:
 
     def _of_version(self, rows: np.ndarray, model_version: str) -> np.ndarray:
         """Whether each of `rows` holds `model_version`'s embedding."""
-        if model_version not in self._versions:
+        try:
+            number = self._versions.index(model_version)
+        except ValueError:
             return np.zeros(rows.size, np.bool_)
-        of_version: np.ndarray = self._version_of_row.take(rows) == self._versions.index(
-            model_version
-        )
+        of_version: np.ndarray = self._version_of_row.take(rows) == number
         return of_version
 
     def _version_id(self, model_version: str) -> int:
