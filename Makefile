@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/redis_health.py
 	$(BIN)/python bench/redis_l2.py
+	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/serve_only.py
 	$(BIN)/python bench/sidecar_memory.py
 	$(BIN)/python bench/speculator.py

@@ -28,7 +28,7 @@ from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import encode_values
 from solaris.server.settings import StoreSettings
 from solaris.server.store import Freshness
-from solaris.server.work_stream import GROUP, STREAM_KEY, StreamWorkSource, encode_tasks
+from solaris.server.work_stream import STREAM_KEY, StreamWorkSource, encode_tasks, work_group
 
 DIM = 128
 FLOOR_GROUP = "bench-floor"
@@ -54,7 +54,7 @@ def fill(client: redis.Redis, round_: int, tasks: int, items: int) -> None:
         for fields in encode_tasks(task, 16_000):
             pipe.xadd(STREAM_KEY, fields)
     pipe.execute()
-    client.xgroup_create(STREAM_KEY, GROUP, id="0")
+    client.xgroup_create(STREAM_KEY, work_group(NullModel.model_version), id="0")
     client.xgroup_create(STREAM_KEY, FLOOR_GROUP, id="0")
 
 

@@ -25,7 +25,7 @@ from solaris.server.l1 import MemoryStore
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import FIELD, REQUEST_STREAM_KEY, RequestEncoder, entry_bytes
 from solaris.server.store import RowStatus
-from solaris.server.work_stream import GROUP, STREAM_KEY
+from solaris.server.work_stream import STREAM_KEY, work_group
 
 DIM = 128
 BUDGET = 10_000.0
@@ -71,7 +71,7 @@ def embedded_rate(requests: list[LoggedRequest], policies: frozenset[Policy]) ->
 def shared_rate(url: str, requests: list[LoggedRequest], policies: frozenset[Policy]) -> float:
     client = redis.Redis.from_url(url)
     client.flushall()
-    client.xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+    client.xgroup_create(STREAM_KEY, work_group("bench"), id="0", mkstream=True)
     speculation = SharedSpeculation(
         redis.Redis.from_url(url),
         SpeculationSettings(BUDGET, policies),

@@ -26,7 +26,7 @@ from solaris.server.redis_streams import shard_keys, shard_of
 from solaris.server.request_stream import REQUEST_STREAM_KEY
 from solaris.server.settings import CLUSTER_STREAM_SHARDS, SidecarSettings
 from solaris.server.sidecar import REDIS_HEALTH_NAME, Sidecar
-from solaris.server.work_stream import GROUP, STREAM_KEY
+from solaris.server.work_stream import STREAM_KEY
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.conftest import DIM, wait_until
@@ -82,7 +82,9 @@ async def test_prefetched_pairs_are_computed_and_read_back_from_a_cluster(
     work = shard_keys(STREAM_KEY, CLUSTER_STREAM_SHARDS)
     assert sum(check.xlen(key) > 0 for key in work) >= 3
     # (on a thread: this loop runs the sidecars)
-    done = lambda: all(check.xpending(key, GROUP)["pending"] == 0 for key in work)  # noqa: E731
+    done = lambda: all(  # noqa: E731
+        group["pending"] == 0 for key in work for group in check.xinfo_groups(key)
+    )
     assert await asyncio.to_thread(wait_until, done)
     # The reads went to the request stream's shards.
     requests = shard_keys(REQUEST_STREAM_KEY, CLUSTER_STREAM_SHARDS)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from solaris.server.redis_store import MODEL_VERSION_KEY, RedisStore, connect
+from solaris.server.redis_store import RedisStore, connect
+from solaris.server.rollout import announce
 from solaris.server.sidecar import REDIS_HEALTH_NAME
 from solaris.server.store import Freshness
 from solaris.v1 import embedding_store_pb2 as pb
@@ -63,7 +64,7 @@ def store_pairs(server: RedisProcess, users: list[str], items: list[str]) -> Non
         vectors = np.ones((len(items), DIM), np.float32)
         for user in users:
             await store.write(user, items, vectors, freshness)
-        await client.set(MODEL_VERSION_KEY, "v1")
+        announce(server.client(), "v1")
         await client.aclose()
 
     asyncio.run(write())

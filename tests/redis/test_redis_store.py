@@ -187,20 +187,6 @@ async def test_the_client_sends_what_redis_py_would(redis_server: RedisProcess) 
     assert packer is not redis.asyncio.Connection.pack_command  # not redis-py's own, in Python
 
 
-async def test_a_sidecar_reads_the_version_the_daemons_published(
-    redis_server: RedisProcess,
-) -> None:
-    client = connect(redis_server.url, 1.0)
-    writer = RedisStore(client, DIM, VERSION)
-    await writer.write("user", ["a"], vectors(1), fresh())
-    reader = RedisStore(client, DIM, version_refresh_seconds=0)
-    assert (await reader.read("user", ["a"], FLOAT32, time.time())).model_version == ""
-    redis_server.client().set("solaris:model-version", VERSION)
-    rows = await reader.read("user", ["a"], FLOAT32, time.time())
-    await client.aclose()
-    assert rows.model_version == VERSION
-
-
 def legacy_value(row: np.ndarray, freshness: Freshness, dim: int = DIM) -> bytes:
     """A value as sidecars and daemons before the compact layout wrote it: format 1, dtype 1
     (float32), the dim, the three times, the version's length and bytes, float32 values."""

@@ -22,11 +22,12 @@ from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.redis_store import RedisStore, connect, pair_key
 from solaris.server.redis_streams import shard_keys
 from solaris.server.request_stream import REQUEST_STREAM_KEY, decode_request
+from solaris.server.rollout import announce
 from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import REDIS_HEALTH_NAME, Sidecar
 from solaris.server.store import Freshness
 from solaris.server.tiered import TieredStore
-from solaris.server.work_stream import GROUP, STREAM_KEY, StreamWorkQueue
+from solaris.server.work_stream import STREAM_KEY, StreamWorkQueue
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.v1.embedding_store_pb2_grpc import EmbeddingStoreStub
 from tests.clients.conftest import free_port
@@ -167,9 +168,9 @@ def test_tasks_of_a_daemon_killed_mid_batch_are_claimed_and_finished(
 async def test_batch_get_answers_in_time_while_redis_dies_and_comes_back(
     shared_settings: SidecarSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
 ) -> None:
+    await write_to_redis(redis_server, "user", "kept")
     sidecar = await started(shared_settings, NO_DAEMON)
     sidecars.append(sidecar)
-    await write_to_redis(redis_server, "user", "kept")
     items = ["kept", "never-stored"]
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         stub = EmbeddingStoreStub(channel)
@@ -217,9 +218,9 @@ async def test_a_sidecar_starts_and_answers_with_redis_unreachable(
 async def test_a_corrupt_value_is_served_as_a_miss_and_counted(
     shared_settings: SidecarSettings, redis_server: RedisProcess, sidecars: list[Sidecar]
 ) -> None:
+    await write_to_redis(redis_server, "user", "good")
     sidecar = await started(shared_settings, NO_DAEMON)
     sidecars.append(sidecar)
-    await write_to_redis(redis_server, "user", "good")
     redis_server.client().set(pair_key("v1", "user", "bad"), b"\x01\x01not a header")
     answer = await batch_get(sidecar, "user", ["good", "bad"])
     assert list(answer.statuses) == [pb.HIT, pb.MISS]
@@ -227,11 +228,11 @@ async def test_a_corrupt_value_is_served_as_a_miss_and_counted(
 
 
 async def write_to_redis(server: RedisProcess, user: str, item: str) -> None:
-    """What a daemon would do: store a pair under model v1 and publish v1."""
+    """What a daemon would do: store a pair under model v1 and announce v1."""
     client = connect(server.url, 1.0)
     freshness = Freshness.starting("v1", time.time(), 60, 60)
     await RedisStore(client, DIM, "v1").write(user, [item], np.ones((1, DIM)), freshness)
-    await client.set("solaris:model-version", "v1")
+    announce(server.client(), "v1")
     await client.aclose()
 
 
@@ -248,11 +249,12 @@ async def submit_all(
 
 
 def pending(server: RedisProcess, shards: int = 1) -> int:
-    """Work entries read and not acknowledged, on every shard."""
+    """Work entries read but not acknowledged, on every shard, by the daemons of every model
+    version."""
     found = 0
     for key in shard_keys(STREAM_KEY, shards):
         with contextlib.suppress(redis.exceptions.ResponseError):
-            found += server.client().xpending(key, GROUP)["pending"]
+            found += sum(group["pending"] for group in server.client().xinfo_groups(key))
     return found
 
 

@@ -29,7 +29,7 @@ from solaris.server.request_stream import (
 from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Freshness, RowStatus
-from solaris.server.work_stream import GROUP, STREAM_KEY, decode_task, encode_task
+from solaris.server.work_stream import STREAM_KEY, decode_task, encode_task, work_group
 from solaris.v1 import embedding_store_pb2 as pb
 from tests.conftest import DIM, wait_until
 from tests.redis.conftest import NO_DAEMON, RedisProcess, batch_get, started
@@ -52,7 +52,7 @@ def log_misses(server: RedisProcess, user: str, items: list[str]) -> None:
 
 def daemons_joined(server: RedisProcess) -> None:
     """What a daemon does on start: make the work stream's consumer group."""
-    server.client().xgroup_create(STREAM_KEY, GROUP, id="0", mkstream=True)
+    server.client().xgroup_create(STREAM_KEY, work_group("v1"), id="0", mkstream=True)
 
 
 def added_tasks(server: RedisProcess) -> list[PrefetchTask]:
@@ -202,7 +202,7 @@ def test_no_work_is_added_past_what_the_daemons_may_have_waiting(
         waits = speculator.stats.waits_for_backlog
         assert wait_until(lambda: speculator.stats.waits_for_backlog > waits + 2, timeout=10)
         assert waiting_tasks(redis_server) == 3
-        client.xreadgroup(GROUP, "test", {STREAM_KEY: ">"})
+        client.xreadgroup(work_group("v1"), "test", {STREAM_KEY: ">"})
         assert wait_until(lambda: speculator.stats.tasks_added == 6, timeout=10)
         time.sleep(0.3)
         assert waiting_tasks(redis_server) == 3

@@ -13,7 +13,8 @@ from solaris.precompute.settings import PrecomputeSettings
 from solaris.server.errors import Unavailable
 from solaris.server.l1 import MemoryStore
 from solaris.server.prefetch_queue import PrefetchTask
-from solaris.server.redis_store import MODEL_VERSION_KEY, RedisStore, connect
+from solaris.server.redis_store import RedisStore, connect
+from solaris.server.rollout import VERSIONS_KEY
 from solaris.server.settings import SidecarSettings
 from solaris.server.store import FLOAT16, FLOAT32, Freshness
 from solaris.server.tiered import TieredStore
@@ -65,7 +66,7 @@ def test_a_daemon_carries_on_after_redis_restarts_empty(
         redis_server.start()
         asyncio.run(submit_all(shared, [PrefetchTask("u2", ("c",))]))
         assert wait_until(lambda: stored_keys(redis_server) == 1, timeout=30)
-        assert wait_until(lambda: redis_server.client().get(MODEL_VERSION_KEY) is not None, 10)
+        assert wait_until(lambda: redis_server.client().hlen(VERSIONS_KEY) == 1, 10)
     finally:
         daemon.stop()
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from solaris.precompute.export import ExportReport
+from tests.conftest import DIM
+
 SERVE = ["serve", "--precompute", "false"]
 
 
@@ -304,3 +307,23 @@ def test_a_misspelt_variable_is_refused_by_name() -> None:
 
 def test_a_redis_dtype_that_is_no_stored_dtype() -> None:
     refused(solaris(*SERVE, "--redis-dtype", "int8"), "redis_dtype", "float16, float32")
+
+
+def test_a_pinned_model_version_without_redis() -> None:
+    refused(solaris(*SERVE, "--model-version", "v1"), "model_version", "needs --redis")
+
+
+def test_a_rollout_fraction_out_of_range() -> None:
+    refused(solaris(*SERVE, "--rollout-fraction", "0"), "rollout_fraction", "--rollout-fraction")
+
+
+def test_a_pinned_model_version_other_than_the_daemons(tiny_model: ExportReport) -> None:
+    argv = ["serve", "--port", "0", "--redis", "redis://127.0.0.1:1/0", "--dim", str(DIM)]
+    argv += ["--model", str(tiny_model.path), "--model-version", "other"]
+    finished = solaris(*argv)
+    assert finished.returncode == 2, finished.stderr
+    assert "Traceback" not in finished.stderr
+    line = finished.stderr.splitlines()[-1]  # after the lines of the model's loading
+    assert line.startswith("solaris serve: model_version: 'other'")
+    assert tiny_model.model_version in line
+    assert "--precompute false" in line

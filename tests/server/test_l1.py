@@ -194,6 +194,21 @@ def test_the_newest_row_read_names_the_version() -> None:
     assert store.read_sync("u", ["b"], FLOAT32, now).model_version == "old"
 
 
+def test_a_read_for_one_version_serves_no_row_of_another_and_drops_it() -> None:
+    store = MemoryStore(max_bytes=10**6, dim=DIM)
+    store.write_sync("u", ["a"], rows_of(1), fresh(version="new"))
+    store.write_sync("u", ["b"], rows_of(2), fresh(version="old"))
+    now = time.time()
+
+    rows = store.read_sync("u", ["a", "b"], FLOAT32, now, model_version="new")
+
+    assert rows.model_version == "new"
+    assert rows.statuses(now).tolist() == [RowStatus.HIT, RowStatus.MISS]
+    assert rows.values[:, 0].tolist() == [1.0, 0.0]
+    assert len(store) == 1  # b, of the old version, is gone
+    assert store.read_sync("u", ["a"], FLOAT32, now, model_version="other").model_version == ""
+
+
 def test_rows_filled_from_l2_keep_their_own_times() -> None:
     store = MemoryStore(max_bytes=10**6, dim=DIM)
     times = np.array([(100.0, 110.0, 120.0), (100.0, 200.0, 300.0)], TIMES)

@@ -46,11 +46,11 @@ from solaris.server.redis_streams import (
 from solaris.server.request_log import LoggedRequest
 from solaris.server.request_stream import REQUEST_STREAM_KEY, PartJoiner, RequestDecoder
 from solaris.server.work_stream import (
-    GROUP,
     STREAM_KEY,
     decode_task,
     encode_tasks,
     work_entry_bytes,
+    work_group,
     work_stream_length,
 )
 
@@ -302,13 +302,15 @@ class SharedSpeculation:
         return sum(self._waiting_in(key) for key in self.work_keys)
 
     def _waiting_in(self, key: str) -> int:
-        """Entries of one work shard no daemon has read yet. With no daemon in its group
-        (none started yet, or Redis restarted empty) nothing would take work: counted as full."""
+        """Entries of one work shard no daemon of our model version has read yet. With none in
+        its group (none started yet, or Redis restarted empty) nothing would take work: counted
+        as full."""
         try:
             groups = self.client.xinfo_groups(key)
         except redis.exceptions.ResponseError:
             return self.max_waiting_tasks  # no work stream yet
-        group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+        name = work_group(self.model_version).encode()
+        group = next((g for g in groups if g["name"] == name), None)
         if group is None:
             return self.max_waiting_tasks
         if group.get("lag") is not None:

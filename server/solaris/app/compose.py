@@ -44,6 +44,7 @@ from solaris.server.metrics import (
     prefetch_queue_values,
     redis_values,
     request_log_values,
+    rollout_values,
     shipper_values,
 )
 from solaris.server.prefetch_queue import PrefetchQueue
@@ -63,6 +64,7 @@ from solaris.server.redis_store import (
 )
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import RequestShipper
+from solaris.server.rollout import Rollout, RolloutPolicy
 from solaris.server.settings import SettingsError, SidecarSettings, StoreSettings
 from solaris.server.sidecar import Sidecar
 from solaris.server.store import Store
@@ -90,6 +92,8 @@ class SidecarParts:
     work_queue: WorkQueue
     """Where Prefetch work goes: the in-process queue, or the shared stream."""
     l2: RedisStore | None = None
+    rollout: Rollout | None = None
+    """Which model version L2 serves (with Redis)."""
     reachability: Reachability | None = None
     background: list[Background] = field(default_factory=list)
     daemon: PrecomputeDaemon | None = None
@@ -161,7 +165,7 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
     parts.l2 = RedisStore(client, settings.dim, stored_dtype=STORED_DTYPES[settings.redis_dtype])
     reachability = parts.reachability = Reachability()
     parts.store = TieredStore(parts.l1, parts.l2, timeout, reachability)
-    parts.work_queue = StreamWorkQueue(
+    work_queue = parts.work_queue = StreamWorkQueue(
         client,
         settings.work_stream_bytes,
         settings.max_id_bytes,
@@ -169,6 +173,11 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
         reachability,
         settings.shards,
     )
+    rollout = parts.rollout = Rollout(
+        client, parts.l2, rollout_policy(settings), reachability, work_queue.submit
+    )
+    if settings.model_version:
+        rollout.pin(settings.model_version)
     shipper = RequestShipper(
         client,
         settings.request_stream_bytes,
@@ -177,22 +186,39 @@ def _share_over_redis(parts: SidecarParts, url: str) -> None:
         reachability=reachability,
         shards=settings.shards,
     )
-    parts.request_log.listeners.append(shipper.append)
-    parts.background += [RedisPing(client, reachability), shipper]
+    parts.request_log.listeners += [shipper.append, rollout.observe]
+    parts.background += [RedisPing(client, reachability), shipper, rollout]
     redis_values(parts.live, parts.reachability, parts.l2)
+    rollout_values(parts.live, rollout)
     shipper_values(parts.live, shipper)
     logger.info("shared store and work queue on %s", redacted(url))
 
 
+def rollout_policy(settings: SidecarSettings) -> RolloutPolicy:
+    return RolloutPolicy(
+        settings.rollout_fraction,
+        settings.rollout_deadline_seconds,
+        settings.rollout_samples_per_second,
+        settings.rollout_window_reads,
+    )
+
+
 def _add_daemon(parts: SidecarParts, precompute: PrecomputeSettings) -> None:
-    """The daemon in this process: on the in-process queue, or on the shared stream."""
+    """The daemon in this process: on the in-process queue, or on the shared stream. With
+    Redis, the sidecar serves the daemon's model's version."""
     settings = parts.settings
     runner = open_checked_runner(precompute, settings.dim, "serve only with --precompute false")
-    if parts.l2 is None:
+    if settings.model_version not in ("", runner.model_version):
+        raise SettingsError(
+            f"{settings.model_version!r}, but this process's daemon computes version "
+            f"{runner.model_version!r}: serve with --precompute false to pin another",
+            "model_version",
+        )
+    if parts.rollout is None:
         daemon = _embedded_daemon(parts, precompute, runner)
         daemon_values(parts.live, daemon)
     else:
-        parts.l2.use_version(runner.model_version)
+        parts.rollout.pin(runner.model_version)
         l2 = daemon_l2(settings, runner.model_version)
         store = TieredStore(parts.l1, l2, DAEMON_REDIS_TIMEOUT_SECONDS)
         daemon, speculation = _shared_workers(settings, precompute, runner, store, parts.live)

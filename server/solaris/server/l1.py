@@ -338,9 +338,17 @@ class MemoryStore:
                 stale_at[indices] = np.where(rows >= 0, found, -np.inf)
         return stale_at
 
-    def read_sync(self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, now: float) -> Rows:
+    def read_sync(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        dtype: np.dtype,
+        now: float,
+        model_version: str | None = None,
+    ) -> Rows:
         """The rows for `item_ids` as of `now`; reading a row makes it the most recently used,
-        and a row expired by `now` is zero-filled and dropped."""
+        and a row expired by `now` is zero-filled and dropped. With `model_version`, a row of
+        another version is read and dropped as expired: one answer holds one version's rows."""
         hashes = _hashes(item_ids)
         with self._lock:
             number = self._users.numbers.get(user_id)
@@ -352,6 +360,8 @@ class MemoryStore:
             values = self._values.take(rows, axis=0)
             times = self._times.take(rows)
             live = (now < times["expires_at"]) & (rows >= 0)
+            if model_version is not None:
+                live &= self._of_version(rows, model_version)
             everything_live = bool(live.all())
             stamps = self._pool.next_stamps(rows.size)
             if everything_live:
@@ -515,6 +525,15 @@ class MemoryStore:
         if not live.size or not live[newest]:
             return ""
         return self._versions[int(self._version_of_row[rows[newest]])]
+
+    def _of_version(self, rows: np.ndarray, model_version: str) -> np.ndarray:
+        """Whether each of `rows` holds `model_version`'s embedding."""
+        try:
+            number = self._versions.index(model_version)
+        except ValueError:
+            return np.zeros(rows.size, np.bool_)
+        of_version: np.ndarray = self._version_of_row.take(rows) == number
+        return of_version
 
     def _version_id(self, model_version: str) -> int:
         try:

@@ -15,7 +15,12 @@ from typing import cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -27,6 +32,7 @@ from solaris.server.reachability import Reachability
 from solaris.server.redis_store import RedisStore
 from solaris.server.request_log import RequestLog
 from solaris.server.request_stream import EPOCH_SECONDS, RequestShipper
+from solaris.server.rollout import Rollout
 from solaris.server.store import RowStatus
 
 READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -117,6 +123,7 @@ class LiveValues(Collector):
     def __init__(self) -> None:
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self._counters: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._infos: dict[str, tuple[str, Callable[[], dict[str, str]]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self._gauges[name] = (help_text, read)
@@ -124,11 +131,17 @@ class LiveValues(Collector):
     def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self._counters[name] = (help_text, read)
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def info(self, name: str, help_text: str, read: Callable[[], dict[str, str]]) -> None:
+        """`name_info{label="value", ...} 1`, the labels read at scrape time."""
+        self._infos[name] = (help_text, read)
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
         for name, (help_text, read) in self._gauges.items():
             yield GaugeMetricFamily(name, help_text, value=read())
         for name, (help_text, read) in self._counters.items():
             yield CounterMetricFamily(name, help_text, value=read())
+        for name, (help_text, labels) in self._infos.items():
+            yield InfoMetricFamily(name, help_text, value=labels())
 
 
 def serve_metrics(
@@ -166,6 +179,54 @@ def redis_values(live: LiveValues, reachability: Reachability, l2: RedisStore) -
         "solaris_redis_corrupt_values",
         "Redis values read as misses: header did not fit.",
         lambda: l2.corrupt_values,
+    )
+
+
+def rollout_values(live: LiveValues, rollout: Rollout) -> None:
+    live.info(
+        "solaris_model_version",
+        "The model version served, the candidate rolling out (empty: none), and whether the "
+        "served one is pinned.",
+        lambda: {
+            "served": rollout.served,
+            "candidate": rollout.candidate,
+            "pinned": str(rollout.pinned).lower(),
+        },
+    )
+    coverage = rollout.coverage
+    live.gauge(
+        "solaris_rollout_candidate_hit_rate",
+        "Of the pairs of sampled reads, the share the candidate version holds (0: no candidate).",
+        lambda: coverage.rate(coverage.candidate),
+    )
+    live.gauge(
+        "solaris_rollout_served_hit_rate",
+        "Of the same sampled pairs, the share the served version holds.",
+        lambda: coverage.rate(coverage.served),
+    )
+    stats = rollout.stats
+    live.counter(
+        "solaris_rollout_switches", "Switches to a new model version.", lambda: stats.switches
+    )
+    live.counter(
+        "solaris_rollout_deadline_switches",
+        "Of the switches, those made at the deadline: the new version held too little.",
+        lambda: stats.deadline_switches,
+    )
+    live.counter(
+        "solaris_rollout_shadow_reads",
+        "Sampled reads looked up under the served and the candidate version.",
+        lambda: stats.shadow_reads,
+    )
+    live.counter(
+        "solaris_rollout_work_pairs",
+        "The candidate's misses on sampled reads, added to the work stream.",
+        lambda: stats.work_pairs,
+    )
+    live.counter(
+        "solaris_rollout_errors",
+        "Announcements, sampled reads or work the rollout did not get from or to Redis.",
+        lambda: stats.errors,
     )
 
 

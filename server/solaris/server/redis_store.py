@@ -7,14 +7,13 @@ A value is a format byte, its times and its values, float16 unless the redis_dty
 says float32 (`value_layout`); readers take both, and the first layout, which also held the
 dim and the model version (`legacy_layout`). Expiry is Redis's own (SET PX).
 
-The current model version is a key of its own, set by the daemon that computes with it and
-read by sidecars (every few seconds), so a new model's keys take over without a restart.
+A store reads one model version's keys, `model_version`: its daemon's own, or the one a
+sidecar's `solaris.server.rollout.Rollout` chooses from the versions the daemons announce.
 """
 
 import functools
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -49,12 +48,12 @@ COMPACT_FORMATS: dict[int, np.dtype] = {2: FLOAT16, 3: FLOAT32}
 STORED_DTYPES: dict[str, np.dtype] = {"float16": FLOAT16, "float32": FLOAT32}
 """The dtypes a value can be written in, by the name the redis_dtype setting gives."""
 MODEL_VERSION_KEY = "solaris:model-version"
+"""Where daemons before rollouts set their version (`solaris.server.rollout` reads it)."""
 PASSWORD_ENV = "SOLARIS_REDIS_PASSWORD"
 CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
 """A URL naming one node of a Redis Cluster (TCP, or TLS), and the scheme redis-py reads."""
 DAEMON_REDIS_TIMEOUT_SECONDS = 2.0
 """Off the serving path, a daemon can wait longer for Redis than a read can."""
-_UNKNOWN_VERSION_REFRESH_SECONDS = 0.5
 logger = logging.getLogger("solaris.redis")
 
 _SET_EACH = """
@@ -391,23 +390,19 @@ class RedisStore:
         client: AsyncClient,
         dim: int,
         model_version: str = "",
-        version_refresh_seconds: float = 5.0,
         stored_dtype: np.dtype = FLOAT16,
     ) -> None:
-        """With no `model_version`, reads the published one every `version_refresh_seconds`.
-        Writes values of `stored_dtype`; reads values of either dtype and layout."""
+        """With no `model_version`, every read is a miss until `use_version`. Writes values
+        of `stored_dtype`; reads values of either dtype and layout."""
         self.client = client
         self.dim = dim
         self.stored_dtype = np.dtype(stored_dtype)
         self.model_version = model_version
         self.corrupt_values = 0
-        self._refresh_seconds = None if model_version else version_refresh_seconds
-        self._version_read_at = -np.inf
 
     def use_version(self, model_version: str) -> None:
-        """Reads `model_version`'s keys from now on (the embedded daemon's model)."""
+        """Reads `model_version`'s keys from now on."""
         self.model_version = model_version
-        self._refresh_seconds = None
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -423,7 +418,7 @@ class RedisStore:
         """The rows as `dtype`, or with None as Redis holds them (float32 if both dtypes are
         in the batch): the tier above converts once, to what it needs. `deadline` is the
         caller's to keep (TieredStore wraps this read in a timeout)."""
-        version = await self._current_version()
+        version = self.model_version
         if not version:
             return _nothing(len(item_ids), self.dim, dtype or self.stored_dtype)
         prefix = user_key_prefix(version, user_id)
@@ -434,7 +429,7 @@ class RedisStore:
         self, wanted: Sequence[UserItems], dtype: np.dtype | None, now: float
     ) -> list[Rows]:
         """One MGET a user, pipelined: one round trip. `dtype` as for `read`."""
-        version = await self._current_version()
+        version = self.model_version
         if not version:
             nothing = dtype or self.stored_dtype
             return [_nothing(len(item_ids), self.dim, nothing) for _, item_ids in wanted]
@@ -509,17 +504,3 @@ class RedisStore:
             decoded.values[expired] = 0
         found = not expired.all()
         return Rows(decoded.values, decoded.times, version if found else "")
-
-    async def _current_version(self) -> str:
-        """The version whose keys to read: our own model's, or the one the daemons publish."""
-        now = time.monotonic()
-        refresh = self._refresh_seconds
-        if refresh is not None and not self.model_version:
-            refresh = min(refresh, _UNKNOWN_VERSION_REFRESH_SECONDS)
-        if refresh is not None and now - self._version_read_at >= refresh:
-            self._version_read_at = now
-            published = await self.client.get(MODEL_VERSION_KEY)
-            if isinstance(published, bytes) and published:
-                self.model_version = published.decode(errors="replace")
-            # A missing key (Redis restarted) keeps the last version known.
-        return self.model_version

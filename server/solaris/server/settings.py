@@ -434,6 +434,35 @@ class SidecarSettings(StoreSettings):
     reflection: bool = Field(
         True, description="Serve gRPC server reflection (what grpcurl lists); off in production."
     )
+    model_version: str = Field(
+        "",
+        description="With --redis: serve this model version's embeddings and no other; empty: "
+        "follow the latest version the daemons announce, once it covers the reads (see "
+        "rollout-fraction and rollout-deadline-seconds).",
+    )
+    rollout_fraction: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="A new model version is served once, on sampled reads, it holds this "
+        "fraction of the pairs the served one holds.",
+    )
+    rollout_deadline_seconds: float = Field(
+        1800.0,
+        ge=0,
+        description="A new model version is served this long after its daemons first announced "
+        "it, whatever it holds.",
+    )
+    rollout_samples_per_second: float = Field(
+        5.0,
+        ge=0,
+        description="While a new model version rolls out: reads a second whose pairs (64 at "
+        "most) are looked up under both versions in the background; 0: none (the deadline "
+        "decides).",
+    )
+    rollout_window_reads: int = Field(
+        100, ge=1, description="Sampled reads the two versions' hit rates are compared over."
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> "SidecarSettings":
@@ -458,6 +487,15 @@ class SidecarSettings(StoreSettings):
             raise SettingsError("needs tls-cert and tls-key: mutual TLS is TLS", "tls_client_ca")
         if self.tls_cert:
             check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        return self
+
+    @model_validator(mode="after")
+    def _pinned_version_needs_redis(self) -> "SidecarSettings":
+        if self.model_version and not self.redis:
+            raise SettingsError(
+                "needs --redis: without it, the sidecar serves its own daemon's model",
+                "model_version",
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,6 +1,9 @@
 """L1 in front of L2: reads go to memory first and to Redis only for what memory lacks, filling
 memory with what Redis had; writes go to both.
 
+Both tiers answer for the one model version the L2 store reads (`RedisStore.model_version`):
+rows L1 holds of another are not served, so an answer never mixes versions.
+
 Redis failing never fails a read. A read that Redis does not answer within its budget (the
 Redis timeout, or the caller's deadline if sooner) is answered from L1 alone, misses as misses;
 that alone says nothing about Redis (`solaris.server.reachability` decides that). Once Redis is
@@ -47,7 +50,10 @@ class TieredStore:
         now: float,
         deadline: float | None = None,
     ) -> Rows:
-        rows = self.l1.read_sync(user_id, item_ids, dtype, now)
+        # One version per answer: L1's rows of the version served now, and Redis's only if a
+        # switch did not come between (its read starts later, on the loop).
+        version = self.l2.model_version
+        rows = self.l1.read_sync(user_id, item_ids, dtype, now, version)
         lacking = np.flatnonzero(rows.times["expires_at"] <= now)
         if not lacking.size or not self.reachability.worth_trying():
             return rows
@@ -59,6 +65,8 @@ class TieredStore:
         try:
             found = await within(reading, self.timeout_seconds, self.reachability, until)
         except REDIS_ERRORS:
+            return rows
+        if found.model_version not in ("", version):
             return rows
         return self._merge(user_id, rows, lacking, wanted, found, dtype, now)
 

@@ -2,8 +2,10 @@
 
 Sidecars (and the shared speculator) XADD Prefetch work; daemons XREADGROUP it, acknowledge each
 entry only after its pairs are written, and claim entries a dead daemon left pending
-(XAUTOCLAIM after `claim_idle_seconds`). An entry is read by one consumer at a time, so two
-daemons do not compute the same task; the store's freshness check drops the rest. The stream
+(XAUTOCLAIM after `claim_idle_seconds`). An entry is read by one consumer of a group at a time,
+so two daemons do not compute the same task; the store's freshness check drops the rest. Each
+model version's daemons are a group of their own (`work_group`): during a rollout every task
+reaches a daemon of each version, which computes the pairs not fresh under its own. The stream
 is first come, first served: Prefetch priority orders only the in-process queue.
 
 Bounded in bytes: an entry holds at most `work_entry_bytes` (a larger task goes in several,
@@ -24,7 +26,7 @@ from solaris.server.errors import Unavailable
 from solaris.server.prefetch_queue import PrefetchTask
 from solaris.server.reachability import LOST as REDIS_LOST
 from solaris.server.reachability import REDIS_ERRORS, Reachability, within
-from solaris.server.redis_store import MODEL_VERSION_KEY, AsyncClient, BlockingClient
+from solaris.server.redis_store import AsyncClient, BlockingClient
 from solaris.server.redis_streams import (
     Entry,
     StreamFields,
@@ -34,6 +36,7 @@ from solaris.server.redis_streams import (
     shard_of,
     stream_entries,
 )
+from solaris.server.rollout import announce
 
 _PUBLISH_EVERY_SECONDS = 5.0
 MAX_TASK_ITEMS = 128
@@ -41,6 +44,7 @@ MAX_TASK_ITEMS = 128
 holds about one batch (256 pairs by default) at a time, whatever the size of a Prefetch."""
 STREAM_KEY = "solaris:work"
 GROUP = "solaris-precompute"
+"""What each version's consumer group is named after (`work_group`)."""
 logger = logging.getLogger("solaris.redis")
 
 
@@ -65,6 +69,11 @@ def work_stream_length(budget_bytes: int, max_id_bytes: int) -> int:
     """The MAXLEN that keeps the work stream within `budget_bytes` of Redis memory when every
     entry is as large as it may be; two kept back for `MAXLEN ~`, which trims whole nodes."""
     return budget_bytes // (work_entry_bytes(max_id_bytes) + _REDIS_ENTRY_OVERHEAD) - 2
+
+
+def work_group(model_version: str) -> str:
+    """The consumer group of the daemons computing `model_version`."""
+    return f"{GROUP}:{model_version}"
 
 
 def least_work_budget(max_id_bytes: int) -> int:
@@ -187,6 +196,7 @@ class StreamWorkSource:
         self.client = client
         self.keys = shard_keys(STREAM_KEY, shards)
         self.model_version = model_version
+        self.group = work_group(model_version)
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.consumer = process_name()
         self.claimed = 0
@@ -222,21 +232,21 @@ class StreamWorkSource:
                 key, _, entry_id = task.receipt.rpartition(" ")
                 by_key.setdefault(key or self.keys[0], []).append(entry_id)
         for key, receipts in by_key.items():
-            self.client.xack(key, GROUP, *receipts)
+            self.client.xack(key, self.group, *receipts)
 
     def _join(self) -> None:
-        """Makes the consumer groups (once, or again after Redis lost one) and publishes our
+        """Makes the consumer groups (once, or again after Redis lost one) and announces our
         model version every few seconds, so that sidecars find it even after Redis restarted
         empty. Lazily, so that a daemon started while Redis is down joins once it is up."""
         now = time.monotonic()
         if now - self._version_published_at >= _PUBLISH_EVERY_SECONDS:
-            self.client.set(MODEL_VERSION_KEY, self.model_version)
+            announce(self.client, self.model_version)
             self._version_published_at = now
         if self._group_ready:
             return
         for key in self.keys:
             try:
-                self.client.xgroup_create(key, GROUP, id="0", mkstream=True)
+                self.client.xgroup_create(key, self.group, id="0", mkstream=True)
             except redis.exceptions.ResponseError as error:
                 if "BUSYGROUP" not in str(error):
                     raise
@@ -260,7 +270,7 @@ class StreamWorkSource:
         self, key: str, max_tasks: int, block_ms: int | None
     ) -> list[tuple[str, Entry]]:
         answer = self.client.xreadgroup(
-            GROUP, self.consumer, {key: ">"}, count=max_tasks, block=block_ms
+            self.group, self.consumer, {key: ">"}, count=max_tasks, block=block_ms
         )
         return [(key, entry) for _, news in stream_entries(answer) for entry in news]
 
@@ -268,7 +278,7 @@ class StreamWorkSource:
         self._claim_cursors[key], claimed = autoclaimed(
             self.client.xautoclaim(
                 key,
-                GROUP,
+                self.group,
                 self.consumer,
                 self.claim_idle_ms,
                 self._claim_cursors[key],
@@ -293,5 +303,5 @@ class StreamWorkSource:
         for key, ids in malformed.items():
             self.malformed += len(ids)
             logger.warning("dropping %d malformed work entries", len(ids))
-            self.client.xack(key, GROUP, *ids)
+            self.client.xack(key, self.group, *ids)
         return tasks
