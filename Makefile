@@ -18,7 +18,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet \
-		-e ./protos -e ./clients -e '.[dev,replay]'
+		-e ./protos -e ./clients -e '.[dev,replay,train]'
 
 serve: install
 	$(BIN)/solaris serve

@@ -245,6 +245,48 @@ def test_a_model_dir_where_the_reference_model_cannot_be_written(tmp_path: Path)
     refused(solaris(*argv), "model_dir: ", f"{not_a_folder} is a file, not a folder")
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "accepted"),
+    [
+        ("--epochs", "0", "a whole number of at least 1"),
+        ("--batch-size", "0", "a whole number of at least 1"),
+        ("--learning-rate", "0", "a number above 0"),
+        ("--learning-rate", "nan", "a number above 0"),
+        ("--negatives", "0", "a whole number of at least 1"),
+        ("--held-out-share", "0", "a number above 0"),
+        ("--held-out-share", "1", "a number above 0 and below 1"),
+        ("--eval-pairs", "0", "a whole number of at least 1"),
+        ("--seed", "-1", "a whole number from 0 to 4294967295"),
+        ("--dim", "0", "a whole number of at least 1"),
+        ("--threads", "0", "a whole number of at least 1"),
+    ],
+)
+def test_train_flags_out_of_range(flag: str, value: str, accepted: str, tmp_path: Path) -> None:
+    argv = ["train", "--log", str(tmp_path / "log.csv"), "--out", str(tmp_path / "m.onnx")]
+    refused(solaris(*argv, flag, value), f"argument {flag}", repr(value), accepted)
+
+
+def test_train_without_a_log() -> None:
+    refused(solaris("train"), "the following arguments are required: --log")
+
+
+@pytest.mark.parametrize(
+    ("content", "setting", "why"),
+    [
+        ("root:x:0:0:root:/root:/bin/bash\n", "log: ", "needs a header naming user"),
+        ("userId,movieId,timestamp\n1,2,3\n", "held_out_share: ", "1 rows make 0 training"),
+    ],
+)
+def test_a_log_train_cannot_learn_from(
+    content: str, setting: str, why: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "ratings.csv"
+    log.write_text(content)
+    argv = ["train", "--log", str(log), "--out", str(tmp_path / "m.onnx")]
+    refused(solaris(*argv), setting, str(log), why)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 WITHOUT_MODEL_STACK = """
 import sys
 
@@ -270,6 +312,7 @@ sys.exit(main())
     [
         (["export-model", "--out", "{tmp}/m.onnx"], "model", "model stack"),
         (["replay", "--duration", "1", "--plot", "{tmp}/plot.png"], "replay", "matplotlib"),
+        (["train", "--log", "{tmp}/log.csv", "--out", "{tmp}/m.onnx"], "train", "tqdm"),
         (["serve", "--port", "0"], "model", "or serve only with --precompute false"),
     ],
 )

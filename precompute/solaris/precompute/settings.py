@@ -1,8 +1,9 @@
 """The precompute daemon's settings: the model, where it runs, its batches and the
-speculator. A pydantic model like the store's (`solaris.server.settings`);
+speculator; and `solaris train`'s. A pydantic model like the store's (`solaris.server.settings`);
 `solaris.app.settings` composes it into what `solaris serve` and `solaris precompute` read."""
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,24 @@ from solaris.server.settings import SettingsError, SettingsModel, Size
 
 DEFAULT_MODEL_DIR = "~/.cache/solaris/models"
 DEFAULT_SPECULATION = ",".join(f"{policy}={weight:g}" for policy, weight in DEFAULT_WEIGHTS.items())
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What `solaris train` is told (here, apart from the training code, so that the CLI
+    shows the defaults without importing the model stack)."""
+
+    epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    negatives: int = 4
+    """Sampled negatives per positive while training."""
+    held_out_share: float = 0.1
+    eval_pairs: int = 2_000
+    """Held-out pairs scored (a sample, so that evaluation stays short on a long log)."""
+    eval_negatives: int = 100
+    """Sampled negatives each held-out positive is ranked against."""
+    recall_k: int = 10
 
 
 class PrecomputeSettings(SettingsModel):

@@ -1,6 +1,6 @@
 """The `solaris` command: `serve` runs the sidecar (with the precompute daemon embedded by
 default); `precompute` runs the daemon alone against the shared Redis; `export-model` writes
-the reference model to ONNX and checks it."""
+the reference model to ONNX and checks it; `train` learns its weights from a log first."""
 
 import argparse
 import math
@@ -20,12 +20,13 @@ from solaris.app.processes import run_daemon, run_sidecar
 from solaris.app.settings import DaemonSettings, LogSettings, ServeSettings, add_flags, load
 from solaris.precompute.replay_traffic import LOG_PROFILES
 from solaris.precompute.return_model import ReturnSettings
-from solaris.precompute.settings import DEFAULT_MODEL_DIR, DEFAULT_SPECULATION
+from solaris.precompute.settings import DEFAULT_MODEL_DIR, DEFAULT_SPECULATION, TrainSettings
 from solaris.precompute.speculator import Policy, SpeculationSettings
 from solaris.server.settings import SettingsError, check_writable
 
 if TYPE_CHECKING:
     from solaris.precompute.replay_traffic import Event
+    from solaris.precompute.train import TrainReport
 
 USAGE_ERROR = 2
 SEED_MAX = 2**32 - 1
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(precompute, DaemonSettings)
     add_replay_parser(commands)
+    add_train_parser(commands)
     export = commands.add_parser("export-model", help="Export the reference model to ONNX.")
     export.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
     export.add_argument("--checkpoint", help="A state_dict file; default: weights from --seed.")
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the command; one that needs an extra not installed is refused saying what to
     install. (serve and precompute import the model stack in the composition root, which
     refuses it the same way.)"""
-    extra = {"export-model": "model", "replay": "replay"}.get(args.command)
+    extra = {"export-model": "model", "replay": "replay", "train": "train"}.get(args.command)
     try:
         return COMMANDS[args.command](args)
     except ModuleNotFoundError as missing:
@@ -458,11 +460,144 @@ def export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
+    defaults = TrainSettings()
+    train = commands.add_parser(
+        "train",
+        help="Train the reference model on an interaction log and export it to ONNX.",
+        description="Trains the reference model on an interaction log to tell whether a user "
+        "takes a candidate item next (against sampled negatives), holding out the log's last "
+        "rows by time; prints the held-out AUC and recall of the trained and the untrained "
+        "model, and exports the trained one to ONNX (checked against PyTorch), its version "
+        "beside it and its weights as <out>.pt.",
+        formatter_class=DefaultsHelp,
+        allow_abbrev=False,
+    )
+    train.add_argument("--log", required=True, help=f"The interaction log, {LOG_LAYOUT}.")
+    train.add_argument("--out", type=Path, default=Path("model.onnx"), help="The ONNX file.")
+    train.add_argument(
+        "--epochs", type=whole(1), default=defaults.epochs, help="Passes over the training rows."
+    )
+    train.add_argument(
+        "--batch-size", type=whole(1), default=defaults.batch_size, help="Positives a step."
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=number(0, above=True),
+        default=defaults.learning_rate,
+        help="Adam's learning rate.",
+    )
+    train.add_argument(
+        "--negatives",
+        type=whole(1),
+        default=defaults.negatives,
+        help="Sampled negatives per positive while training.",
+    )
+    train.add_argument(
+        "--held-out-share",
+        type=share,
+        default=defaults.held_out_share,
+        help="The share of the log's rows, the last by time, held out from training.",
+    )
+    train.add_argument(
+        "--eval-pairs",
+        type=whole(1),
+        default=defaults.eval_pairs,
+        help=f"Held-out pairs scored (a sample), each against {defaults.eval_negatives} "
+        "sampled negatives.",
+    )
+    train.add_argument(
+        "--seed", type=seed, default=0, help="Seed for the initial weights and the sampling."
+    )
+    train.add_argument("--dim", type=whole(1), default=128, help="Width of the embeddings.")
+    train.add_argument(
+        "--threads",
+        type=whole(1),
+        default=min(8, os.cpu_count() or 1),
+        help="CPU threads PyTorch uses.",
+    )
+
+
+def share(text: str) -> float:
+    """An argparse type: a number above 0 and below 1."""
+    value = number(0, above=True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0 and below 1")
+    return value
+
+
+def train(args: argparse.Namespace) -> int:
+    check_writable(args.out, "out")
+    # The model stack first: a missing extra is told before a long log is read.
+    import torch
+
+    from solaris.precompute.export import ExportCheckError
+    from solaris.precompute.model import ModelConfig
+    from solaris.precompute.train import TooLittleData
+    from solaris.precompute.train import train as fit
+
+    rows = interaction_rows(args.log)
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        negatives=args.negatives,
+        held_out_share=args.held_out_share,
+        eval_pairs=args.eval_pairs,
+    )
+    try:
+        report = fit(rows, ModelConfig(dim=args.dim, seed=args.seed), settings, args.out, True)
+    except TooLittleData as error:
+        raise SettingsError(f"{args.log}: {error}", "held_out_share") from None
+    except ExportCheckError as error:
+        print(f"export failed: {error}", file=sys.stderr)
+        return 1
+    print(format_training(report, settings))
+    return 0
+
+
+def format_training(report: "TrainReport", settings: "TrainSettings") -> str:
+    k, negatives = settings.recall_k, settings.eval_negatives
+    scores = {"untrained (seed)": report.untrained, "trained": report.trained}
+    return "\n".join(
+        [
+            f"trained on {report.training_pairs:,} rows before timestamp {report.cutoff:.0f}; "
+            f"held out {report.held_out_pairs:,} from it on, {report.scored_pairs:,} of them "
+            f"scored, each against {negatives} sampled negatives",
+            f"{'held-out':>16}  {'AUC':>6}  {f'recall@{k}':>9}",
+            *(f"{name:>16}  {s.auc:6.3f}  {s.recall:9.3f}" for name, s in scores.items()),
+            f"wrote {report.export.path} (model version {report.export.model_version}), "
+            f"weights {report.checkpoint}",
+            f"max abs error against PyTorch: {report.export.max_abs_error:.3g}",
+        ]
+    )
+
+
+def interaction_rows(log: str) -> list[tuple[str, str, float]]:
+    """The log's (user, item, timestamp) rows, oldest first.
+
+    Raises:
+        SettingsError: naming `log`, if it cannot be read as one.
+    """
+    from solaris.precompute.replay_traffic import load_interactions
+
+    try:
+        return load_interactions(Path(log))
+    except OSError as error:
+        raise SettingsError(
+            f"cannot read {log} ({error.strerror}); give {LOG_LAYOUT}", "log"
+        ) from None
+    except ValueError as error:
+        raise SettingsError(f"{error}; give {LOG_LAYOUT}", "log") from None
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": serve,
     "precompute": precompute,
     "replay": replay,
     "export-model": export_model,
+    "train": train,
 }
 
 if __name__ == "__main__":

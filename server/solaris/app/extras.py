@@ -10,6 +10,10 @@ PROVIDES = {
         "the replay's packages (the model stack, matplotlib and tqdm)",
         frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "matplotlib", "tqdm"}),
     ),
+    "train": (
+        "the training packages (the model stack and tqdm)",
+        frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "tqdm"}),
+    ),
 }
 """Each extra: what it is called in a message, and the top-level modules it installs."""
 
