@@ -10,9 +10,12 @@ import pytest
 from solaris.precompute.export import ExportReport
 from solaris.precompute.replay import (
     ORACLE,
+    Ceiling,
     Replay,
     ReplayResult,
+    causal_ceiling,
     demand,
+    format_ceiling,
     format_report,
     resolve_budgets,
 )
@@ -147,6 +150,23 @@ def test_jumping_between_events_computes_what_a_round_every_second_does(
     by_event.rounds = by_tick.rounds
     assert by_event == by_tick
     assert by_event.served > 0
+
+
+def test_the_causal_ceiling_leaves_out_new_users_and_new_items() -> None:
+    events = [
+        Event(0.0, "u", ("a", "b")),  # u is new: out of reach
+        Event(5.0, "v", ("a", "c")),  # v is new: out of reach
+        Event(9.0, "u", ("a", "d"), is_hint=True),  # a hint is no request
+        Event(10.0, "u", ("a", "c", "e")),  # a again; c seen with v only; e never seen
+        Event(500.0, "u", ("b",)),  # b last asked 500 s ago, past the window
+    ]
+    ceiling = causal_ceiling(events, window_seconds=100)
+    assert ceiling == Ceiling(
+        rows=8, new_user=4, new_item=1, repeat_within=1, repeat_older=1, other_item=1
+    )
+    assert ceiling.reachable == 3 / 8
+    oracle = ReplayResult(ORACLE, 1.0, "1x", rows=8, served=6)
+    assert "0.600, is 160% of the ceiling" in format_ceiling(ceiling, [oracle])
 
 
 def test_a_budget_relative_to_demand_is_that_share_of_the_mean_pair_rate() -> None:

@@ -28,6 +28,7 @@ from solaris.precompute.model import ModelConfig
 from solaris.precompute.replay_traffic import Event
 from solaris.precompute.runner import OnnxRunner
 from solaris.precompute.speculator import (
+    PREFETCH,
     RETURNING,
     Pair,
     Policy,
@@ -283,7 +284,7 @@ class Oracle:
                 return False
             else:
                 chosen_pairs.add(pair)
-                chosen.append(Speculated(pair[0], pair[1], Policy.PREFETCH, 1.0))
+                chosen.append(Speculated(pair[0], pair[1], PREFETCH, 1.0))
         return satisfied
 
 
@@ -575,6 +576,85 @@ def demand(events: Sequence[Event]) -> float:
         return 0.0
     span = max(event.time for event in requests) - min(event.time for event in requests)
     return sum(len(event.item_ids) for event in requests) / max(span, 1.0)
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What any causal policy could have served: requested rows by what was known before them.
+    A row whose user or item no earlier request named cannot be computed ahead by a policy
+    that learns only from requests; the others could, at some cost."""
+
+    rows: int = 0
+    new_user: int = 0
+    """Rows of a user's first request."""
+    new_item: int = 0
+    """Rows of an item no earlier request named (the user seen before)."""
+    repeat_within: int = 0
+    """Rows repeating the user's request of the pair within the window (TTL and stale
+    window): computing every miss at once serves them."""
+    repeat_older: int = 0
+    """Rows repeating a pair requested longer ago: served by renewing it in time."""
+    other_item: int = 0
+    """Rows of an item requested before, but never for this user: served by a good guess."""
+
+    @property
+    def reachable(self) -> float:
+        """The share of rows some causal policy could have served: the ceiling."""
+        return 1 - (self.new_user + self.new_item) / self.rows if self.rows else 0.0
+
+
+def causal_ceiling(events: Sequence[Event], window_seconds: float) -> Ceiling:
+    """Each requested row of `events` by what the requests before it showed."""
+    users: set[str] = set()
+    items: set[str] = set()
+    last_asked: dict[Pair, float] = {}
+    counts = Counter[str]()
+    for event in events:
+        if event.is_hint:
+            continue
+        known_user = event.user_id in users
+        for item in event.item_ids:
+            asked = last_asked.get((event.user_id, item))
+            if not known_user:
+                counts["new_user"] += 1
+            elif asked is not None:
+                counts[
+                    "repeat_within" if event.time - asked <= window_seconds else "repeat_older"
+                ] += 1
+            elif item in items:
+                counts["other_item"] += 1
+            else:
+                counts["new_item"] += 1
+        for item in event.item_ids:
+            last_asked[(event.user_id, item)] = event.time
+        items.update(event.item_ids)
+        users.add(event.user_id)
+    return Ceiling(rows=counts.total(), **counts)
+
+
+def format_ceiling(ceiling: Ceiling, results: Sequence[ReplayResult]) -> str:
+    """The ceiling, and each budget's oracle and target (80 % of the oracle) against it."""
+    rows = max(ceiling.rows, 1)
+    parts = (
+        f"first request of its user {ceiling.new_user / rows:.1%}",
+        f"item never requested before {ceiling.new_item / rows:.1%}",
+        f"pair requested within the TTL and stale window {ceiling.repeat_within / rows:.1%}",
+        f"pair requested longer ago {ceiling.repeat_older / rows:.1%}",
+        f"item requested before by others only {ceiling.other_item / rows:.1%}",
+    )
+    lines = [
+        f"causal ceiling {ceiling.reachable:.3f}: the share of the {ceiling.rows:,} requested "
+        "rows whose user and item some earlier request named (no policy that learns from "
+        "requests can compute the rest ahead). Rows: " + "; ".join(parts) + "."
+    ]
+    for r in results:
+        if r.policy_set == ORACLE and ceiling.reachable:
+            target = 0.8 * r.hit_rate
+            lines.append(
+                f"  {r.budget_label or f'{r.budget:g}/s'}: the oracle {r.hit_rate:.3f}; 80 % of "
+                f"it, {target:.3f}, is {target / ceiling.reachable:.0%} of the ceiling"
+            )
+    return "\n".join(lines)
 
 
 def resolve_budgets(specs: Sequence[tuple[float, bool]], mean_rate: float) -> list[Budget]:

@@ -319,7 +319,9 @@ def replay(args: argparse.Namespace) -> int:
     from solaris.precompute.replay import (
         REPLAY_MODEL,
         Replay,
+        causal_ceiling,
         demand,
+        format_ceiling,
         format_report,
         plot,
         resolve_budgets,
@@ -348,6 +350,7 @@ def replay(args: argparse.Namespace) -> int:
     )
     print(title)
     print(format_report(results))
+    print(format_ceiling(causal_ceiling(events, ttl + args.stale_seconds), results))
     plot(results, args.plot, title)
     print(f"plot: {Path(args.plot).resolve()}")
     return 0
