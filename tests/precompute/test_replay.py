@@ -28,8 +28,9 @@ from solaris.precompute.replay_traffic import (
     write_log,
     write_synthetic_log,
 )
+from solaris.precompute.return_model import ReturnSettings
 from solaris.precompute.runner import OnnxRunner
-from solaris.precompute.speculator import Policy
+from solaris.precompute.speculator import Policy, SpeculationSettings
 
 ITEMS = tuple(f"item-{n}" for n in range(5))
 SMALL = SyntheticTraffic(users=50, items=300, duration_seconds=120, sessions_per_second=0.5)
@@ -214,6 +215,24 @@ def test_widen_renews_the_users_other_recent_items_too(runner: OnnxRunner) -> No
     assert widened.served >= 5 * 5
     assert widened.used_by["widen"] >= 5 * 5
     assert "widen" not in last_list_only.computed_by
+
+
+def test_return_over_more_requests_renews_the_list_before_the_last(runner: OnnxRunner) -> None:
+    other = tuple(f"other-{n}" for n in range(5))
+    events = regular_visits([ITEMS, other], visits=10, gap=7_200)
+    policies = frozenset({Policy.MISS, Policy.RETURN})
+
+    def run(requests: int) -> ReplayResult:
+        returns = ReturnSettings(requests=requests)
+        speculation = SpeculationSettings(returns=returns)
+        return Replay(events, runner, ttl_seconds=3_600, speculation=speculation).run(
+            policies, budget=100
+        )
+
+    last_only, two = run(1), run(2)
+    assert last_only.served == 0  # each visit asks for the list before the last
+    assert two.served >= 5 * 5
+    assert two.used_by["return"] >= 5 * 5
 
 
 def test_a_realistic_log_has_heavy_tailed_users_and_is_reproducible(tmp_path: Path) -> None:

@@ -190,6 +190,12 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         help="return: how many gaps the pattern of all users counts for in each user's own.",
     )
     replay.add_argument(
+        "--return-requests",
+        type=whole(1),
+        default=ReturnSettings.requests,
+        help="return: how many of a user's latest requests it renews the items of.",
+    )
+    replay.add_argument(
         "--widen-items",
         type=whole(1),
         default=50,
@@ -387,6 +393,7 @@ def replay_speculation(args: argparse.Namespace) -> "SpeculationSettings":
         returns=ReturnSettings(
             prior_visits=args.return_prior_visits,
             min_probability=args.return_min_probability,
+            requests=args.return_requests,
         ),
         widen_items=args.widen_items,
     )
