@@ -1,4 +1,4 @@
-"""`solaris replay`: drives the real sidecar core, store, daemon and model with a stream of
+"""`solaris replay`: drives the real sidecar core, store, speculator and model with a stream of
 ranking requests in its own time, and reports what each speculation policy set buys: hit rate,
 precision (per policy), why misses missed, compute spent and the age of what was served.
 
@@ -320,7 +320,7 @@ class RoundBudget:
 
 
 class Replay:
-    """Replays `events` through the store, daemon and model, the clock jumping from event to
+    """Replays `events` through the store, speculator and model, the clock jumping from event to
     event: a compute round runs only at a tick where the source has work (after an event,
     when it wakes, or while it takes all it is given), so a replay costs what its events do,
     not its time span. With `round_pairs` 1 it computes exactly what a round at every tick
@@ -559,7 +559,7 @@ REPLAY_MODEL = ModelConfig(
     history_cap=16,
 )
 """Hit rates do not depend on what the model computes, only on which pairs get computed: the
-replay runs a small model through the same runner and daemon so that a sweep takes a minute."""
+replay runs a small model through the same runner, so that the model costs a sweep little."""
 
 
 @dataclass(frozen=True)
