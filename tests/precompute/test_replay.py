@@ -10,9 +10,12 @@ import pytest
 from solaris.precompute.export import ExportReport
 from solaris.precompute.replay import (
     ORACLE,
+    Ceiling,
     Replay,
     ReplayResult,
+    causal_ceiling,
     demand,
+    format_ceiling,
     format_report,
     resolve_budgets,
 )
@@ -25,8 +28,9 @@ from solaris.precompute.replay_traffic import (
     write_log,
     write_synthetic_log,
 )
+from solaris.precompute.return_model import ReturnSettings
 from solaris.precompute.runner import OnnxRunner
-from solaris.precompute.speculator import Policy
+from solaris.precompute.speculator import Policy, SpeculationSettings
 
 ITEMS = tuple(f"item-{n}" for n in range(5))
 SMALL = SyntheticTraffic(users=50, items=300, duration_seconds=120, sessions_per_second=0.5)
@@ -149,6 +153,23 @@ def test_jumping_between_events_computes_what_a_round_every_second_does(
     assert by_event.served > 0
 
 
+def test_the_causal_ceiling_leaves_out_new_users_and_new_items() -> None:
+    events = [
+        Event(0.0, "u", ("a", "b")),  # u is new: out of reach
+        Event(5.0, "v", ("a", "c")),  # v is new: out of reach
+        Event(9.0, "u", ("a", "d"), is_hint=True),  # a hint is no request
+        Event(10.0, "u", ("a", "c", "e")),  # a again; c seen with v only; e never seen
+        Event(500.0, "u", ("b",)),  # b last asked 500 s ago, past the window
+    ]
+    ceiling = causal_ceiling(events, window_seconds=100)
+    assert ceiling == Ceiling(
+        rows=8, new_user=4, new_item=1, repeat_within=1, repeat_older=1, other_item=1
+    )
+    assert ceiling.reachable == 3 / 8
+    oracle = ReplayResult(ORACLE, 1.0, "1x", rows=8, served=6)
+    assert "0.600, is 160% of the ceiling" in format_ceiling(ceiling, [oracle])
+
+
 def test_a_budget_relative_to_demand_is_that_share_of_the_mean_pair_rate() -> None:
     events = [Event(0.0, "u", ITEMS), Event(10.0, "v", ITEMS), Event(9.0, "u", ITEMS, True)]
     assert demand(events) == 1.0  # 10 pairs requested over 10 seconds; hints are no demand
@@ -194,6 +215,24 @@ def test_widen_renews_the_users_other_recent_items_too(runner: OnnxRunner) -> No
     assert widened.served >= 5 * 5
     assert widened.used_by["widen"] >= 5 * 5
     assert "widen" not in last_list_only.computed_by
+
+
+def test_return_over_more_requests_renews_the_list_before_the_last(runner: OnnxRunner) -> None:
+    other = tuple(f"other-{n}" for n in range(5))
+    events = regular_visits([ITEMS, other], visits=10, gap=7_200)
+    policies = frozenset({Policy.MISS, Policy.RETURN})
+
+    def run(requests: int) -> ReplayResult:
+        returns = ReturnSettings(requests=requests)
+        speculation = SpeculationSettings(returns=returns)
+        return Replay(events, runner, ttl_seconds=3_600, speculation=speculation).run(
+            policies, budget=100
+        )
+
+    last_only, two = run(1), run(2)
+    assert last_only.served == 0  # each visit asks for the list before the last
+    assert two.served >= 5 * 5
+    assert two.used_by["return"] >= 5 * 5
 
 
 def test_a_realistic_log_has_heavy_tailed_users_and_is_reproducible(tmp_path: Path) -> None:

@@ -1,31 +1,34 @@
-"""`solaris replay`: drives the real sidecar core, store, daemon and model with a stream of
+"""`solaris replay`: drives the real sidecar core, store, speculator and model with a stream of
 ranking requests in its own time, and reports what each speculation policy set buys: hit rate,
 precision (per policy), why misses missed, compute spent and the age of what was served.
 
-Time is simulated (a clock the core and the daemon read), so a replay is exact and
+Time is simulated (a clock the core and the speculator read), so a replay is exact and
 repeatable: the same events, budget and seed give the same report. At a compute round the
-speculator (or the oracle) hands out what the budget allows, the daemon computes it with the
-model through ONNX Runtime and writes it to the store; requests are answered by the sidecar's
-own read path. Rounds run on a grid of one-second ticks, but only where there is work, so a
-log spanning years costs what its events do.
+speculator (or the oracle) hands out what the budget allows; what it hands out is fresh from
+that moment. Nothing reads the store between two requests, so the pairs of every round between
+them are computed with the model through ONNX Runtime in one batch before the next request,
+and written with the times of their own rounds (until then, the speculator and the oracle see
+them as fresh from those times): a round costs a choice, not a model call. Requests are
+answered by the sidecar's own read path. Rounds run on a grid of one-second ticks, but only
+where there is work, so a log spanning years costs what its events do.
 """
 
 import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
-from solaris.precompute.daemon import PrecomputeDaemon
+from solaris.precompute.features import UserWork
 from solaris.precompute.model import ModelConfig
 from solaris.precompute.replay_traffic import Event
 from solaris.precompute.runner import OnnxRunner
-from solaris.precompute.settings import PrecomputeSettings
 from solaris.precompute.speculator import (
+    PREFETCH,
     RETURNING,
     Pair,
     Policy,
@@ -33,14 +36,13 @@ from solaris.precompute.speculator import (
     SpeculationSettings,
     Speculator,
     StaleAt,
-    by_user,
 )
 from solaris.server.core import EmbeddingService
 from solaris.server.l1 import MemoryStore
-from solaris.server.prefetch_queue import PrefetchQueue, PrefetchTask
+from solaris.server.prefetch_queue import PrefetchQueue
 from solaris.server.request_log import LoggedRequest, RequestLog
 from solaris.server.settings import SidecarSettings
-from solaris.server.store import RowStatus
+from solaris.server.store import TIMES, RowStatus
 
 ORACLE = "oracle"
 NO_SPECULATION = "no speculation"
@@ -103,11 +105,91 @@ class Computed:
         self.ever.add(pair)
 
 
+class Pending:
+    """Pairs handed out since the last request, computed and stored in one batch before the
+    next one (`flush`), each with the times of its own round. Until then `stale_at` answers
+    for them as the store will, so that no later round takes them again."""
+
+    def __init__(
+        self, runner: OnnxRunner, store: MemoryStore, ttl_seconds: float, stale_seconds: float
+    ) -> None:
+        self.runner = runner
+        self.store = store
+        self.ttl_seconds = ttl_seconds
+        self.stale_seconds = stale_seconds
+        self._computed_at: dict[Pair, float] = {}
+        """When each pending pair was computed (clock seconds), in the order handed out."""
+
+    def add(self, pairs: Iterable[Pair], at: float) -> None:
+        """Pairs computed at clock time `at`."""
+        for pair in pairs:
+            self._computed_at.pop(pair, None)  # a pair taken twice keeps its later time
+            self._computed_at[pair] = at
+
+    def stale_at(self, pairs: Sequence[Pair]) -> np.ndarray:
+        """The store's stale_at for `pairs`, a pending pair's as it will be stored."""
+        found = self.store.stale_at(pairs)
+        if self._computed_at:
+            for index, pair in enumerate(pairs):
+                at = self._computed_at.get(pair)
+                if at is not None:
+                    found[index] = at + self.ttl_seconds
+        return found
+
+    def flush(self, batch_pairs: int = 1_024) -> None:
+        """Computes every pending pair with the model, `batch_pairs` at a time, and writes each
+        user's pairs in one write, every row with its own round's times."""
+        if not self._computed_at:
+            return
+        items: dict[str, list[str]] = {}
+        times: dict[str, list[float]] = {}
+        for (user_id, item_id), at in self._computed_at.items():
+            items.setdefault(user_id, []).append(item_id)
+            times.setdefault(user_id, []).append(at)
+        self._computed_at.clear()
+        work = [UserWork(user_id, (), tuple(listed)) for user_id, listed in items.items()]
+        vectors = np.concatenate(
+            [self.runner.compute(batch) for batch in _batches(work, batch_pairs)]
+        )
+        start = 0
+        for user_work in work:
+            end = start + len(user_work.item_ids)
+            rows = np.empty(len(user_work.item_ids), TIMES)
+            # The arithmetic of Freshness.starting, so that times are what the daemon writes.
+            rows["computed_at"] = times[user_work.user_id]
+            rows["stale_at"] = rows["computed_at"] + self.ttl_seconds
+            rows["expires_at"] = rows["stale_at"] + self.stale_seconds
+            self.store.write_rows(
+                user_work.user_id,
+                user_work.item_ids,
+                vectors[start:end],
+                rows,
+                self.runner.model_version,
+            )
+            start = end
+
+
+def _batches(work: list[UserWork], pairs: int) -> Iterator[list[UserWork]]:
+    """`work` in runs of about `pairs` pairs (a user's work is never split)."""
+    batch: list[UserWork] = []
+    size = 0
+    for user_work in work:
+        batch.append(user_work)
+        size += len(user_work.item_ids)
+        if size >= pairs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 class SimulatedClock:
-    """Wall-clock seconds as the store understands them, moved by the replay."""
+    """Wall-clock seconds as the store understands them, moved by the replay. It starts on a
+    whole second, so that whole-second times (a log's) add up exactly and a tie between two
+    times (a pair going stale the second it is asked for) falls the same way in every run."""
 
     def __init__(self) -> None:
-        self.start = time.time()
+        self.start = float(math.floor(time.time()))
         self.now = self.start
 
     def __call__(self) -> float:
@@ -202,7 +284,7 @@ class Oracle:
                 return False
             else:
                 chosen_pairs.add(pair)
-                chosen.append(Speculated(pair[0], pair[1], Policy.PREFETCH, 1.0))
+                chosen.append(Speculated(pair[0], pair[1], PREFETCH, 1.0))
         return satisfied
 
 
@@ -238,7 +320,7 @@ class RoundBudget:
 
 
 class Replay:
-    """Replays `events` through the store, daemon and model, the clock jumping from event to
+    """Replays `events` through the store, speculator and model, the clock jumping from event to
     event: a compute round runs only at a tick where the source has work (after an event,
     when it wakes, or while it takes all it is given), so a replay costs what its events do,
     not its time span. With `round_pairs` 1 it computes exactly what a round at every tick
@@ -293,20 +375,11 @@ class Replay:
             max_items=max(4096, items),
         )
         store = MemoryStore(settings.cache_bytes, settings.dim)
-        queue = PrefetchQueue(1)
         request_log = RequestLog()
         reads: list[LoggedRequest] = []
         request_log.listeners.append(reads.append)
-        service = EmbeddingService(settings, store, request_log, queue, clock=clock)
-        daemon = PrecomputeDaemon(
-            self.runner,
-            store,
-            queue,
-            PrecomputeSettings(batch_pairs=1024),
-            self.ttl_seconds,
-            self.stale_seconds,
-            clock=clock,
-        )
+        service = EmbeddingService(settings, store, request_log, PrefetchQueue(1), clock=clock)
+        pending = Pending(self.runner, store, self.ttl_seconds, self.stale_seconds)
 
         label = policy_set if isinstance(policy_set, str) else "+".join(sorted(policy_set))
         result = ReplayResult(label, budget)
@@ -320,7 +393,7 @@ class Replay:
                 requests,
                 self.ttl_seconds + self.stale_seconds,
                 self.stale_seconds,
-                store.stale_at,
+                pending.stale_at,
                 clock,
             )
         else:
@@ -332,7 +405,7 @@ class Replay:
                     policies=policies,
                     ttl_seconds=self.ttl_seconds,
                 ),
-                store.stale_at,
+                pending.stale_at,
                 clock,
                 on_queue=lambda entry: predicted.add((entry.user_id, entry.item_id)),
             )
@@ -342,7 +415,7 @@ class Replay:
             while (round_tick := rounds.next_round(event.time)) is not None:
                 taken = rounds.take(round_tick)
                 if taken:
-                    await self._compute(taken, speculator, daemon, computed, result)
+                    self._computed(taken, clock(), speculator, pending, computed, result)
             clock.now = clock.start + event.time
             rounds.event_at(event.time)
             if on_events is not None and done % 1_000 == 0:
@@ -351,36 +424,36 @@ class Replay:
                 if speculator is not None:
                     speculator.hint(event.user_id, event.item_ids)
                 continue
+            pending.flush()
             answer = await service.batch_get(event.user_id, event.item_ids)
             self._score(event, answer.statuses, answer.ages_ms, predicted, computed, result)
             if speculator is not None:
                 speculator.observe(reads)
             reads.clear()
+        pending.flush()
         if on_events is not None:
             on_events(len(self.events) % 1_000)
         result.rounds = rounds.count
         return result
 
-    async def _compute(
-        self,
+    @staticmethod
+    def _computed(
         taken: list[Speculated],
+        at: float,
         speculator: Speculator | None,
-        daemon: PrecomputeDaemon,
+        pending: Pending,
         computed: "Computed",
         result: ReplayResult,
     ) -> None:
-        for entry in taken:
-            computed.add((entry.user_id, entry.item_id), str(entry.policy))
+        """A round's pairs: fresh from `at` (the clock), computed before the next request."""
+        pairs = [(entry.user_id, entry.item_id) for entry in taken]
+        for pair, entry in zip(pairs, taken, strict=True):
+            computed.add(pair, str(entry.policy))
             result.computed_by[str(entry.policy)] += 1
-        tasks = [
-            PrefetchTask(user, tuple(entry.item_id for entry in entries))
-            for user, entries in by_user(taken).items()
-        ]
-        before = daemon.stats.pairs_computed
-        await daemon.process(tasks)
-        result.computed += daemon.stats.pairs_computed - before
+        result.computed += len(set(pairs))  # a round may name a pair twice; it is computed once
+        pending.add(pairs, at)
         if speculator is not None:
-            speculator.done((entry.user_id, entry.item_id) for entry in taken)
+            speculator.done(pairs)
 
     def _score(
         self,
@@ -486,7 +559,7 @@ REPLAY_MODEL = ModelConfig(
     history_cap=16,
 )
 """Hit rates do not depend on what the model computes, only on which pairs get computed: the
-replay runs a small model through the same runner and daemon so that a sweep takes a minute."""
+replay runs a small model through the same runner, so that the model costs a sweep little."""
 
 
 @dataclass(frozen=True)
@@ -503,6 +576,85 @@ def demand(events: Sequence[Event]) -> float:
         return 0.0
     span = max(event.time for event in requests) - min(event.time for event in requests)
     return sum(len(event.item_ids) for event in requests) / max(span, 1.0)
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What any causal policy could have served: requested rows by what was known before them.
+    A row whose user or item no earlier request named cannot be computed ahead by a policy
+    that learns only from requests; the others could, at some cost."""
+
+    rows: int = 0
+    new_user: int = 0
+    """Rows of a user's first request."""
+    new_item: int = 0
+    """Rows of an item no earlier request named (the user seen before)."""
+    repeat_within: int = 0
+    """Rows repeating the user's request of the pair within the window (TTL and stale
+    window): computing every miss at once serves them."""
+    repeat_older: int = 0
+    """Rows repeating a pair requested longer ago: served by renewing it in time."""
+    other_item: int = 0
+    """Rows of an item requested before, but never for this user: served by a good guess."""
+
+    @property
+    def reachable(self) -> float:
+        """The share of rows some causal policy could have served: the ceiling."""
+        return 1 - (self.new_user + self.new_item) / self.rows if self.rows else 0.0
+
+
+def causal_ceiling(events: Sequence[Event], window_seconds: float) -> Ceiling:
+    """Each requested row of `events` by what the requests before it showed."""
+    users: set[str] = set()
+    items: set[str] = set()
+    last_asked: dict[Pair, float] = {}
+    counts = Counter[str]()
+    for event in events:
+        if event.is_hint:
+            continue
+        known_user = event.user_id in users
+        for item in event.item_ids:
+            asked = last_asked.get((event.user_id, item))
+            if not known_user:
+                counts["new_user"] += 1
+            elif asked is not None:
+                counts[
+                    "repeat_within" if event.time - asked <= window_seconds else "repeat_older"
+                ] += 1
+            elif item in items:
+                counts["other_item"] += 1
+            else:
+                counts["new_item"] += 1
+        for item in event.item_ids:
+            last_asked[(event.user_id, item)] = event.time
+        items.update(event.item_ids)
+        users.add(event.user_id)
+    return Ceiling(rows=counts.total(), **counts)
+
+
+def format_ceiling(ceiling: Ceiling, results: Sequence[ReplayResult]) -> str:
+    """The ceiling, and each budget's oracle and target (80 % of the oracle) against it."""
+    rows = max(ceiling.rows, 1)
+    parts = (
+        f"first request of its user {ceiling.new_user / rows:.1%}",
+        f"item never requested before {ceiling.new_item / rows:.1%}",
+        f"pair requested within the TTL and stale window {ceiling.repeat_within / rows:.1%}",
+        f"pair requested longer ago {ceiling.repeat_older / rows:.1%}",
+        f"item requested before by others only {ceiling.other_item / rows:.1%}",
+    )
+    lines = [
+        f"causal ceiling {ceiling.reachable:.3f}: the share of the {ceiling.rows:,} requested "
+        "rows whose user and item some earlier request named (no policy that learns from "
+        "requests can compute the rest ahead). Rows: " + "; ".join(parts) + "."
+    ]
+    for r in results:
+        if r.policy_set == ORACLE and ceiling.reachable:
+            target = 0.8 * r.hit_rate
+            lines.append(
+                f"  {r.budget_label or f'{r.budget:g}/s'}: the oracle {r.hit_rate:.3f}; 80 % of "
+                f"it, {target:.3f}, is {target / ceiling.reachable:.0%} of the ceiling"
+            )
+    return "\n".join(lines)
 
 
 def resolve_budgets(specs: Sequence[tuple[float, bool]], mean_rate: float) -> list[Budget]:

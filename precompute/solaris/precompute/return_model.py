@@ -11,6 +11,7 @@ bounded: the least recently active users are forgotten past `users`.
 """
 
 import heapq
+import itertools
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -31,10 +32,15 @@ class ReturnSettings:
     """Below this chance of a return within the next TTL, a user's pairs are left to lapse."""
     users: int = 10_000
     """Users whose visits are remembered, the least recently active forgotten first."""
+    requests: int = 1
+    """How many of a user's latest requests return renews the items of (a user who comes
+    back often asks again for what they were shown a few visits ago, not only at the last)."""
 
     def __post_init__(self) -> None:
-        if self.gaps_per_user < 1 or self.users < 1 or self.prior_visits < 0:
-            raise ValueError("gaps_per_user and users must be 1 or more, prior_visits 0 or more")
+        if min(self.gaps_per_user, self.users, self.requests) < 1 or self.prior_visits < 0:
+            raise ValueError(
+                "gaps_per_user, users and requests must be 1 or more, prior_visits 0 or more"
+            )
         if not 0 <= self.min_probability <= 1:
             raise ValueError(f"min_probability: must be in [0, 1], got {self.min_probability}")
 
@@ -42,8 +48,11 @@ class ReturnSettings:
 @dataclass
 class _Visits:
     last_at: float
-    last_items: tuple[str, ...]
+    requested: deque[tuple[str, ...]]
+    """The items of the user's latest requests, newest last."""
     gaps: deque[float]
+    last_items: tuple[str, ...] = ()
+    """Their items, each once, the newest request's first."""
 
 
 class ReturnModel:
@@ -64,12 +73,22 @@ class ReturnModel:
         visits = self._users.pop(user_id, None)
         if visits is None:
             self._first_visits += 1
-            visits = _Visits(at, item_ids, deque(maxlen=self.settings.gaps_per_user))
+            visits = _Visits(
+                at,
+                deque(maxlen=self.settings.requests),
+                deque(maxlen=self.settings.gaps_per_user),
+            )
         elif at > visits.last_at:
             gap = at - visits.last_at
             visits.gaps.append(gap)
             self._gap_counts[_bin(gap)] += 1
-        visits.last_at, visits.last_items = max(at, visits.last_at), item_ids
+        visits.last_at = max(at, visits.last_at)
+        visits.requested.append(item_ids)
+        visits.last_items = (
+            item_ids
+            if len(visits.requested) == 1
+            else tuple(dict.fromkeys(itertools.chain.from_iterable(reversed(visits.requested))))
+        )
         self._users[user_id] = visits
         if len(self._users) > self.settings.users:
             forgotten, _ = self._users.popitem(last=False)
@@ -81,6 +100,7 @@ class ReturnModel:
         return int(self._gap_counts.sum())
 
     def last_items(self, user_id: str) -> tuple[str, ...]:
+        """The items of the user's latest `requests` requests, each once, newest first."""
         visits = self._users.get(user_id)
         return visits.last_items if visits else ()
 

@@ -61,10 +61,13 @@ class Policy(StrEnum):
     WIDEN = "widen"
 
 
-EXPANSION = frozenset({Policy.COVISIT, Policy.POPULAR, Policy.RETURN, Policy.WIDEN})
+# Members as module names: on Python 3.11 `Policy.MISS` is a metaclass __getattr__ call, a
+# cost on paths run for every pair.
+PREFETCH, MISS, REFRESH = Policy.PREFETCH, Policy.MISS, Policy.REFRESH
+COVISIT, POPULAR, RETURN, WIDEN = Policy.COVISIT, Policy.POPULAR, Policy.RETURN, Policy.WIDEN
+EXPANSION = frozenset({COVISIT, POPULAR, RETURN, WIDEN})
 """Guesses, not evidence: offered again, so their offers do not add up."""
-RETURNING = frozenset({Policy.RETURN, Policy.WIDEN})
-MISS = Policy.MISS
+RETURNING = frozenset({RETURN, WIDEN})
 
 DEFAULT_WEIGHTS = {
     Policy.PREFETCH: 1.0,
@@ -185,7 +188,7 @@ class Speculator:
         now = self._clock()
         score = 1.0 + priority / MAX_PRIORITY
         for item_id in item_ids:
-            self._offer(user_id, item_id, Policy.PREFETCH, score, now)
+            self._offer(user_id, item_id, PREFETCH, score, now)
 
     def observe(self, requests: Iterable[LoggedRequest]) -> None:
         """Reads the sidecar answered: misses and soon-stale pairs to compute, and the
@@ -193,7 +196,7 @@ class Speculator:
         a read learnt late is worth less. With return or widen on, a miss is also worth the
         user's chance to come back before its pair would go stale: budget short of every miss
         goes to users who will read them."""
-        refresh = Policy.REFRESH in self.settings.policies
+        refresh = REFRESH in self.settings.policies
         returning = bool(RETURNING & self.settings.policies)
         horizon = self._clock() + self.settings.refresh_window_seconds
         for request in requests:
@@ -211,7 +214,7 @@ class Speculator:
             if refresh:
                 due = ~missed & (request.stale_at < horizon)
                 for index in np.flatnonzero(due):
-                    self._offer(request.user_id, request.item_ids[index], Policy.REFRESH, 1.0, at)
+                    self._offer(request.user_id, request.item_ids[index], REFRESH, 1.0, at)
 
     def _miss_value(self, user_id: str, at: float) -> float:
         """The user's chance to be back within a TTL, no less than the least worth renewing
@@ -400,17 +403,17 @@ class Speculator:
         user one expansion: an idle speculator does no work, and a busy one does it once."""
         now = self._clock()
         policies = self.settings.policies
-        top = self.traffic.popular() if Policy.POPULAR in policies else []
+        top = self.traffic.popular() if POPULAR in policies else []
         while len(self._queued) < room:
             user_id = self.traffic.pop_unexpanded_user()
             if user_id is None:
                 return
-            if Policy.COVISIT in policies:
-                self._offer_all(user_id, self.traffic.neighbours(user_id), Policy.COVISIT, now)
+            if COVISIT in policies:
+                self._offer_all(user_id, self.traffic.neighbours(user_id), COVISIT, now)
             if top:
                 seen = self.traffic.recent_items(user_id)
                 unseen = [(item_id, score) for item_id, score in top if item_id not in seen]
-                self._offer_all(user_id, unseen, Policy.POPULAR, now)
+                self._offer_all(user_id, unseen, POPULAR, now)
 
     def _look_at_due_users(self) -> None:
         """Each user due for a look whose chance of a return within the next TTL is worth it:
@@ -439,12 +442,12 @@ class Speculator:
             latest = self.returns.last_items(user_id)
             fresh_until = [float(next(stale_at)) for _ in latest]
             due = [item for item, until in zip(latest, fresh_until, strict=True) if until <= now]
-            self._offer_all(user_id, [(item, chance) for item in due], Policy.RETURN, now)
+            self._offer_all(user_id, [(item, chance) for item in due], RETURN, now)
             if len(due) < len(latest):
                 self.returns.schedule(user_id, min(until for until in fresh_until if until > now))
                 continue
-            if Policy.WIDEN in self.settings.policies:
-                self._offer_all(user_id, self._wider(user_id, latest, chance), Policy.WIDEN, now)
+            if WIDEN in self.settings.policies:
+                self._offer_all(user_id, self._wider(user_id, latest, chance), WIDEN, now)
             self.returns.schedule(user_id, now + ttl)
 
     def _wider(self, user_id: str, latest: tuple[str, ...], chance: float) -> Scored:
@@ -465,7 +468,7 @@ class Speculator:
 def _traffic_model(settings: SpeculationSettings) -> TrafficModel:
     """Counting co-visits is most of what learning costs: done only for the policies that
     draw on them (covisit, widen)."""
-    draws = {Policy.COVISIT, Policy.WIDEN} & settings.policies
+    draws = {COVISIT, WIDEN} & settings.policies
     return TrafficModel(settings.traffic, covisits=bool(draws))
 
 

@@ -199,6 +199,12 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         help="return: how many gaps the pattern of all users counts for in each user's own.",
     )
     replay.add_argument(
+        "--return-requests",
+        type=whole(1),
+        default=ReturnSettings.requests,
+        help="return: how many of a user's latest requests it renews the items of.",
+    )
+    replay.add_argument(
         "--widen-items",
         type=whole(1),
         default=50,
@@ -328,7 +334,9 @@ def replay(args: argparse.Namespace) -> int:
     from solaris.precompute.replay import (
         REPLAY_MODEL,
         Replay,
+        causal_ceiling,
         demand,
+        format_ceiling,
         format_report,
         plot,
         resolve_budgets,
@@ -357,6 +365,7 @@ def replay(args: argparse.Namespace) -> int:
     )
     print(title)
     print(format_report(results))
+    print(format_ceiling(causal_ceiling(events, ttl + args.stale_seconds), results))
     plot(results, args.plot, title)
     print(f"plot: {Path(args.plot).resolve()}")
     return 0
@@ -393,6 +402,7 @@ def replay_speculation(args: argparse.Namespace) -> "SpeculationSettings":
         returns=ReturnSettings(
             prior_visits=args.return_prior_visits,
             min_probability=args.return_min_probability,
+            requests=args.return_requests,
         ),
         widen_items=args.widen_items,
     )
