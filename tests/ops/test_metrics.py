@@ -68,6 +68,8 @@ async def test_counters_match_what_was_served(measured: Sidecar) -> None:
     assert samples["solaris_read_items_sum"] == 5
     assert samples["solaris_l1_entries"] == 2
     assert samples["solaris_l1_bytes"] > 0
+    assert samples["solaris_l1_aggregates"] == 4  # the user's, a's, b's and v1's global
+    assert 0 < samples["solaris_l1_aggregate_bytes"] < samples["solaris_l1_bytes"]
     assert samples["solaris_prefetch_queue_pairs"] == 2
 
 

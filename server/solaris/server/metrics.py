@@ -170,6 +170,16 @@ def serve_metrics(
 def l1_values(live: LiveValues, l1: MemoryStore) -> None:
     live.gauge("solaris_l1_bytes", "Bytes the L1 holds, as capped.", lambda: l1.nbytes)
     live.gauge("solaris_l1_entries", "Pairs the L1 holds.", lambda: len(l1))
+    live.gauge(
+        "solaris_l1_aggregates",
+        "The miss ladder's aggregates (user, item, global) the L1 holds, within its bytes.",
+        lambda: len(l1.aggregates),
+    )
+    live.gauge(
+        "solaris_l1_aggregate_bytes",
+        "Of solaris_l1_bytes, the bytes of the miss ladder's aggregates.",
+        lambda: l1.aggregates.nbytes,
+    )
     live.counter("solaris_l1_evictions", "L1 rows evicted.", lambda: l1.evictions)
 
 
