@@ -183,8 +183,21 @@ def test_recent_pairs_weigh_more_in_a_users_aggregate() -> None:
     store.write_sync("u", ["b"], new, Freshness.starting("v1", 1010.0, 60, 60))
     values = np.zeros((1, dim), np.float32)
 
-    tiers, version = store.aggregates.fill("u", ["c"], values, np.array([0]), "v1")
+    tiers, version = store.aggregates.fill("u", ["c"], values, np.array([0]), "v1", 1010.0)
 
     # One half-life later the old pair weighs 1/2 and the new one 1: (1/2 + 3) / 1.5.
     np.testing.assert_allclose(values[0], (0.5 * 1 + 3) / 1.5, rtol=1e-6)
     assert (tiers.tolist(), version) == ([2], "v1")
+
+
+def test_aggregates_not_updated_within_their_max_age_are_not_served() -> None:
+    dim = 4
+    store = MemoryStore(1024**2, dim, aggregate_share=0.25, aggregate_max_age_seconds=100.0)
+    store.write_sync("u", ["a"], np.ones((1, dim), np.float32), Freshness.starting("v1", 0, 1, 1))
+    values = np.zeros((2, dim), np.float32)
+
+    fresh, _ = store.aggregates.fill("u", ["b", "c"], values, np.array([0, 1]), "v1", 99.0)
+    old, version = store.aggregates.fill("x", ["a", "c"], values, np.array([0, 1]), "v1", 100.0)
+
+    assert fresh.tolist() == [2, 2]
+    assert (old.tolist(), version) == ([5, 5], "")

@@ -146,6 +146,7 @@ def _local_parts(settings: SidecarSettings) -> SidecarParts:
         np.dtype(settings.l1_dtype),
         aggregate_share=AGGREGATE_SHARE,
         half_life_seconds=settings.ttl_seconds or 3600.0,
+        aggregate_max_age_seconds=settings.ttl_seconds + settings.stale_seconds,
     )
     prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
     registry, live = _metrics()

@@ -58,10 +58,19 @@ def aggregate_bytes(key: str, dim: int) -> int:
 class Aggregates:
     """Per-user, per-item and global decayed means, thread-safe."""
 
-    def __init__(self, dim: int, capacity: int, half_life_seconds: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        capacity: int,
+        half_life_seconds: float,
+        max_age_seconds: float = float("inf"),
+    ) -> None:
+        """`max_age_seconds`: an aggregate not updated for this long is not served (as a pair
+        past its TTL and stale window is not)."""
         self.dim = dim
         self.capacity = capacity
         self.half_life_seconds = half_life_seconds
+        self.max_age_seconds = max_age_seconds
         # np.zeros maps pages lazily: memory in use grows with the slots used.
         self._means = np.zeros((capacity, dim), FLOAT32)
         self._halves = np.zeros((capacity, dim), FLOAT16)
@@ -137,10 +146,11 @@ class Aggregates:
         values: np.ndarray,
         missed: np.ndarray,
         model_version: str,
+        now: float,
     ) -> tuple[np.ndarray, str]:
         """Fills `values`' rows at positions `missed` (in place) from the most specific tier of
-        `model_version` (the newest held when empty); each missed row's tier, and the version
-        used ("" when nothing was filled)."""
+        `model_version` (the newest held when empty) updated within max_age_seconds of `now`;
+        each missed row's tier, and the version used ("" when nothing was filled)."""
         tiers = np.full(missed.size, RowTier.NONE, np.uint8)
         means = self._halves if values.dtype == FLOAT16 else self._means
         with self._lock:
@@ -148,7 +158,8 @@ class Aggregates:
             version = self._versions.get(version_name, -1)
             if version < 0:
                 return tiers, ""
-            user = self._find((_Kind.USER, user_id), version)
+            since = now - self.max_age_seconds
+            user = self._find((_Kind.USER, user_id), version, since)
             if user >= 0:
                 values[missed] = means[user]
                 tiers[:] = RowTier.USER
@@ -159,12 +170,15 @@ class Aggregates:
                 ids = [item_ids[i] for i in missed.tolist()]
             slots = np.fromiter(map(self._item_slots.get, ids, repeat(-1)), _SLOT, missed.size)
             found = slots >= 0
-            found[found] = self._version_of.take(slots[found]) == version
+            held = slots[found]
+            found[found] = (self._version_of.take(held) == version) & (
+                self._updated_at.take(held) > since
+            )
             if found.any():
                 values[missed[found]] = means.take(slots[found], axis=0)
                 tiers[found] = RowTier.ITEM
             rest = ~found
-            glob = self._find((_Kind.GLOBAL, version_name), version)
+            glob = self._find((_Kind.GLOBAL, version_name), version, since)
             if glob >= 0 and rest.any():
                 values[missed[rest]] = means[glob]
                 tiers[rest] = RowTier.GLOBAL
@@ -177,9 +191,12 @@ class Aggregates:
         keys = {(int(_Kind.ITEM), item) for item in item_ids}
         return keys | {(int(_Kind.USER), user_id), (int(_Kind.GLOBAL), model_version)}
 
-    def _find(self, key: tuple[int, str], version: int) -> int:
+    def _find(self, key: tuple[int, str], version: int, since: float) -> int:
+        """The key's slot if it holds `version` updated after `since`, else -1."""
         slot = self._slots.get(key, -1)
-        return slot if slot >= 0 and self._version_of[slot] == version else -1
+        if slot < 0 or self._version_of[slot] != version or self._updated_at[slot] <= since:
+            return -1
+        return slot
 
     def _slot(self, key: tuple[int, str], version: int, budget: int) -> int:
         """The key's slot, moved to the newest end, started afresh if of another version;

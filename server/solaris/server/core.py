@@ -133,7 +133,7 @@ class EmbeddingService:
         if enrich is None:
             enrich = self.settings.miss_ladder
         if enrich and self.aggregates is not None and missed.any():
-            values, version = self._enrich(user_id, item_ids, values, missed, tiers, version)
+            values, version = self._enrich(user_id, item_ids, values, missed, tiers, version, now)
         result = BatchResult(values, statuses, rows.ages_ms(now), version, tiers)
         if self.request_log.active:
             stale_at = rows.times["stale_at"]
@@ -152,6 +152,7 @@ class EmbeddingService:
         missed: np.ndarray,
         tiers: np.ndarray,
         version: str,
+        now: float,
     ) -> tuple[np.ndarray, str]:
         """Fills the missed rows from the ladder and notes their tiers in `tiers`; the values
         and the answer's model version (the aggregates' when no row was the pair's own)."""
@@ -159,7 +160,7 @@ class EmbeddingService:
         if not values.flags.writeable:
             values = values.copy()
         positions = np.flatnonzero(missed)
-        filled, used = self.aggregates.fill(user_id, item_ids, values, positions, version)
+        filled, used = self.aggregates.fill(user_id, item_ids, values, positions, version, now)
         tiers[positions] = filled
         return values, version or used
 

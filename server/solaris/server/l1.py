@@ -270,10 +270,12 @@ class MemoryStore:
         dtype: np.dtype = FLOAT32,
         aggregate_share: float = 0.0,
         half_life_seconds: float = 3600.0,
+        aggregate_max_age_seconds: float = float("inf"),
     ) -> None:
         """`aggregate_share`: the most of `max_bytes` the miss ladder's aggregates may take
         (0: none are kept), bounding their number; what they hold counts in the cap like pairs,
-        evicting pairs for room. `half_life_seconds`: their decay (see aggregates.py)."""
+        evicting pairs for room. `half_life_seconds` and `aggregate_max_age_seconds`: their
+        decay and how long one not updated is served (see aggregates.py)."""
         self.dim = dim
         self.dtype = np.dtype(dtype)
         if self.dtype not in (FLOAT16, FLOAT32):
@@ -294,7 +296,10 @@ class MemoryStore:
         self._versions: list[str] = []
         self._users = _Users()
         self.aggregates = Aggregates(
-            dim, int(max_bytes * aggregate_share) // aggregate_bytes("", dim), half_life_seconds
+            dim,
+            int(max_bytes * aggregate_share) // aggregate_bytes("", dim),
+            half_life_seconds,
+            aggregate_max_age_seconds,
         )
         self._bytes = 0
         self._lock = threading.Lock()
