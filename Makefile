@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/floor_parts.py
 	$(BIN)/python bench/l1.py
+	$(BIN)/python bench/miss_ladder.py
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/redis_health.py
 	$(BIN)/python bench/redis_l2.py

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from solaris.app.compose import build_sidecar, sidecar_parts
+from solaris.server.aggregates import RowTier
 from solaris.server.metrics import READ_SECONDS_BUCKETS, REQUEST_ITEMS_BUCKETS, ReadMetrics
 from solaris.server.settings import SidecarSettings
 from solaris.server.sidecar import Sidecar
@@ -49,17 +50,26 @@ async def test_counters_match_what_was_served(measured: Sidecar) -> None:
         stub = EmbeddingStoreStub(channel)
         await stub.BatchGet(pb.BatchGetRequest(user_id="user", item_ids=["a", "b", "c"]))
         await stub.BatchGet(pb.BatchGetRequest(user_id="user", item_ids=["a"]))
+        await stub.BatchGet(
+            pb.BatchGetRequest(user_id="user", item_ids=["z"], miss_fill=pb.ENRICHED)
+        )
         await stub.Prefetch(pb.PrefetchRequest(user_id="user", item_ids=["x", "y"]))
     assert measured.metrics_port is not None
     # The sidecar serves /metrics on its event loop, which this test's loop is.
     samples = await asyncio.to_thread(scrape, measured.metrics_port)
     assert samples['solaris_rows_total{status="hit"}'] == 3
-    assert samples['solaris_rows_total{status="miss"}'] == 1
+    assert samples['solaris_rows_total{status="miss"}'] == 2  # an enriched row is a MISS
     assert samples['solaris_rows_total{status="stale"}'] == 0
-    assert samples["solaris_read_seconds_count"] == 2
-    assert samples["solaris_read_items_sum"] == 4
+    assert samples['solaris_rows_by_tier_total{tier="pair"}'] == 3
+    assert samples['solaris_rows_by_tier_total{tier="user"}'] == 1
+    assert samples['solaris_rows_by_tier_total{tier="none"}'] == 1
+    assert samples['solaris_rows_by_tier_total{tier="item"}'] == 0
+    assert samples["solaris_read_seconds_count"] == 3
+    assert samples["solaris_read_items_sum"] == 5
     assert samples["solaris_l1_entries"] == 2
     assert samples["solaris_l1_bytes"] > 0
+    assert samples["solaris_l1_aggregates"] == 4  # the user's, a's, b's and v1's global
+    assert 0 < samples["solaris_l1_aggregate_bytes"] < samples["solaris_l1_bytes"]
     assert samples["solaris_prefetch_queue_pairs"] == 2
 
 
@@ -81,6 +91,14 @@ def test_read_metrics_export_what_prometheus_clients_own_metrics_would() -> None
     metrics = ReadMetrics(ours)
     rows = Counter("solaris_rows", "Rows answered, by status.", ["status"], registry=theirs)
     by_status = {status: rows.labels(status.name.lower()) for status in RowStatus}
+    tier_rows = Counter(
+        "solaris_rows_by_tier",
+        "Rows answered, by the tier that filled them: pair (HIT or STALE), the miss "
+        "ladder's user, item or global aggregate, or none (zeros).",
+        ["tier"],
+        registry=theirs,
+    )
+    by_tier = {tier: tier_rows.labels(tier.name.lower()) for tier in RowTier}
     seconds = Histogram(
         "solaris_read_seconds",
         "Time to answer a Get or BatchGet inside the sidecar.",
@@ -95,10 +113,18 @@ def test_read_metrics_export_what_prometheus_clients_own_metrics_would() -> None
     )
     reads = [([1, 1, 2], 0.0005), ([3], 0.00025), ([1] * 500, 0.02), ([2] * 5000, 1.0), ([1], 0)]
     for statuses, took in reads:
-        metrics.observe(np.array(statuses, np.uint8), took)
+        # A MISS filled from the user's or item's aggregate by turns, or none.
+        tiers = [
+            RowTier.PAIR if s != RowStatus.MISS else RowTier(2 + i % 4)
+            for i, s in enumerate(statuses)
+        ]
+        metrics.observe(np.array(statuses, np.uint8), np.array(tiers, np.uint8), took)
         for status in RowStatus:
             if statuses.count(status):
                 by_status[status].inc(statuses.count(status))
+        for tier in RowTier:
+            if tiers.count(tier):
+                by_tier[tier].inc(tiers.count(tier))
         seconds.observe(took)
         items.observe(len(statuses))
 

@@ -29,7 +29,15 @@ def random_result(seed: int) -> BatchResult:
     edges = [age for age in EDGE_AGES if age < bound]
     ages[rng.integers(0, rows, len(edges))] = edges
     version = VERSIONS[seed % len(VERSIONS)]
-    return BatchResult(values, statuses, ages, version)
+    # HIT and STALE rows are the pair's own; a MISS row any tier of the ladder, or none.
+    ladder = rng.integers(pb.TIER_USER, pb.TIER_NONE + 1, rows)
+    tiers = np.where(statuses == pb.MISS, ladder, pb.TIER_PAIR).astype(np.uint8)
+    return BatchResult(values, statuses, ages, version, tiers)
+
+
+def plain(statuses: list[int]) -> np.ndarray:
+    """The tiers of an answer with no row filled from the ladder."""
+    return np.array([pb.TIER_NONE if s == pb.MISS else pb.TIER_PAIR for s in statuses], np.uint8)
 
 
 def generated(result: BatchResult) -> pb.BatchGetResponse:
@@ -41,6 +49,7 @@ def generated(result: BatchResult) -> pb.BatchGetResponse:
         statuses=result.statuses.tolist(),
         model_version=result.model_version,
         ages_ms=result.ages_ms.tolist(),
+        tiers=result.tiers.tolist(),
     )
 
 
@@ -62,6 +71,7 @@ def test_the_generated_parser_reads_every_field_back(seed: int) -> None:
     assert list(parsed.statuses) == result.statuses.tolist()
     assert list(parsed.ages_ms) == result.ages_ms.tolist()
     assert parsed.model_version == result.model_version
+    assert list(parsed.tiers) == result.tiers.tolist()
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -77,19 +87,22 @@ def test_an_empty_model_version_is_left_out_as_proto3_does() -> None:
         np.array([pb.MISS, pb.MISS], np.uint8),
         np.zeros(2, np.uint32),
         "",
+        plain([pb.MISS, pb.MISS]),
     )
 
     encoded = batch_get_bytes(result)
 
     assert field_numbers(encoded) == field_numbers(generated(result).SerializeToString())
-    assert field_numbers(encoded) == [1, 2, 3, 4, 6]
+    assert field_numbers(encoded) == [1, 2, 3, 4, 6, 7]
+
     assert pb.BatchGetResponse.FromString(encoded).model_version == ""
 
 
 def test_a_row_view_is_encoded_as_its_values_not_its_base() -> None:
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     view = base[::2, 1:4]  # neither C-contiguous nor starting at the base's first value
-    result = BatchResult(view, np.array([1, 3], np.uint8), np.array([5, 300], np.uint32), "v")
+    statuses = np.array([1, 3], np.uint8)
+    result = BatchResult(view, statuses, np.array([5, 300], np.uint32), "v", plain([1, 3]))
 
     parsed = pb.BatchGetResponse.FromString(batch_get_bytes(result))
 
@@ -105,6 +118,8 @@ def test_ages_all_of_one_varint_length_are_the_generated_serializers(length: int
     rng = np.random.default_rng(length)
     ages = rng.integers(low, high, 300, dtype=np.uint64, endpoint=True).astype(np.uint32)
     ages[:2] = low, high
-    result = BatchResult(np.ones((300, 4), FLOAT16), np.ones(300, np.uint8), ages, "v")
+    result = BatchResult(
+        np.ones((300, 4), FLOAT16), np.ones(300, np.uint8), ages, "v", plain([1] * 300)
+    )
 
     assert batch_get_bytes(result) == generated(result).SerializeToString()

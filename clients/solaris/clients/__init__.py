@@ -6,6 +6,8 @@
     answer = client.batch_get("user-1", ["item-1", "item-2"], deadline=0.02)
     answer.values   # float32, 2 x 128, every row filled
     answer.status   # RowStatus per row: HIT, STALE, MISS or FALLBACK
+    answer.tier     # RowTier per row: PAIR, USER, ITEM or GLOBAL (a MISS the sidecar
+                    # filled from its aggregates), NONE (the fallback's values)
 
 Exceptions: only for the caller's own mistakes. `ValueError` for bad arguments (each message
 names the argument); `FallbackError` when the fallback returns something unusable; whatever the
@@ -15,7 +17,7 @@ fallback itself raises. Nothing the sidecar does (slow, down, killed, refusing) 
 from solaris.clients._async import AsyncEmbeddingClient
 from solaris.clients._engine import ClientOptions, Tls
 from solaris.clients._fallback import Fallback, FallbackError
-from solaris.clients._result import Embedding, Embeddings, FallbackReason, RowStatus
+from solaris.clients._result import Embedding, Embeddings, FallbackReason, RowStatus, RowTier
 from solaris.clients._stats import LATENCY_BUCKETS, StatsSnapshot
 from solaris.clients._sync import EmbeddingClient
 
@@ -30,6 +32,7 @@ __all__ = [
     "FallbackError",
     "FallbackReason",
     "RowStatus",
+    "RowTier",
     "StatsSnapshot",
     "Tls",
 ]

@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 from solaris.clients._breaker import CircuitBreaker
 from solaris.clients._fallback import Fallback, fallback_rows, resolve_fallback
 from solaris.clients._latency import RecentDurations
-from solaris.clients._result import Embeddings, FallbackReason, RowStatus
+from solaris.clients._result import Embeddings, FallbackReason, RowStatus, RowTier
 from solaris.clients._stats import ClientStats
 from solaris.v1 import embedding_store_pb2 as pb
 from solaris.wire import MAX_PRIORITY, max_message_bytes
@@ -28,6 +28,8 @@ _WIRE_DTYPES: dict[int, np.dtype[np.floating[Any]]] = {
     pb.FLOAT16: np.dtype("<f2"),
 }
 _HIT, _MISS, _STALE = int(RowStatus.HIT), int(RowStatus.MISS), int(RowStatus.STALE)
+_AGGREGATE_TIERS = (int(RowTier.USER), int(RowTier.ITEM), int(RowTier.GLOBAL))
+_MISS_FILLS = {"default": pb.MISS_FILL_UNSPECIFIED, "enriched": pb.ENRICHED, "plain": pb.PLAIN}
 _FAILURES = {grpc.StatusCode.DEADLINE_EXCEEDED: FallbackReason.DEADLINE}
 _TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 
@@ -55,6 +57,10 @@ class ClientOptions:
     prefetch_timeout_seconds: float = 1.0
     max_prefetches_in_flight: int = 64
     """Prefetches beyond this many unanswered are dropped (and counted), never queued."""
+    miss_fill: Literal["default", "enriched", "plain"] = "default"
+    """Ask for missed rows filled from the sidecar's aggregates ("enriched"; their tier says
+    which), zero-filled ("plain"), or as the sidecar's --miss-ladder says ("default"). Either
+    way the fallback fills only the rows no tier filled."""
 
 
 DEFAULT_OPTIONS = ClientOptions()
@@ -151,7 +157,12 @@ class Engine:
         items = _id_list("item_ids", item_ids)
         self._check_ids(user_id, items)
         try:
-            request = pb.BatchGetRequest(user_id=user_id, item_ids=items, dtype=self._wire_dtype)
+            request = pb.BatchGetRequest(
+                user_id=user_id,
+                item_ids=items,
+                dtype=self._wire_dtype,
+                miss_fill=_MISS_FILLS[self.options.miss_fill],
+            )
         except TypeError:
             _name_bad_id(items)
             raise
@@ -177,14 +188,14 @@ class Engine:
         decoded = self._decode(attempt, response)
         if decoded is None:
             return self._all_fallback(attempt, FallbackReason.ERROR)
-        values, status = decoded
-        missed = status == _MISS
+        values, status, tier = decoded
+        unfilled = tier == RowTier.NONE
         reason = None
-        if missed.any():
+        if unfilled.any():
             reason = FallbackReason.MISS
-            items = [attempt.item_ids[i] for i in np.flatnonzero(missed)]
-            values[missed] = self._fallback_rows(attempt.user_id, items)
-        return self._finish(attempt, values, status, response.model_version, reason)
+            items = [attempt.item_ids[i] for i in np.flatnonzero(unfilled)]
+            values[unfilled] = self._fallback_rows(attempt.user_id, items)
+        return self._finish(attempt, values, status, tier, response.model_version, reason)
 
     def missed_items(self, attempt: Attempt, result: Embeddings) -> list[str]:
         return [attempt.item_ids[i] for i in np.flatnonzero(result.status == RowStatus.MISS)]
@@ -261,31 +272,41 @@ class Engine:
 
     def _decode(
         self, attempt: Attempt, response: pb.BatchGetResponse
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The values, statuses and tiers, or None for an answer that does not fit."""
         rows, dim = len(attempt.item_ids), self.dim
         wire = _WIRE_DTYPES.get(response.dtype)
         embeddings = response.embeddings  # each read of a bytes field copies it: read it once
-        statuses = response.statuses
+        statuses, tiers = response.statuses, response.tiers
         if (
             wire is None
             or response.dim != dim
             or len(statuses) != rows
+            or len(tiers) not in (0, rows)  # none from a sidecar older than the ladder
             or len(embeddings) != rows * dim * wire.itemsize
         ):
             self._log_once(
                 f"the sidecar's answer does not fit: dim {response.dim} (expected {dim}), "
-                f"dtype {response.dtype}, {len(statuses)} statuses for {rows} items"
+                f"dtype {response.dtype}, {len(statuses)} statuses and {len(tiers)} tiers "
+                f"for {rows} items"
             )
             return None
         values = np.frombuffer(embeddings, wire).reshape(rows, dim).astype(np.float32)
         codes = np.fromiter(statuses, np.int64, rows)  # proto3 enums are open: any int32
-        status = np.where((codes == _HIT) | (codes == _STALE), codes, _MISS).astype(np.uint8)
-        return values, status
+        served = (codes == _HIT) | (codes == _STALE)
+        status = np.where(served, codes, _MISS).astype(np.uint8)
+        # A MISS row counts as filled only with a tier the client knows; anything else
+        # (none sent, unknown, or PAIR on a MISS) gets the fallback.
+        tier_codes = np.fromiter(tiers, np.int64, len(tiers)) if len(tiers) else np.zeros(rows)
+        enriched = ~served & np.isin(tier_codes, _AGGREGATE_TIERS)
+        tier = np.where(served, RowTier.PAIR, np.where(enriched, tier_codes, RowTier.NONE))
+        return values, status, tier.astype(np.uint8)
 
     def _all_fallback(self, attempt: Attempt, reason: FallbackReason) -> Embeddings:
         values = self._fallback_rows(attempt.user_id, attempt.item_ids)
         status = np.full(len(attempt.item_ids), RowStatus.FALLBACK, np.uint8)
-        return self._finish(attempt, values, status, "", reason)
+        tier = np.full(len(attempt.item_ids), RowTier.NONE, np.uint8)
+        return self._finish(attempt, values, status, tier, "", reason)
 
     def _fallback_rows(self, user_id: str, item_ids: list[str]) -> np.ndarray:
         started = time.monotonic()
@@ -298,11 +319,12 @@ class Engine:
         attempt: Attempt,
         values: np.ndarray,
         status: np.ndarray,
+        tier: np.ndarray,
         model_version: str,
         reason: FallbackReason | None,
     ) -> Embeddings:
-        self.stats.record_call(status, reason, time.monotonic() - attempt.started)
-        return Embeddings(values, status, model_version, reason)
+        self.stats.record_call(status, tier, reason, time.monotonic() - attempt.started)
+        return Embeddings(values, status, model_version, reason, tier)
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged and len(self._logged) < 100:

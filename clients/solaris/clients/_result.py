@@ -12,18 +12,34 @@ class RowStatus(enum.IntEnum):
     HIT = 1
     """Fresh from the store."""
     MISS = 2
-    """The sidecar had no embedding for the pair: the row holds the fallback's values."""
+    """The sidecar had no embedding for the pair: the row holds an aggregate the sidecar filled
+    it with (see `tier`), or else the fallback's values."""
     STALE = 3
     """From the store, past its freshness window; the sidecar is refreshing it."""
     FALLBACK = 4
     """The sidecar gave no answer in time (see `fallback_reason`): the fallback's values."""
 
 
+class RowTier(enum.IntEnum):
+    """Which tier filled a row; the values match the sidecar's RowTier codes."""
+
+    PAIR = 1
+    """The pair's own embedding (HIT or STALE)."""
+    USER = 2
+    """A MISS the sidecar filled with the user's aggregate (a decayed mean of its pairs)."""
+    ITEM = 3
+    """A MISS the sidecar filled with the item's aggregate over users."""
+    GLOBAL = 4
+    """A MISS the sidecar filled with the model version's global mean."""
+    NONE = 5
+    """No tier: the row holds the fallback's values (a plain MISS, or FALLBACK)."""
+
+
 class FallbackReason(enum.Enum):
     """Why some or all rows of an answer hold fallback values."""
 
     MISS = "miss"
-    """The sidecar answered, but had no embedding for some rows."""
+    """The sidecar answered, but had nothing for some rows, not even an aggregate."""
     DEADLINE = "deadline"
     """The sidecar did not answer within the caller's budget."""
     UNAVAILABLE = "unavailable"
@@ -47,7 +63,10 @@ class Embeddings:
     model_version: str
     """The model that computed the served rows; empty when none was served."""
     fallback_reason: FallbackReason | None
-    """None when every row came from the store."""
+    """None when every row came from the store (its pairs or its aggregates)."""
+    tier: np.ndarray
+    """One `RowTier` code per row (uint8): PAIR, an aggregate's tier for a MISS the sidecar
+    filled, or NONE for a row holding the fallback's values."""
 
     @property
     def served(self) -> np.ndarray:
@@ -60,6 +79,7 @@ class Embeddings:
             RowStatus(self.status[index]),
             self.model_version,
             self.fallback_reason,
+            RowTier(self.tier[index]),
         )
 
 
@@ -71,3 +91,4 @@ class Embedding:
     status: RowStatus
     model_version: str
     fallback_reason: FallbackReason | None
+    tier: RowTier

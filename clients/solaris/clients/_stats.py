@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solaris.clients._result import FallbackReason, RowStatus
+from solaris.clients._result import FallbackReason, RowStatus, RowTier
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 """Upper bounds in seconds of the latency histogram (Prometheus style; one more for +Inf)."""
@@ -20,6 +20,8 @@ class StatsSnapshot:
     calls: int
     rows: int
     rows_by_status: dict[RowStatus, int]
+    rows_by_tier: dict[RowTier, int]
+    """Rows by the tier that filled them: PAIR, an aggregate's, or NONE (the fallback)."""
     fallbacks_by_reason: dict[FallbackReason, int]
     latency_buckets: tuple[int, ...]
     """Calls per bucket of `LATENCY_BUCKETS`, the last for slower ones (not cumulative)."""
@@ -48,19 +50,23 @@ class ClientStats:
         self._lock = threading.Lock()
         self._calls = 0
         self._rows_by_status: Counter[RowStatus] = Counter()
+        self._rows_by_tier: Counter[RowTier] = Counter()
         self._fallbacks: Counter[FallbackReason] = Counter()
         self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
         self._prefetch: Counter[str] = Counter()
 
     def record_call(
-        self, status: np.ndarray, reason: FallbackReason | None, seconds: float
+        self, status: np.ndarray, tier: np.ndarray, reason: FallbackReason | None, seconds: float
     ) -> None:
         counts = np.bincount(status, minlength=len(RowStatus) + 1)
+        by_tier = np.bincount(tier, minlength=len(RowTier) + 1)
         with self._lock:
             self._calls += 1
             for row_status in RowStatus:
                 self._rows_by_status[row_status] += int(counts[row_status])
+            for row_tier in RowTier:
+                self._rows_by_tier[row_tier] += int(by_tier[row_tier])
             if reason is not None:
                 self._fallbacks[reason] += 1
             self._latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -77,6 +83,7 @@ class ClientStats:
                 calls=self._calls,
                 rows=sum(self._rows_by_status.values()),
                 rows_by_status=dict(self._rows_by_status),
+                rows_by_tier=dict(self._rows_by_tier),
                 fallbacks_by_reason=dict(self._fallbacks),
                 latency_buckets=tuple(self._latency),
                 latency_sum_seconds=self._latency_sum,

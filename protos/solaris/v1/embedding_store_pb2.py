@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n solaris/v1/embedding_store.proto\x12\nsolaris.v1\"P\n\nGetRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.solaris.v1.Dtype\"\x9d\x01\n\x0bGetResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.solaris.v1.Dtype\x12\x11\n\tembedding\x18\x03 \x01(\x0c\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.solaris.v1.RowStatus\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0e\n\x06\x61ge_ms\x18\x06 \x01(\r\"V\n\x0f\x42\x61tchGetRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.solaris.v1.Dtype\"\xa6\x01\n\x10\x42\x61tchGetResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.solaris.v1.Dtype\x12\x12\n\nembeddings\x18\x03 \x01(\x0c\x12\'\n\x08statuses\x18\x04 \x03(\x0e\x32\x15.solaris.v1.RowStatus\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07\x61ges_ms\x18\x06 \x03(\r\"W\n\x0fPrefetchRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x0f\n\x07history\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\r\"9\n\x10PrefetchResponse\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12\x15\n\ralready_fresh\x18\x02 \x01(\r*8\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02*E\n\tRowStatus\x12\x1a\n\x16ROW_STATUS_UNSPECIFIED\x10\x00\x12\x07\n\x03HIT\x10\x01\x12\x08\n\x04MISS\x10\x02\x12\t\n\x05STALE\x10\x03\x32\xd6\x01\n\x0e\x45mbeddingStore\x12\x36\n\x03Get\x12\x16.solaris.v1.GetRequest\x1a\x17.solaris.v1.GetResponse\x12\x45\n\x08\x42\x61tchGet\x12\x1b.solaris.v1.BatchGetRequest\x1a\x1c.solaris.v1.BatchGetResponse\x12\x45\n\x08Prefetch\x12\x1b.solaris.v1.PrefetchRequest\x1a\x1c.solaris.v1.PrefetchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n solaris/v1/embedding_store.proto\x12\nsolaris.v1\"y\n\nGetRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.solaris.v1.Dtype\x12\'\n\tmiss_fill\x18\x04 \x01(\x0e\x32\x14.solaris.v1.MissFill\"\xc0\x01\n\x0bGetResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.solaris.v1.Dtype\x12\x11\n\tembedding\x18\x03 \x01(\x0c\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.solaris.v1.RowStatus\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0e\n\x06\x61ge_ms\x18\x06 \x01(\r\x12!\n\x04tier\x18\x07 \x01(\x0e\x32\x13.solaris.v1.RowTier\"\x7f\n\x0f\x42\x61tchGetRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.solaris.v1.Dtype\x12\'\n\tmiss_fill\x18\x04 \x01(\x0e\x32\x14.solaris.v1.MissFill\"\xca\x01\n\x10\x42\x61tchGetResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.solaris.v1.Dtype\x12\x12\n\nembeddings\x18\x03 \x01(\x0c\x12\'\n\x08statuses\x18\x04 \x03(\x0e\x32\x15.solaris.v1.RowStatus\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07\x61ges_ms\x18\x06 \x03(\r\x12\"\n\x05tiers\x18\x07 \x03(\x0e\x32\x13.solaris.v1.RowTier\"W\n\x0fPrefetchRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x0f\n\x07history\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\r\"9\n\x10PrefetchResponse\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12\x15\n\ralready_fresh\x18\x02 \x01(\r*8\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02*E\n\tRowStatus\x12\x1a\n\x16ROW_STATUS_UNSPECIFIED\x10\x00\x12\x07\n\x03HIT\x10\x01\x12\x08\n\x04MISS\x10\x02\x12\t\n\x05STALE\x10\x03*p\n\x07RowTier\x12\x18\n\x14ROW_TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_PAIR\x10\x01\x12\r\n\tTIER_USER\x10\x02\x12\r\n\tTIER_ITEM\x10\x03\x12\x0f\n\x0bTIER_GLOBAL\x10\x04\x12\r\n\tTIER_NONE\x10\x05*>\n\x08MissFill\x12\x19\n\x15MISS_FILL_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45NRICHED\x10\x01\x12\t\n\x05PLAIN\x10\x02\x32\xd6\x01\n\x0e\x45mbeddingStore\x12\x36\n\x03Get\x12\x16.solaris.v1.GetRequest\x1a\x17.solaris.v1.GetResponse\x12\x45\n\x08\x42\x61tchGet\x12\x1b.solaris.v1.BatchGetRequest\x1a\x1c.solaris.v1.BatchGetResponse\x12\x45\n\x08Prefetch\x12\x1b.solaris.v1.PrefetchRequest\x1a\x1c.solaris.v1.PrefetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'solaris.v1.embedding_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=695
-  _globals['_DTYPE']._serialized_end=751
-  _globals['_ROWSTATUS']._serialized_start=753
-  _globals['_ROWSTATUS']._serialized_end=822
+  _globals['_DTYPE']._serialized_start=848
+  _globals['_DTYPE']._serialized_end=904
+  _globals['_ROWSTATUS']._serialized_start=906
+  _globals['_ROWSTATUS']._serialized_end=975
+  _globals['_ROWTIER']._serialized_start=977
+  _globals['_ROWTIER']._serialized_end=1089
+  _globals['_MISSFILL']._serialized_start=1091
+  _globals['_MISSFILL']._serialized_end=1153
   _globals['_GETREQUEST']._serialized_start=48
-  _globals['_GETREQUEST']._serialized_end=128
-  _globals['_GETRESPONSE']._serialized_start=131
-  _globals['_GETRESPONSE']._serialized_end=288
-  _globals['_BATCHGETREQUEST']._serialized_start=290
-  _globals['_BATCHGETREQUEST']._serialized_end=376
-  _globals['_BATCHGETRESPONSE']._serialized_start=379
-  _globals['_BATCHGETRESPONSE']._serialized_end=545
-  _globals['_PREFETCHREQUEST']._serialized_start=547
-  _globals['_PREFETCHREQUEST']._serialized_end=634
-  _globals['_PREFETCHRESPONSE']._serialized_start=636
-  _globals['_PREFETCHRESPONSE']._serialized_end=693
-  _globals['_EMBEDDINGSTORE']._serialized_start=825
-  _globals['_EMBEDDINGSTORE']._serialized_end=1039
+  _globals['_GETREQUEST']._serialized_end=169
+  _globals['_GETRESPONSE']._serialized_start=172
+  _globals['_GETRESPONSE']._serialized_end=364
+  _globals['_BATCHGETREQUEST']._serialized_start=366
+  _globals['_BATCHGETREQUEST']._serialized_end=493
+  _globals['_BATCHGETRESPONSE']._serialized_start=496
+  _globals['_BATCHGETRESPONSE']._serialized_end=698
+  _globals['_PREFETCHREQUEST']._serialized_start=700
+  _globals['_PREFETCHREQUEST']._serialized_end=787
+  _globals['_PREFETCHRESPONSE']._serialized_start=789
+  _globals['_PREFETCHRESPONSE']._serialized_end=846
+  _globals['_EMBEDDINGSTORE']._serialized_start=1156
+  _globals['_EMBEDDINGSTORE']._serialized_end=1370
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,10 @@ from solaris.server.store import Store
 from solaris.server.tiered import TieredStore
 from solaris.server.work_stream import StreamWorkQueue, StreamWorkSource
 
+AGGREGATE_SHARE = 1 / 16
+"""The most of L1's cap the miss ladder's aggregates may take: a user's aggregate stands in
+for all of its pairs, so a few of them buy much coverage for little room."""
+
 if TYPE_CHECKING:
     from solaris.precompute.runner import OnnxRunner
 
@@ -102,7 +106,12 @@ class SidecarParts:
         """The sidecar serving these parts (build it once: it registers its read metrics)."""
         metrics = ReadMetrics(self.registry)
         service = EmbeddingService(
-            self.settings, self.store, self.request_log, self.work_queue, metrics
+            self.settings,
+            self.store,
+            self.request_log,
+            self.work_queue,
+            metrics,
+            aggregates=self.l1.aggregates,
         )
         admission = Admission(self.settings.unsent_bytes_cap)
         admission_values(self.live, admission)
@@ -131,7 +140,14 @@ def sidecar_parts(
 
 def _local_parts(settings: SidecarSettings) -> SidecarParts:
     """The embedded deployment's parts: everything in this process's memory."""
-    l1 = MemoryStore(settings.l1_bytes, settings.dim, np.dtype(settings.l1_dtype))
+    l1 = MemoryStore(
+        settings.l1_bytes,
+        settings.dim,
+        np.dtype(settings.l1_dtype),
+        aggregate_share=AGGREGATE_SHARE,
+        half_life_seconds=settings.ttl_seconds or 3600.0,
+        aggregate_max_age_seconds=settings.ttl_seconds + settings.stale_seconds,
+    )
     prefetch_queue = PrefetchQueue(settings.prefetch_queue_pairs)
     registry, live = _metrics()
     request_log = RequestLog(settings.request_log_bytes)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from solaris.server.aggregates import Aggregates, RowTier
 from solaris.server.errors import DeadlineExceeded
 from solaris.server.metrics import ReadMetrics
 from solaris.server.prefetch_queue import PrefetchTask
@@ -29,12 +30,14 @@ class WorkQueue(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """A read's answer: `values` is (n, dim) in request order, MISS rows zero."""
+    """A read's answer: `values` is (n, dim) in request order, MISS rows zero or filled from
+    the tier `tiers` (RowTier codes, uint8) names."""
 
     values: np.ndarray
     statuses: np.ndarray
     ages_ms: np.ndarray
     model_version: str
+    tiers: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +59,12 @@ class EmbeddingService:
         work_queue: WorkQueue,
         metrics: ReadMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        aggregates: Aggregates | None = None,
     ) -> None:
-        """`clock` is wall-clock seconds; the replay passes a simulated one."""
+        """`clock` is wall-clock seconds; the replay passes a simulated one. `aggregates`, the
+        miss ladder's (kept by L1), fill missed rows; without them every MISS is zeros."""
         self.settings = settings
+        self.aggregates = aggregates
         self.store = store
         self.request_log = request_log
         self.work_queue = work_queue
@@ -71,11 +77,12 @@ class EmbeddingService:
         item_id: str,
         dtype: np.dtype = FLOAT32,
         deadline: float | None = None,
+        enrich: bool | None = None,
     ) -> BatchResult:
         """One pair: a BatchResult of one row."""
         check_id("user_id", user_id, self.settings.max_id_bytes)
         check_id("item_id", item_id, self.settings.max_id_bytes)
-        return await self._read(user_id, (item_id,), dtype, deadline)
+        return await self._read(user_id, (item_id,), dtype, deadline, enrich)
 
     async def batch_get(
         self,
@@ -83,16 +90,19 @@ class EmbeddingService:
         item_ids: Sequence[str],
         dtype: np.dtype = FLOAT32,
         deadline: float | None = None,
+        enrich: bool | None = None,
     ) -> BatchResult:
         """Looks every pair up and logs the read.
 
         Args:
             dtype: FLOAT32 or FLOAT16, the dtype of the answer's `values`.
             deadline: a time.monotonic() instant past which no work starts.
+            enrich: fill missed rows from the aggregates (the miss ladder); None: as the
+                `miss_ladder` setting says.
         """
         check_id("user_id", user_id, self.settings.max_id_bytes)
         check_id_list("item_ids", item_ids, self.settings.max_items, self.settings.max_id_bytes)
-        return await self._read(user_id, item_ids, dtype, deadline)
+        return await self._read(user_id, item_ids, dtype, deadline, enrich)
 
     async def put(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, model_version: str
@@ -105,21 +115,54 @@ class EmbeddingService:
         await self.store.write(user_id, item_ids, vectors, freshness)
 
     async def _read(
-        self, user_id: str, item_ids: Sequence[str], dtype: np.dtype, deadline: float | None
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        dtype: np.dtype,
+        deadline: float | None,
+        enrich: bool | None,
     ) -> BatchResult:
         _check_deadline(deadline, "before the store was read")
         started = time.perf_counter()
         now = self.clock()
         rows = await self.store.read(user_id, item_ids, dtype, now, deadline)
-        result = BatchResult(rows.values, rows.statuses(now), rows.ages_ms(now), rows.model_version)
+        statuses = rows.statuses(now)
+        missed = statuses == RowStatus.MISS
+        tiers = np.where(missed, np.uint8(RowTier.NONE), np.uint8(RowTier.PAIR))
+        values, version = rows.values, rows.model_version
+        if enrich is None:
+            enrich = self.settings.miss_ladder
+        if enrich and self.aggregates is not None and missed.any():
+            values, version = self._enrich(user_id, item_ids, values, missed, tiers, version, now)
+        result = BatchResult(values, statuses, rows.ages_ms(now), version, tiers)
         if self.request_log.active:
             stale_at = rows.times["stale_at"]
             self.request_log.append(
                 LoggedRequest(user_id, tuple(item_ids), result.statuses, now, stale_at)
             )
         if self.metrics is not None:
-            self.metrics.observe(result.statuses, time.perf_counter() - started)
+            self.metrics.observe(result.statuses, tiers, time.perf_counter() - started)
         return result
+
+    def _enrich(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        values: np.ndarray,
+        missed: np.ndarray,
+        tiers: np.ndarray,
+        version: str,
+        now: float,
+    ) -> tuple[np.ndarray, str]:
+        """Fills the missed rows from the ladder and notes their tiers in `tiers`; the values
+        and the answer's model version (the aggregates' when no row was the pair's own)."""
+        assert self.aggregates is not None
+        if not values.flags.writeable:
+            values = values.copy()
+        positions = np.flatnonzero(missed)
+        filled, used = self.aggregates.fill(user_id, item_ids, values, positions, version, now)
+        tiers[positions] = filled
+        return values, version or used
 
     async def prefetch(
         self,

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from solaris.server.aggregates import Aggregates, aggregate_bytes
 from solaris.server.store import (
     FLOAT16,
     FLOAT32,
@@ -262,7 +263,19 @@ class _RowPool:
 class MemoryStore:
     """A thread-safe, byte-capped LRU store of embeddings of one `dim`, held as `dtype`."""
 
-    def __init__(self, max_bytes: int, dim: int, dtype: np.dtype = FLOAT32) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        dim: int,
+        dtype: np.dtype = FLOAT32,
+        aggregate_share: float = 0.0,
+        half_life_seconds: float = 3600.0,
+        aggregate_max_age_seconds: float = float("inf"),
+    ) -> None:
+        """`aggregate_share`: the most of `max_bytes` the miss ladder's aggregates may take
+        (0: none are kept), bounding their number; what they hold counts in the cap like pairs,
+        evicting pairs for room. `half_life_seconds` and `aggregate_max_age_seconds`: their
+        decay and how long one not updated is served (see aggregates.py)."""
         self.dim = dim
         self.dtype = np.dtype(dtype)
         if self.dtype not in (FLOAT16, FLOAT32):
@@ -282,13 +295,19 @@ class MemoryStore:
         self._pool = _RowPool(capacity)
         self._versions: list[str] = []
         self._users = _Users()
+        self.aggregates = Aggregates(
+            dim,
+            int(max_bytes * aggregate_share) // aggregate_bytes("", dim),
+            half_life_seconds,
+            aggregate_max_age_seconds,
+        )
         self._bytes = 0
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held, by the same reckoning as the cap: pair_bytes for each pair and
-        user_bytes(user) for each user holding one."""
+        """Bytes held, by the same reckoning as the cap: pair_bytes for each pair,
+        user_bytes(user) for each user holding one, and the aggregates' nbytes."""
         return self._bytes
 
     def __len__(self) -> int:
@@ -381,9 +400,38 @@ class MemoryStore:
     def write_sync(
         self, user_id: str, item_ids: Sequence[str], vectors: np.ndarray, freshness: Freshness
     ) -> None:
-        """Stores row i of `vectors` for the i-th item, evicting least recently used rows."""
+        """Stores row i of `vectors` for the i-th item, evicting least recently used rows, and
+        folds them into the miss ladder's aggregates: computed pairs arrive here (rows copied
+        from L2 into L1 on a read go through write_rows and are not folded again)."""
         times = np.array(tuple(freshness[1:]), TIMES)
+        protect = self._pool.clock  # this write's rows are stamped from here on
         self.write_rows(user_id, item_ids, vectors, times, freshness.model_version)
+        if self.aggregates.capacity and item_ids:
+            self._aggregate(user_id, item_ids, vectors, freshness, protect)
+
+    def _aggregate(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        vectors: np.ndarray,
+        freshness: Freshness,
+        protect: int,
+    ) -> None:
+        """Folds the pairs into the aggregates, evicting least recently used pairs (none
+        stamped `protect` or later) for room."""
+        version = freshness.model_version
+        with self._lock:
+            wanted = self.aggregates.new_bytes(user_id, item_ids, version)
+            if self._bytes + wanted > self.max_bytes:
+                self._make_room(0, -1, protect, extra_bytes=wanted)
+            self._bytes += self.aggregates.add(
+                user_id,
+                item_ids,
+                vectors,
+                freshness.computed_at,
+                version,
+                self.max_bytes - self._bytes,
+            )
 
     def write_rows(
         self,
@@ -490,12 +538,13 @@ class MemoryStore:
             self._times[rows] = times[positions]
         self._version_of_row[rows] = version
 
-    def _make_room(self, count: int, keep: int, protect: int) -> int:
-        """Evicts least recently used rows until `count` more pairs fit, never user `keep` nor
-        a row stamped `protect` or later; how many fit (`count` unless nothing else is left)."""
+    def _make_room(self, count: int, keep: int, protect: int, extra_bytes: int = 0) -> int:
+        """Evicts least recently used rows until `count` more pairs (and `extra_bytes`) fit,
+        never user `keep` nor a row stamped `protect` or later; how many pairs fit (`count`
+        unless nothing else is left)."""
         while True:
             short_rows = count - self._pool.room
-            short_bytes = self._bytes + count * self.pair_bytes - self.max_bytes
+            short_bytes = self._bytes + count * self.pair_bytes + extra_bytes - self.max_bytes
             if short_rows <= 0 and short_bytes <= 0:
                 return count
             wanted = max(short_rows, -(-short_bytes // self.pair_bytes))

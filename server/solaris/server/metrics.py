@@ -24,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from solaris.server.aggregates import RowTier
 from solaris.server.grpc_api.admission import Admission
 from solaris.server.l1 import MemoryStore
 from solaris.server.metrics_http import ThreadedMetricsServer
@@ -51,16 +52,20 @@ class ReadMetrics(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._rows = [0] * (max(RowStatus) + 1)
         """Rows answered, by RowStatus value."""
+        self._tiers = [0] * (max(RowTier) + 1)
+        """Rows answered, by RowTier value: which tier of the miss ladder filled them."""
         self._seconds = _Buckets(READ_SECONDS_BUCKETS)
         self._items = _Buckets(REQUEST_ITEMS_BUCKETS)
         self._created = time.time()
         self._lock = threading.Lock()  # the scrape may run on another thread
         registry.register(self)
 
-    def observe(self, statuses: np.ndarray, seconds: float) -> None:
+    def observe(self, statuses: np.ndarray, tiers: np.ndarray, seconds: float) -> None:
         counts = np.bincount(statuses, minlength=len(self._rows)).tolist()
+        by_tier = np.bincount(tiers, minlength=len(self._tiers)).tolist()
         with self._lock:
             self._rows = [held + new for held, new in zip(self._rows, counts, strict=False)]
+            self._tiers = [held + new for held, new in zip(self._tiers, by_tier, strict=False)]
             self._seconds.observe(seconds)
             self._items.observe(len(statuses))
 
@@ -70,12 +75,21 @@ class ReadMetrics(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         with self._lock:
-            rows = list(self._rows)
+            rows, tiers = list(self._rows), list(self._tiers)
             seconds, items = self._seconds.copy(), self._items.copy()
         family = CounterMetricFamily("solaris_rows", "Rows answered, by status.", labels=["status"])
         for status in RowStatus:
             family.add_metric([status.name.lower()], rows[status], created=self._created)
         yield family
+        by_tier = CounterMetricFamily(
+            "solaris_rows_by_tier",
+            "Rows answered, by the tier that filled them: pair (HIT or STALE), the miss "
+            "ladder's user, item or global aggregate, or none (zeros).",
+            labels=["tier"],
+        )
+        for tier in RowTier:
+            by_tier.add_metric([tier.name.lower()], tiers[tier], created=self._created)
+        yield by_tier
         yield seconds.family(
             "solaris_read_seconds",
             "Time to answer a Get or BatchGet inside the sidecar.",
@@ -156,6 +170,16 @@ def serve_metrics(
 def l1_values(live: LiveValues, l1: MemoryStore) -> None:
     live.gauge("solaris_l1_bytes", "Bytes the L1 holds, as capped.", lambda: l1.nbytes)
     live.gauge("solaris_l1_entries", "Pairs the L1 holds.", lambda: len(l1))
+    live.gauge(
+        "solaris_l1_aggregates",
+        "The miss ladder's aggregates (user, item, global) the L1 holds, within its bytes.",
+        lambda: len(l1.aggregates),
+    )
+    live.gauge(
+        "solaris_l1_aggregate_bytes",
+        "Of solaris_l1_bytes, the bytes of the miss ladder's aggregates.",
+        lambda: l1.aggregates.nbytes,
+    )
     live.counter("solaris_l1_evictions", "L1 rows evicted.", lambda: l1.evictions)
 
 

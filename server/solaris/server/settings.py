@@ -431,6 +431,12 @@ class SidecarSettings(StoreSettings):
         description="A shared token every call but health checks must carry as metadata "
         "`authorization: Bearer TOKEN` (else UNAUTHENTICATED); empty: none. Never printed.",
     )
+    miss_ladder: bool = Field(
+        False,
+        description="Fill missed BatchGet/Get rows from the user's, item's or global aggregate "
+        "when a request does not say (its miss_fill field); off: zero-filled, as MISS rows "
+        "always were.",
+    )
     reflection: bool = Field(
         True, description="Serve gRPC server reflection (what grpcurl lists); off in production."
     )

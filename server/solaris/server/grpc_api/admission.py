@@ -30,8 +30,9 @@ hands, on the wire, or queued in gRPC) to have reached the handlers: long, becau
 machine gRPC's own threads may wait that long for a core. A quarter of the grace at most."""
 POLL_SECONDS = 0.02
 logger = logging.getLogger("solaris.server")
-ROW_OVERHEAD_BYTES = 6
-"""A row's status (one byte) and its age (a varint of up to five) beside its values."""
+ROW_OVERHEAD_BYTES = 7
+"""A row's status and tier (one byte each) and its age (a varint of up to five) beside its
+values."""
 ANSWER_OVERHEAD_BYTES = 256
 """An answer's fixed fields: dim, dtype, model version, and their keys."""
 

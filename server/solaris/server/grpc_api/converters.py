@@ -9,6 +9,7 @@ out), so any protobuf parser reads them; tests/server/test_wire.py holds the two
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from google.protobuf import empty_pb2, unknown_fields
@@ -19,8 +20,10 @@ from solaris.server.errors import InvalidArgument
 from solaris.server.store import FLOAT16, FLOAT32, RowStatus
 from solaris.v1.embedding_store_pb2 import Dtype as DtypeProto
 from solaris.v1.embedding_store_pb2 import GetResponse as GetResponseProto
+from solaris.v1.embedding_store_pb2 import MissFill as MissFillProto
 from solaris.v1.embedding_store_pb2 import PrefetchResponse as PrefetchResponseProto
 from solaris.v1.embedding_store_pb2 import RowStatus as RowStatusProto
+from solaris.v1.embedding_store_pb2 import RowTier as RowTierProto
 
 _DTYPES: dict[int, np.dtype] = {
     DtypeProto.DTYPE_UNSPECIFIED: FLOAT32,
@@ -45,6 +48,7 @@ _EMBEDDINGS_KEY = bytes((3 << 3 | _LENGTH_DELIMITED,))
 _STATUSES_KEY = bytes((4 << 3 | _LENGTH_DELIMITED,))
 _MODEL_VERSION_KEY = bytes((5 << 3 | _LENGTH_DELIMITED,))
 _AGES_MS_KEY = bytes((6 << 3 | _LENGTH_DELIMITED,))
+_TIERS_KEY = bytes((7 << 3 | _LENGTH_DELIMITED,))
 _GROUP_SHIFTS = np.arange(0, 35, 7, dtype=np.uint32)[:, np.newaxis]
 """Where a uint32 varint's 7-bit groups start, low first: at most five."""
 _CONTINUED = np.uint32(0x80)
@@ -63,6 +67,15 @@ def dtype_from_proto(dtype: int) -> np.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise InvalidArgument("dtype", f"unknown value {dtype}; use FLOAT16 or FLOAT32") from None
+
+
+def enrich_from_proto(miss_fill: int) -> bool | None:
+    """A request's miss_fill as the core's `enrich`: None for the sidecar's default."""
+    if miss_fill == MissFillProto.MISS_FILL_UNSPECIFIED:
+        return None
+    if miss_fill in (MissFillProto.ENRICHED, MissFillProto.PLAIN):
+        return miss_fill == MissFillProto.ENRICHED
+    raise InvalidArgument("miss_fill", f"unknown value {miss_fill}; use ENRICHED or PLAIN")
 
 
 def _dtype_to_proto(dtype: np.dtype) -> DtypeProto:
@@ -87,6 +100,10 @@ def batch_get_bytes(result: BatchResult) -> bytes:
     if version:
         parts += (_MODEL_VERSION_KEY, _varint(len(version)), version)
     parts += _packed(_AGES_MS_KEY, result.ages_ms)
+    if result.tiers.size:
+        # RowTier values are under 0x80 too.
+        tiers = result.tiers.astype(np.uint8, copy=False).tobytes()
+        parts += (_TIERS_KEY, _varint(len(tiers)), tiers)
     return b"".join(parts)
 
 
@@ -141,6 +158,7 @@ def get_response(result: BatchResult) -> GetResponseProto:
         status=_ROW_STATUSES[int(result.statuses[0])],
         model_version=result.model_version,
         age_ms=int(result.ages_ms[0]),
+        tier=cast(RowTierProto, int(result.tiers[0])),
     )
 
 

@@ -40,18 +40,22 @@ class EmbeddingStoreHandlers:
     @grpc_errors
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         dtype = converters.dtype_from_proto(request.dtype)
+        enrich = converters.enrich_from_proto(request.miss_fill)
         self.admission.admit(context, answer_bytes(1, self.dim, dtype))
-        result = await self.service.get(request.user_id, request.item_id, dtype, _deadline(context))
+        result = await self.service.get(
+            request.user_id, request.item_id, dtype, _deadline(context), enrich
+        )
         return converters.get_response(result)
 
     @grpc_errors
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> BatchResult:
         """Answers the core's result; the registered serializer encodes it."""
         dtype = converters.dtype_from_proto(request.dtype)
+        enrich = converters.enrich_from_proto(request.miss_fill)
         rows = min(len(request.item_ids), self.max_items)  # more is refused, naming the field
         self.admission.admit(context, answer_bytes(rows, self.dim, dtype))
         return await self.service.batch_get(
-            request.user_id, tuple(request.item_ids), dtype, _deadline(context)
+            request.user_id, tuple(request.item_ids), dtype, _deadline(context), enrich
         )
 
     @grpc_errors
