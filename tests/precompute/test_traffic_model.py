@@ -55,6 +55,15 @@ def test_popular_items_come_best_first_as_shares_of_the_top_one() -> None:
     assert TrafficModel().popular() == []
 
 
+def test_popular_items_follow_each_request_though_answers_are_kept_between_them() -> None:
+    model = learnt(("a", ["hot", "cold"]))
+    first = model.popular()
+    first.clear()  # a caller's copy: the kept answer is not touched
+    assert model.popular() == [("hot", 1.0), ("cold", 1.0)]
+    model.learn("b", ["cold"])
+    assert model.popular() == [("cold", 1.0), ("hot", 0.5)]
+
+
 def test_active_users_are_the_most_recent_ones_first_and_bounded() -> None:
     model = learnt(("a", ["x"]), ("b", ["x"]), ("c", ["x"]), ("a", ["y"]), recent_users=2)
     assert model.active_users() == ["a", "c"]

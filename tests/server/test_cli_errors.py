@@ -209,6 +209,7 @@ def test_a_checkpoint_that_is_not_there(tmp_path: Path) -> None:
         ("--budgets", "0x", "numbers above 0"),
         ("--return-min-probability", "2", "a number from 0 to 1"),
         ("--round-pairs", "0", "a whole number of at least 1"),
+        ("--jobs", "0", "a whole number of at least 1"),
     ],
 )
 def test_replay_flags_out_of_range(flag: str, value: str, accepted: str, tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ where there is work, so a log spanning years costs what its events do.
 
 import asyncio
 import math
+import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -119,21 +121,30 @@ class Pending:
         self.stale_seconds = stale_seconds
         self._computed_at: dict[Pair, float] = {}
         """When each pending pair was computed (clock seconds), in the order handed out."""
+        self._stale_at: dict[Pair, float] = {}
+        """Each pair's stale_at as written or to be written: the replay is the store's only
+        writer, so while the store has evicted nothing this is what it holds, and a dict
+        answers the speculator's many small look-ups for a fraction of the store's cost."""
 
     def add(self, pairs: Iterable[Pair], at: float) -> None:
         """Pairs computed at clock time `at`."""
+        stale_at = at + self.ttl_seconds  # the arithmetic of flush, so times match exactly
         for pair in pairs:
             self._computed_at.pop(pair, None)  # a pair taken twice keeps its later time
             self._computed_at[pair] = at
+            self._stale_at[pair] = stale_at
 
     def stale_at(self, pairs: Sequence[Pair]) -> np.ndarray:
-        """The store's stale_at for `pairs`, a pending pair's as it will be stored."""
+        """The store's stale_at for `pairs` (-inf if not held), a pending pair's as it will
+        be stored."""
+        if not self.store.evictions:
+            known = self._stale_at
+            return np.fromiter((known.get(pair, -math.inf) for pair in pairs), float, len(pairs))
         found = self.store.stale_at(pairs)
-        if self._computed_at:
-            for index, pair in enumerate(pairs):
-                at = self._computed_at.get(pair)
-                if at is not None:
-                    found[index] = at + self.ttl_seconds
+        for index, pair in enumerate(pairs):
+            at = self._computed_at.get(pair)
+            if at is not None:
+                found[index] = at + self.ttl_seconds
         return found
 
     def flush(self, batch_pairs: int = 1_024) -> None:
@@ -353,17 +364,15 @@ class Replay:
         self,
         policy_set: str | frozenset[Policy],
         budget: float,
-        on_events: Callable[[int], object] | None = None,
     ) -> ReplayResult:
         """`policy_set`: a name in POLICY_SETS, ORACLE, or a set of policies; `budget`: pairs
-        per second of the events' time (any amount above 0). `on_events(n)` hears of progress."""
-        return asyncio.run(self._run(policy_set, budget, on_events))
+        per second of the events' time (any amount above 0)."""
+        return asyncio.run(self._run(policy_set, budget))
 
     async def _run(
         self,
         policy_set: str | frozenset[Policy],
         budget: float,
-        on_events: Callable[[int], object] | None,
     ) -> ReplayResult:
         clock = SimulatedClock()
         items = max((len(event.item_ids) for event in self.events), default=1)
@@ -411,15 +420,13 @@ class Replay:
             )
             source = speculator
         rounds = _Rounds(self, source, RoundBudget(budget, self.tick_seconds), clock)
-        for done, event in enumerate(self.events, 1):
+        for event in self.events:
             while (round_tick := rounds.next_round(event.time)) is not None:
                 taken = rounds.take(round_tick)
                 if taken:
                     self._computed(taken, clock(), speculator, pending, computed, result)
             clock.now = clock.start + event.time
             rounds.event_at(event.time)
-            if on_events is not None and done % 1_000 == 0:
-                on_events(1_000)
             if event.is_hint:
                 if speculator is not None:
                     speculator.hint(event.user_id, event.item_ids)
@@ -431,8 +438,6 @@ class Replay:
                 speculator.observe(reads)
             reads.clear()
         pending.flush()
-        if on_events is not None:
-            on_events(len(self.events) % 1_000)
         result.rounds = rounds.count
         return result
 
@@ -466,16 +471,20 @@ class Replay:
     ) -> None:
         unused, computed_ever = computed.unused, computed.ever
         result.rows += len(statuses)
-        for item, status, age in zip(event.item_ids, statuses, ages_ms, strict=True):
-            pair = (event.user_id, item)
-            if status != RowStatus.MISS:
-                result.served += 1
-                result.served_age_ms += float(age)
-                policy = unused.pop(pair, None)
-                if policy is not None:
-                    result.used += 1
-                    result.used_by[policy] += 1
-            elif pair in computed_ever:
+        missed = statuses == RowStatus.MISS
+        served = np.flatnonzero(~missed)
+        result.served += served.size
+        for age in ages_ms.take(served).tolist():  # one by one, as floats: the same total
+            result.served_age_ms += age  # to the last bit (sum() compensates from 3.12)
+        user_id, item_ids = event.user_id, event.item_ids
+        for index in served.tolist():
+            policy = unused.pop((user_id, item_ids[index]), None)
+            if policy is not None:
+                result.used += 1
+                result.used_by[policy] += 1
+        for index in np.flatnonzero(missed).tolist():
+            pair = (user_id, item_ids[index])
+            if pair in computed_ever:
                 result.expired += 1
             elif pair in predicted:
                 result.too_late += 1
@@ -669,26 +678,59 @@ def sweep(
     replay: Replay,
     budgets: Sequence[Budget],
     progress: bool = False,
+    jobs: int = 1,
 ) -> list[ReplayResult]:
-    """Every policy set, then the oracle, at every budget; a progress bar on stderr with
-    `progress` (tqdm leaves it out where stderr is not a terminal)."""
+    """Every policy set, then the oracle, at every budget, in that order; `jobs` runs at a
+    time in processes of their own (each run is independent; one process holds one run's
+    store and speculator, so memory grows with `jobs`, not with the runs). A progress bar on
+    stderr with `progress` (tqdm leaves it out where stderr is not a terminal)."""
     from tqdm import tqdm
 
     runs = [(budget, policy_set) for budget in budgets for policy_set in (*POLICY_SETS, ORACLE)]
-    results: list[ReplayResult] = []
+    results: list[ReplayResult | None] = [None] * len(runs)
     with tqdm(
-        total=len(runs) * len(replay.events),
-        disable=None if progress else True,
-        unit=" events",
-        unit_scale=True,
-        leave=False,
+        total=len(runs), disable=None if progress else True, unit=" runs", leave=False
     ) as bar:
-        for budget, policy_set in runs:
-            bar.set_description(f"{budget.label} {policy_set}")
-            result = replay.run(policy_set, budget.pairs_per_second, bar.update)
-            result.budget_label = budget.label
-            results.append(result)
-    return results
+        for index, result in _runs(replay, runs, jobs):
+            result.budget_label = runs[index][0].label
+            results[index] = result
+            bar.update(1)
+    return [result for result in results if result is not None]
+
+
+_SWEPT: Replay | None = None
+"""The replay a sweep's worker processes run: forked with it, so neither the traffic nor the
+model is sent to them."""
+
+
+def _runs(
+    replay: Replay, runs: Sequence[tuple[Budget, str]], jobs: int
+) -> Iterator[tuple[int, ReplayResult]]:
+    """Each run's index and result, as they finish."""
+    if jobs <= 1 or len(runs) <= 1:
+        for index, (budget, policy_set) in enumerate(runs):
+            yield index, replay.run(policy_set, budget.pairs_per_second)
+        return
+    global _SWEPT
+    _SWEPT = replay
+    try:
+        # Forked, not spawned: a spawned worker would import the model stack again (seconds
+        # and hundreds of MB each); the forked ones share the parent's pages.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(jobs, len(runs)), mp_context=context) as pool:
+            futures = {
+                pool.submit(_run_swept, policy_set, budget.pairs_per_second): index
+                for index, (budget, policy_set) in enumerate(runs)
+            }
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+    finally:
+        _SWEPT = None
+
+
+def _run_swept(policy_set: str, budget: float) -> ReplayResult:
+    assert _SWEPT is not None, "a sweep's worker runs the replay it was forked with"
+    return _SWEPT.run(policy_set, budget)
 
 
 COLUMNS = {

@@ -59,12 +59,16 @@ class TrafficModel:
         """Users with a request since they were last popped, most recent last."""
         self._covisits: dict[str, Counter[str]] = {}
         self._popularity: Counter[str] = Counter()
+        self._popular: Scored | None = None
+        """`popular()` until the next request changes the counts: asked for at every
+        expansion, and sorting thousands of counts each time cost a replay most of its CPU."""
 
     def learn(self, user_id: str, item_ids: Sequence[str]) -> None:
         """One request: `user_id` was ranked over `item_ids`."""
         head = self._head(item_ids)
         self._remember_user(user_id, item_ids, head)
         self._popularity.update(item_ids)
+        self._popular = None
         self._count_covisits(head)
         if len(self._popularity) > self.settings.max_tracked_items:
             self._forget_rare_items()
@@ -89,7 +93,10 @@ class TrafficModel:
 
     def popular(self) -> Scored:
         """The most requested items, with their share of the top item's count."""
-        return _relative(self._popularity.most_common(self.settings.neighbours_per_item))
+        if self._popular is None:
+            top = self._popularity.most_common(self.settings.neighbours_per_item)
+            self._popular = _relative(top)
+        return list(self._popular)
 
     def recent_items(self, user_id: str) -> Collection[str]:
         """The user's recent items, oldest first (empty for a user not active recently)."""

@@ -218,6 +218,13 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         "this many pairs (or the next event comes); 1: exactly a round every second.",
     )
     replay.add_argument(
+        "--jobs",
+        type=whole(1),
+        default=os.cpu_count() or 1,
+        help="Runs (a policy set at a budget) replayed at a time, each in a process of its own; "
+        "memory grows with it. The default is the machine's cores.",
+    )
+    replay.add_argument(
         "--duration", type=number(0, above=True), default=900.0, help="Synthetic: seconds."
     )
     replay.add_argument(
@@ -356,7 +363,7 @@ def replay(args: argparse.Namespace) -> int:
         speculation=speculation,
         round_pairs=args.round_pairs,
     )
-    results = sweep(engine, chosen, progress=True)
+    results = sweep(engine, chosen, progress=True, jobs=args.jobs)
     title = (
         f"{source}; demand {mean_rate:.4g} pairs/s (1x)\n"
         f"TTL {ttl:g} s, stale window {args.stale_seconds:g} s, decay {decay:g} s, "
