@@ -183,6 +183,10 @@ def _batches(work: list[UserWork], pairs: int) -> Iterator[list[UserWork]]:
         yield batch
 
 
+OnRequest = Callable[[Event, MemoryStore, float], object]
+"""Hears of each request once answered: the event, the store, and the clock's time."""
+
+
 class SimulatedClock:
     """Wall-clock seconds as the store understands them, moved by the replay. It starts on a
     whole second, so that whole-second times (a log's) add up exactly and a tie between two
@@ -354,16 +358,19 @@ class Replay:
         policy_set: str | frozenset[Policy],
         budget: float,
         on_events: Callable[[int], object] | None = None,
+        on_request: OnRequest | None = None,
     ) -> ReplayResult:
         """`policy_set`: a name in POLICY_SETS, ORACLE, or a set of policies; `budget`: pairs
-        per second of the events' time (any amount above 0). `on_events(n)` hears of progress."""
-        return asyncio.run(self._run(policy_set, budget, on_events))
+        per second of the events' time (any amount above 0). `on_events(n)` hears of progress;
+        `on_request(event, store, now)` is called once each request has been answered."""
+        return asyncio.run(self._run(policy_set, budget, on_events, on_request))
 
     async def _run(
         self,
         policy_set: str | frozenset[Policy],
         budget: float,
         on_events: Callable[[int], object] | None,
+        on_request: OnRequest | None = None,
     ) -> ReplayResult:
         clock = SimulatedClock()
         items = max((len(event.item_ids) for event in self.events), default=1)
@@ -427,6 +434,8 @@ class Replay:
             pending.flush()
             answer = await service.batch_get(event.user_id, event.item_ids)
             self._score(event, answer.statuses, answer.ages_ms, predicted, computed, result)
+            if on_request is not None:
+                on_request(event, store, clock())
             if speculator is not None:
                 speculator.observe(reads)
             reads.clear()
