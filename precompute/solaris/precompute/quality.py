@@ -33,6 +33,9 @@ Rows = Sequence[tuple[str, str, float]]
 POSITIVES_CAP = 10
 """Positives kept per probe (a first visit rates dozens of items), so no user dominates."""
 BASE_FEATURES = ("log user rows so far", "log item rows so far", "log days since item last taken")
+RIDGE = 30.0
+"""The L2 penalty on standardized weights: 128 rows of weak signal overfit a few thousand
+probes without it (the ceiling then scores below no FM feature)."""
 TRAIN_SHARE = 0.7
 """The earlier share of the probes (by time) the ranker is fitted on."""
 
@@ -230,7 +233,7 @@ def normalized_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def fit_logistic(
-    features: np.ndarray, labels: np.ndarray, ridge: float = 1.0, steps: int = 25
+    features: np.ndarray, labels: np.ndarray, ridge: float = RIDGE, steps: int = 25
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logistic regression by Newton's method with an L2 ridge on standardized features:
     (weights with the intercept last, the features' means, their scales)."""
@@ -283,9 +286,10 @@ def served_features(probes: Probes, served: Served) -> np.ndarray:
 
 
 def retained(none: float, ceiling: float, served: float) -> float:
-    """The share of the ceiling's gain over none that served keeps (nan without a gain)."""
+    """The share of the ceiling's gain over none that served keeps (nan where the ceiling
+    gains nothing: then there is no share to keep)."""
     gain = ceiling - none
-    return (served - none) / gain if gain else math.nan
+    return (served - none) / gain if gain > 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -319,7 +323,8 @@ def format_quality(probes: Probes, none: Score, ceiling: Score, rows: Sequence[Q
         lines.append(
             f"{row.budget_label:>9}  {row.hit_rate:8.3f}  {row.coverage:8.3f}  "
             f"{row.served.auc:6.4f}  {row.served.ne:6.4f}  "
-            f"{row.retained_ne(none, ceiling):11.1%}  {row.retained_auc(none, ceiling):12.1%}"
+            f"{_share(row.retained_ne(none, ceiling)):>11}  "
+            f"{_share(row.retained_auc(none, ceiling)):>12}"
         )
     lines += [
         "columns: (c) as served, misses as zeros, at each budget (all policies); hit rate: "
@@ -327,6 +332,10 @@ def format_quality(probes: Probes, none: Score, ceiling: Score, rows: Sequence[Q
         "retained: (served - none) / (ceiling - none) of NE's gain (lower NE) and of AUC's",
     ]
     return "\n".join(lines)
+
+
+def _share(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1%}"
 
 
 def plot_quality(
