@@ -60,8 +60,8 @@ class Probes:
 
 
 def make_probes(rows: Rows, how: LogReplay, requests: int, negatives: int, seed: int) -> Probes:
-    """Probes at `requests` visits drawn at random (the first visits of the log, which no
-    request can follow, are never drawn), `negatives` negatives each."""
+    """Probes at `requests` visits drawn at random (never the log's first row, before which
+    nothing is known), `negatives` negatives each."""
     rng = np.random.default_rng(seed)
     starts = _visit_starts(rows, how)
     chosen = set(rng.choice(starts, min(requests, len(starts)), replace=False).tolist())
@@ -143,7 +143,8 @@ class _ProbeBuilder:
         """The items `rows[index]`'s user takes in the visit starting there."""
         user, _, last = self.rows[index]
         items = []
-        for other_user, item, stamp in self.rows[index:]:
+        for position in range(index, len(self.rows)):
+            other_user, item, stamp = self.rows[position]
             if stamp - last > how.visit_gap_seconds:
                 break
             if other_user == user:
