@@ -364,11 +364,24 @@ def plot_quality(
     by_coverage.set_xlabel("coverage (probe pairs served from the store)")
     by_coverage.set_xlim(-0.02, 1.02)
     by_budget.set_ylabel("share of the ceiling's gain retained")
+    empty = all(math.isnan(row.retained_ne(none, ceiling)) for row in rows)
     for axes in (by_budget, by_coverage):
         axes.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.suptitle(title, fontsize=10)
+        if empty:
+            axes.text(
+                0.5,
+                0.5,
+                "the ceiling gains nothing over no FM feature:\nno share to plot",
+                transform=axes.transAxes,
+                ha="center",
+            )
+    scores = (
+        f"no FM: AUC {none.auc:.4f}, NE {none.ne:.4f}; "
+        f"always fresh: AUC {ceiling.auc:.4f}, NE {ceiling.ne:.4f}"
+    )
+    figure.suptitle(f"{title}\n{scores}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120, bbox_inches="tight")
     pyplot.close(figure)
