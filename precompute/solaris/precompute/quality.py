@@ -350,11 +350,11 @@ def plot_quality(
 
     figure, (by_budget, by_coverage) = pyplot.subplots(1, 2, figsize=(12, 5.5), sharey=True)
     ordered = sorted(rows, key=lambda row: row.budget)
-    for name, of, marker in (
-        ("NE's gain", lambda r: r.retained_ne(none, ceiling), "o"),
-        ("AUC's gain", lambda r: r.retained_auc(none, ceiling), "s"),
-    ):
-        shares = [of(row) for row in ordered]
+    lines = (
+        ("NE's gain", [row.retained_ne(none, ceiling) for row in ordered], "o"),
+        ("AUC's gain", [row.retained_auc(none, ceiling) for row in ordered], "s"),
+    )
+    for name, shares, marker in lines:
         by_budget.plot(range(len(ordered)), shares, marker=marker, label=name)
         by_coverage.plot([row.coverage for row in ordered], shares, marker=marker, label=name)
     by_budget.set_xticks(
