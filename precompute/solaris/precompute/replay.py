@@ -18,7 +18,7 @@ import math
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -194,6 +194,10 @@ def _batches(work: list[UserWork], pairs: int) -> Iterator[list[UserWork]]:
         yield batch
 
 
+OnRequest = Callable[[Event, MemoryStore, float], object]
+"""Hears of each request once answered: the event, the store, and the clock's time."""
+
+
 class SimulatedClock:
     """Wall-clock seconds as the store understands them, moved by the replay. It starts on a
     whole second, so that whole-second times (a log's) add up exactly and a tie between two
@@ -364,15 +368,18 @@ class Replay:
         self,
         policy_set: str | frozenset[Policy],
         budget: float,
+        on_request: OnRequest | None = None,
     ) -> ReplayResult:
         """`policy_set`: a name in POLICY_SETS, ORACLE, or a set of policies; `budget`: pairs
-        per second of the events' time (any amount above 0)."""
-        return asyncio.run(self._run(policy_set, budget))
+        per second of the events' time (any amount above 0). `on_request(event, store, now)`
+        is called once each request has been answered."""
+        return asyncio.run(self._run(policy_set, budget, on_request))
 
     async def _run(
         self,
         policy_set: str | frozenset[Policy],
         budget: float,
+        on_request: OnRequest | None = None,
     ) -> ReplayResult:
         clock = SimulatedClock()
         items = max((len(event.item_ids) for event in self.events), default=1)
@@ -434,6 +441,8 @@ class Replay:
             pending.flush()
             answer = await service.batch_get(event.user_id, event.item_ids)
             self._score(event, answer.statuses, answer.ages_ms, predicted, computed, result)
+            if on_request is not None:
+                on_request(event, store, clock())
             if speculator is not None:
                 speculator.observe(reads)
             reads.clear()

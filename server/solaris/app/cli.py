@@ -25,6 +25,7 @@ from solaris.precompute.speculator import Policy, SpeculationSettings
 from solaris.server.settings import SettingsError, check_writable
 
 if TYPE_CHECKING:
+    from solaris.precompute.replay import Budget, Replay
     from solaris.precompute.replay_traffic import Event
     from solaris.precompute.train import TrainReport
 
@@ -264,6 +265,30 @@ def add_replay_parser(commands: "argparse._SubParsersAction[Parser]") -> None:
         help="--make-log: the log's span in days; default: 7300 (20 years) for realistic, 7 "
         "for week.",
     )
+    replay.add_argument(
+        "--quality",
+        action="store_true",
+        help="Instead of the policy report: the ranker's quality at each budget (all "
+        "policies) with no FM feature, the FM feature always fresh (the ceiling) and as "
+        "served, and the share of the ceiling's gain retained; needs --log and --model.",
+    )
+    replay.add_argument(
+        "--model",
+        help="--quality: the ONNX model whose rows are served (one `solaris train` exported); "
+        "the replay model's random weights carry no signal.",
+    )
+    replay.add_argument(
+        "--quality-requests",
+        type=whole(10),
+        default=2_000,
+        help="--quality: visits sampled as probes (their features are what memory holds).",
+    )
+    replay.add_argument(
+        "--quality-negatives",
+        type=whole(1),
+        default=10,
+        help="--quality: negatives per probe, drawn uniformly from the items seen before it.",
+    )
 
 
 def budgets(text: str) -> list[tuple[float, bool]]:
@@ -333,7 +358,10 @@ def replay(args: argparse.Namespace) -> int:
     if args.make_log:
         return make_log(args)
     speculation = replay_speculation(args)
-    events, source = logged_events(args.log) if args.log else synthetic(args)
+    if args.quality:
+        check_quality_flags(args)
+    rows = interaction_rows(args.log) if args.log else []
+    events, source = logged_events(args.log, rows) if args.log else synthetic(args)
     ttl = args.ttl_seconds or (604_800.0 if args.log else 600.0)
     decay = args.decay_seconds or ttl / 10
     # The model stack only now, once the traffic is known to be good.
@@ -351,7 +379,8 @@ def replay(args: argparse.Namespace) -> int:
     )
     from solaris.precompute.runner import OnnxRunner
 
-    runner = OnnxRunner(reference_model(args.model_dir, REPLAY_MODEL), "cpu", 1)
+    model = Path(args.model) if args.model else reference_model(args.model_dir, REPLAY_MODEL)
+    runner = OnnxRunner(model, "cpu", 1)
     speculation = replace(speculation, decay_seconds=decay, ttl_seconds=ttl)
     mean_rate = demand(events)
     chosen = resolve_budgets(args.budgets, mean_rate)
@@ -363,17 +392,60 @@ def replay(args: argparse.Namespace) -> int:
         speculation=speculation,
         round_pairs=args.round_pairs,
     )
-    results = sweep(engine, chosen, progress=True, jobs=args.jobs)
     title = (
         f"{source}; demand {mean_rate:.4g} pairs/s (1x)\n"
         f"TTL {ttl:g} s, stale window {args.stale_seconds:g} s, decay {decay:g} s, "
         f"traffic seconds (no compression), rounds of {args.round_pairs}+ pairs, "
         f"--speculation {args.speculation}"
     )
+    if args.quality:
+        return quality(args, engine, rows, chosen, title)
+    results = sweep(engine, chosen, progress=True, jobs=args.jobs)
     print(title)
     print(format_report(results))
     print(format_ceiling(causal_ceiling(events, ttl + args.stale_seconds), results))
     plot(results, args.plot, title)
+    print(f"plot: {Path(args.plot).resolve()}")
+    return 0
+
+
+def check_quality_flags(args: argparse.Namespace) -> None:
+    """--quality labels a log's visits with a trained model's rows.
+
+    Raises:
+        SettingsError: naming log or model, where --quality lacks it.
+    """
+    if not args.log:
+        raise SettingsError("--quality needs --log: the logged interactions are its labels", "log")
+    if not args.model:
+        raise SettingsError(
+            "--quality needs --model: an ONNX model `solaris train` exported", "model"
+        )
+
+
+def quality(
+    args: argparse.Namespace,
+    engine: "Replay",
+    rows: list[tuple[str, str, float]],
+    chosen: "list[Budget]",
+    title: str,
+) -> int:
+    from solaris.precompute.quality import (
+        format_quality,
+        make_probes,
+        plot_quality,
+        quality_sweep,
+    )
+    from solaris.precompute.replay_traffic import LogReplay
+
+    probes = make_probes(
+        rows, LogReplay(), args.quality_requests, args.quality_negatives, args.seed
+    )
+    report = quality_sweep(engine, chosen, probes, progress=True)
+    title = f"{title}\nranker quality: {Path(args.model).name}, {len(probes.time):,} probes"
+    print(title)
+    print(format_quality(report.probes, report.none, report.ceiling, report.rows))
+    plot_quality(report.rows, report.none, report.ceiling, args.plot, title)
     print(f"plot: {Path(args.plot).resolve()}")
     return 0
 
@@ -430,22 +502,14 @@ def synthetic(args: argparse.Namespace) -> "tuple[list[Event], str]":
     return events, f"synthetic traffic, seed {args.seed}: {requests:,} requests"
 
 
-def logged_events(log: str) -> "tuple[list[Event], str]":
-    """The requests an interaction log makes, and the report's title.
+def logged_events(log: str, rows: list[tuple[str, str, float]]) -> "tuple[list[Event], str]":
+    """The requests the interaction log `log` (read as `rows`) makes, and the report's title.
 
     Raises:
-        SettingsError: naming `log`, if it cannot be read as one.
+        SettingsError: naming `log`, if it makes no request.
     """
-    from solaris.precompute.replay_traffic import LogReplay, load_interactions, requests_from_log
+    from solaris.precompute.replay_traffic import LogReplay, requests_from_log
 
-    try:
-        rows = load_interactions(Path(log))
-    except OSError as error:
-        raise SettingsError(
-            f"cannot read {log} ({error.strerror}); give {LOG_LAYOUT}", "log"
-        ) from None
-    except ValueError as error:
-        raise SettingsError(f"{error}; give {LOG_LAYOUT}", "log") from None
     events = requests_from_log(rows, LogReplay())
     if not events:
         problem = f"{log} makes no ranking requests ({len(rows)} interactions)"
