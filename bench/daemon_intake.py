@@ -58,7 +58,7 @@ def fill(client: redis.Redis, round_: int, tasks: int, items: int) -> None:
     client.xgroup_create(STREAM_KEY, FLOOR_GROUP, id="0")
 
 
-def daemon_seconds(url: str, client: redis.Redis, pairs: int) -> float:
+def daemon_seconds(url: str, pairs: int) -> float:
     settings = StoreSettings(redis=url, dim=DIM)
     source = StreamWorkSource(redis.Redis.from_url(url), 60.0, NullModel.model_version)
     store = daemon_l2(settings, NullModel.model_version)
@@ -103,7 +103,7 @@ def main() -> None:
             ours, floor = [], []
             for round_ in range(args.rounds):
                 fill(client, round_, args.tasks, items)
-                ours.append(daemon_seconds(url, client, args.tasks * items))
+                ours.append(daemon_seconds(url, args.tasks * items))
                 floor.append(floor_seconds(client, args.tasks, max(1, batch_pairs // items)))
             report(items, args.tasks, statistics.median(ours), statistics.median(floor))
     finally:

@@ -123,6 +123,19 @@ def test_the_quality_command(
     assert png.stat().st_size > 0
 
 
+def test_a_log_too_short_for_the_ranker_exits_2_naming_it(
+    planted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from solaris.app.cli import main
+
+    _, model = planted
+    log = tmp_path / "short.csv"
+    log.write_text("userId,movieId,timestamp\n1,7,1\n1,8,2\n")
+    argv = ["replay", "--log", str(log), "--quality", "--model", str(model)]
+    assert main([*argv, "--plot", str(tmp_path / "q.png"), "--budgets", "1x"]) == 2
+    assert "log: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [

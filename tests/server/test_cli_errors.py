@@ -276,6 +276,11 @@ def test_train_without_a_log() -> None:
     [
         ("root:x:0:0:root:/root:/bin/bash\n", "log: ", "needs a header naming user"),
         ("userId,movieId,timestamp\n1,2,3\n", "held_out_share: ", "1 rows make 0 training"),
+        (
+            "userId,movieId,timestamp\n1,7,1\n1,7,2\n2,7,3\n2,7,4\n",
+            "held_out_share: ",
+            "name one item",
+        ),
     ],
 )
 def test_a_log_train_cannot_learn_from(

@@ -265,12 +265,10 @@ class PrecomputeDaemon:
         return True
 
     async def _store(self, work: list[UserWork], vectors: np.ndarray, freshness: Freshness) -> None:
-        ends = np.cumsum([len(user_work.item_ids) for user_work in work]).tolist()
+        ends = np.cumsum([len(user_work.item_ids) for user_work in work])[:-1]
         batch = [
-            UserVectors(
-                user_work.user_id, user_work.item_ids, vectors[end - len(user_work.item_ids) : end]
-            )
-            for user_work, end in zip(work, ends, strict=True)
+            UserVectors(user_work.user_id, user_work.item_ids, rows)
+            for user_work, rows in zip(work, np.split(vectors, ends), strict=True)
         ]
         await self.store.write_many(batch, freshness)
 

@@ -243,7 +243,8 @@ def train(
     `out`, checked against PyTorch.
 
     Raises:
-        TooLittleData: no row before the cutoff, or none after it.
+        TooLittleData: no row before the cutoff, or none after it, or fewer than two items
+            to train on (a negative must be another item).
         ExportCheckError: as export_model.
     """
     data = interactions(rows, config)
@@ -252,6 +253,11 @@ def train(
         raise TooLittleData(
             f"{len(data.stamp)} rows make {len(train_rows)} training and {len(held_out)} "
             "held-out rows: give a longer log or another held-out share"
+        )
+    if len(np.unique(data.item[train_rows])) < 2:
+        raise TooLittleData(
+            "the training rows name one item: negatives need another; give a longer log or "
+            "another held-out share"
         )
     rng = np.random.default_rng(config.seed)
     evaluation = held_out_pairs(data, held_out, np.unique(data.item[train_rows]), settings, rng)

@@ -435,12 +435,19 @@ def quality(
         make_probes,
         plot_quality,
         quality_sweep,
+        split,
     )
     from solaris.precompute.replay_traffic import LogReplay
 
     probes = make_probes(
         rows, LogReplay(), args.quality_requests, args.quality_negatives, args.seed
     )
+    if not all(len(part) for part in split(probes)):
+        raise SettingsError(
+            f"{args.log} leaves {len(probes.time)} probes, too few to fit the ranker on the "
+            "earlier and score it on the later: give a longer log",
+            "log",
+        )
     report = quality_sweep(engine, chosen, probes, progress=True)
     title = f"{title}\nranker quality: {Path(args.model).name}, {len(probes.time):,} probes"
     print(title)

@@ -414,11 +414,13 @@ class RedisStore:
         dtype: np.dtype | None,
         now: float,
         deadline: float | None = None,
+        version: str | None = None,
     ) -> Rows:
         """The rows as `dtype`, or with None as Redis holds them (float32 if both dtypes are
         in the batch): the tier above converts once, to what it needs. `deadline` is the
-        caller's to keep (TieredStore wraps this read in a timeout)."""
-        version = self.model_version
+        caller's to keep (TieredStore wraps this read in a timeout). `version`: the keys of
+        that model version (the tier above's, so that one answer holds one), else ours."""
+        version = self.model_version if version is None else version
         if not version:
             return _nothing(len(item_ids), self.dim, dtype or self.stored_dtype)
         prefix = user_key_prefix(version, user_id)
@@ -426,10 +428,14 @@ class RedisStore:
         return self._rows(user_id, blobs, version, dtype, now)
 
     async def read_many(
-        self, wanted: Sequence[UserItems], dtype: np.dtype | None, now: float
+        self,
+        wanted: Sequence[UserItems],
+        dtype: np.dtype | None,
+        now: float,
+        version: str | None = None,
     ) -> list[Rows]:
-        """One MGET a user, pipelined: one round trip. `dtype` as for `read`."""
-        version = self.model_version
+        """One MGET a user, pipelined: one round trip. `dtype` and `version` as for `read`."""
+        version = self.model_version if version is None else version
         if not version:
             nothing = dtype or self.stored_dtype
             return [_nothing(len(item_ids), self.dim, nothing) for _, item_ids in wanted]

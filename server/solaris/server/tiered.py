@@ -50,8 +50,7 @@ class TieredStore:
         now: float,
         deadline: float | None = None,
     ) -> Rows:
-        # One version per answer: L1's rows of the version served now, and Redis's only if a
-        # switch did not come between (its read starts later, on the loop).
+        # One version per answer: both tiers read the version served as the read began.
         version = self.l2.model_version
         rows = self.l1.read_sync(user_id, item_ids, dtype, now, version)
         lacking = np.flatnonzero(rows.times["expires_at"] <= now)
@@ -60,13 +59,11 @@ class TieredStore:
         wanted = _picked(item_ids, lacking)
         # As Redis holds them: L1 takes them in its dtype and the answer in its own, each
         # converting (if at all) once.
-        reading = self.l2.read(user_id, wanted, None, now)
+        reading = self.l2.read(user_id, wanted, None, now, version=version)
         until = None if deadline is None else deadline - _ANSWER_MARGIN_SECONDS
         try:
             found = await within(reading, self.timeout_seconds, self.reachability, until)
         except REDIS_ERRORS:
-            return rows
-        if found.model_version not in ("", version):
             return rows
         return self._merge(user_id, rows, lacking, wanted, found, dtype, now)
 
@@ -79,15 +76,23 @@ class TieredStore:
     async def read_many(
         self, wanted: Sequence[UserItems], dtype: np.dtype, now: float
     ) -> list[Rows]:
-        """Each user's rows from L1, and what L1 lacks from L2 in one round trip."""
-        rows = [self.l1.read_sync(user_id, item_ids, dtype, now) for user_id, item_ids in wanted]
+        """Each user's rows from L1, and what L1 lacks from L2 in one round trip; all of the
+        version served as the read began, as `read`."""
+        version = self.l2.model_version
+        rows = [
+            self.l1.read_sync(user_id, item_ids, dtype, now, version)
+            for user_id, item_ids in wanted
+        ]
         lacking = [np.flatnonzero(found.times["expires_at"] <= now) for found in rows]
         asked = [index for index, missing in enumerate(lacking) if missing.size]
         if not asked or not self.reachability.worth_trying():
             return rows
         items = {index: _picked(wanted[index].item_ids, lacking[index]) for index in asked}
         reading = self.l2.read_many(
-            [UserItems(wanted[index].user_id, items[index]) for index in asked], None, now
+            [UserItems(wanted[index].user_id, items[index]) for index in asked],
+            None,
+            now,
+            version,
         )
         try:
             found = await within(reading, self.timeout_seconds, self.reachability)
